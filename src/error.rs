@@ -1,0 +1,424 @@
+//! Every error ctrlbus returns, in one place.
+//!
+//! As in redb, there is one base error for the storage layer
+//! ([`StorageError`]) and one enum per operation (`OpenError`,
+//! `PublishError`, …). Every enum is `#[non_exhaustive]`; each variant says
+//! what it means for durability: whether anything was written.
+
+use std::fmt;
+
+use crate::id::EventId;
+
+/// An identifier failed to parse. Nothing is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdError {
+    /// No `prefix_` in front of the ULID.
+    MissingPrefix {
+        /// What kind of id was expected (`event id`, …).
+        kind: &'static str,
+        /// The expected prefix.
+        expected: &'static str,
+        /// The input.
+        input: String,
+    },
+    /// A prefix, but not the expected one.
+    WrongPrefix {
+        /// What kind of id was expected.
+        kind: &'static str,
+        /// The expected prefix.
+        expected: &'static str,
+        /// The input.
+        input: String,
+    },
+    /// The ULID part is not 26 characters.
+    BadLength {
+        /// What kind of id was expected.
+        kind: &'static str,
+        /// The input.
+        input: String,
+        /// Its ULID part's length.
+        len: usize,
+    },
+    /// A character outside lowercase Crockford base32.
+    BadCharacter {
+        /// What kind of id was expected.
+        kind: &'static str,
+        /// The input.
+        input: String,
+        /// Position in the ULID part.
+        position: usize,
+    },
+    /// The value is larger than 128 bits (first character above `7`).
+    Overflow {
+        /// What kind of id was expected.
+        kind: &'static str,
+        /// The input.
+        input: String,
+    },
+}
+
+impl fmt::Display for IdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdError::MissingPrefix {
+                kind,
+                expected,
+                input,
+            } => {
+                write!(
+                    f,
+                    "invalid {kind} {input:?}: missing the prefix `{expected}_`"
+                )
+            }
+            IdError::WrongPrefix {
+                kind,
+                expected,
+                input,
+            } => {
+                write!(
+                    f,
+                    "invalid {kind} {input:?}: the prefix must be `{expected}_`"
+                )
+            }
+            IdError::BadLength { kind, input, len } => write!(
+                f,
+                "invalid {kind} {input:?}: expected 26 base32 characters after the prefix, found {len}"
+            ),
+            IdError::BadCharacter {
+                kind,
+                input,
+                position,
+            } => write!(
+                f,
+                "invalid {kind} {input:?}: character {} after the prefix is not lowercase Crockford base32",
+                position + 1
+            ),
+            IdError::Overflow { kind, input } => {
+                write!(
+                    f,
+                    "invalid {kind} {input:?}: value exceeds 128 bits (first character above 7)"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for IdError {}
+
+/// An event type failed validation. Nothing is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeError {
+    /// The input.
+    pub input: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+impl fmt::Display for TypeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid event type {:?}: it {}", self.input, self.reason)
+    }
+}
+
+impl std::error::Error for TypeError {}
+
+/// An event is invalid. Nothing is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventError {
+    /// A required JSON field is missing.
+    MissingField(&'static str),
+    /// The id, or the instance id, is malformed.
+    Id(IdError),
+    /// The type is malformed.
+    Type(TypeError),
+    /// `payload` is present but not a JSON object.
+    PayloadNotObject,
+    /// The payload is larger than the limit, in bytes of compact JSON.
+    PayloadTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// The timestamp is not RFC 3339.
+    Timestamp(String),
+    /// The JSON is malformed (the message names the field where it can).
+    Json(String),
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventError::MissingField(name) => write!(f, "invalid event: missing field `{name}`"),
+            EventError::Id(e) => write!(f, "invalid event: {e}"),
+            EventError::Type(e) => write!(f, "invalid event: {e}"),
+            EventError::PayloadNotObject => {
+                write!(f, "invalid event: `payload` must be a JSON object")
+            }
+            EventError::PayloadTooLarge { limit } => {
+                write!(
+                    f,
+                    "invalid event: payload is larger than the limit of {limit} bytes"
+                )
+            }
+            EventError::Timestamp(m) => write!(f, "invalid event: {m}"),
+            EventError::Json(m) => write!(f, "invalid event: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for EventError {}
+
+/// A filter is invalid. Nothing is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FilterError {
+    /// A type pattern is invalid.
+    Pattern {
+        /// The pattern.
+        pattern: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+impl fmt::Display for FilterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FilterError::Pattern { pattern, reason } => {
+                write!(f, "invalid type pattern {pattern:?}: it {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FilterError {}
+
+/// What a handler returns when it could not process an event.
+///
+/// Any `std::error::Error` converts into it with `?`, and
+/// [`HandlerError::msg`] makes one from a message. On a durable subscription
+/// the event is retried and, after the configured number of deliveries, moved
+/// to the subscription's dead letters; nothing is lost.
+pub struct HandlerError(Box<dyn std::error::Error + Send + Sync>);
+
+impl HandlerError {
+    /// An error with a message.
+    pub fn msg(message: impl fmt::Display) -> HandlerError {
+        HandlerError(message.to_string().into())
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(e: E) -> HandlerError {
+        HandlerError(Box::new(e))
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// The storage layer failed. What it means for durability is said where it
+/// is returned.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// redb reported an error (I/O, a full disk, a lock).
+    Redb(redb::Error),
+    /// A record failed to decode: the file holds bytes this version cannot
+    /// read at that key. Nothing was changed.
+    Corrupted {
+        /// The table.
+        table: &'static str,
+        /// The key, as text (a `seq`, an id, a name).
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The bus is poisoned: an earlier commit failed in a way that leaves the
+    /// in-memory state uncertain. Reopen the file.
+    Poisoned,
+}
+
+impl fmt::Display for StorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageError::Redb(e) => write!(f, "storage error: {e}"),
+            StorageError::Corrupted { table, key, reason } => {
+                write!(f, "corrupted record in {table} at {key}: {reason}")
+            }
+            StorageError::Poisoned => {
+                write!(
+                    f,
+                    "the log is unusable after an earlier storage failure; reopen it"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for StorageError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StorageError::Redb(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! redb_into_storage {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> StorageError {
+                StorageError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_into_storage!(
+    redb::Error,
+    redb::StorageError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::CommitError,
+    redb::DatabaseError,
+    redb::CompactionError,
+    redb::SetDurabilityError
+);
+
+/// Publishing failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The event is invalid; nothing was written.
+    Invalid(EventError),
+    /// The bus is closed; nothing was written.
+    Closed,
+    /// The commit failed; the event is not in the log (it was never
+    /// acknowledged), and no subscriber saw it.
+    Storage(StorageError),
+    /// A batch holds the same event id twice; nothing was written.
+    DuplicateInBatch(EventId),
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::Invalid(e) => write!(f, "publish refused: {e}"),
+            PublishError::Closed => write!(f, "publish refused: the bus is closed"),
+            PublishError::Storage(e) => write!(f, "publish failed, event not stored: {e}"),
+            PublishError::DuplicateInBatch(id) => {
+                write!(
+                    f,
+                    "publish refused: event id {id} appears twice in the batch"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for PublishError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PublishError::Invalid(e) => Some(e),
+            PublishError::Storage(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<EventError> for PublishError {
+    fn from(e: EventError) -> Self {
+        PublishError::Invalid(e)
+    }
+}
+
+impl From<StorageError> for PublishError {
+    fn from(e: StorageError) -> Self {
+        PublishError::Storage(e)
+    }
+}
+
+/// Subscribing failed; no subscription exists.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The bus is closed.
+    Closed,
+    /// The subscription name is empty, longer than 128 bytes, or has a
+    /// character outside `[A-Za-z0-9_.-]`.
+    InvalidName(String),
+    /// A durable subscription of this name is already active in this process.
+    AlreadyActive(String),
+    /// The starting position does not exist (an unknown event id).
+    UnknownPosition(String),
+    /// Reading or writing the cursor failed; nothing was changed.
+    Storage(StorageError),
+}
+
+impl fmt::Display for SubscribeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubscribeError::Closed => write!(f, "subscribe refused: the bus is closed"),
+            SubscribeError::InvalidName(n) => write!(
+                f,
+                "invalid subscription name {n:?}: use 1-128 characters of A-Z a-z 0-9 _ . -"
+            ),
+            SubscribeError::AlreadyActive(n) => {
+                write!(
+                    f,
+                    "durable subscription {n:?} is already active in this process"
+                )
+            }
+            SubscribeError::UnknownPosition(p) => write!(f, "unknown start position: {p}"),
+            SubscribeError::Storage(e) => write!(f, "subscribe failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SubscribeError {}
+
+impl From<StorageError> for SubscribeError {
+    fn from(e: StorageError) -> Self {
+        SubscribeError::Storage(e)
+    }
+}
+
+/// Reading the log failed. Reading never changes anything.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The bus is closed.
+    Closed,
+    /// The starting position names an event id that is not in the log.
+    UnknownEvent(EventId),
+    /// Storage failed, or a record is corrupted (the error names its `seq`).
+    Storage(StorageError),
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Closed => write!(f, "read refused: the bus is closed"),
+            ReadError::UnknownEvent(id) => write!(f, "no event {id} in the log"),
+            ReadError::Storage(e) => write!(f, "read failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+impl From<StorageError> for ReadError {
+    fn from(e: StorageError) -> Self {
+        ReadError::Storage(e)
+    }
+}

@@ -1,0 +1,140 @@
+//! Synchronous fan-out to live subscribers, shared by both buses.
+//!
+//! Invariants:
+//! - The subscriber list is copy-on-write: `publish` takes a snapshot (one
+//!   reference-count increment under a read lock) and calls handlers with no
+//!   lock held, so a handler may publish, subscribe or unsubscribe.
+//! - The list keeps subscription order; `remove` takes out exactly the entry
+//!   with that id, whatever the order of unsubscribes.
+//! - A handler's error or panic is caught and reported; the remaining
+//!   handlers still run.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::bus::{Detach, Handler, HandlerFailure, SubscriptionId};
+use crate::event::Event;
+use crate::filter::Filter;
+use crate::sync::RwLock;
+
+/// One live subscriber.
+pub(crate) struct Entry {
+    pub(crate) id: SubscriptionId,
+    pub(crate) filter: Filter,
+    pub(crate) handler: Box<dyn Handler>,
+    /// Cleared on unsubscribe, so a snapshot taken before it skips the entry.
+    active: AtomicBool,
+}
+
+/// The live subscribers of one bus.
+pub(crate) struct Subscribers {
+    list: RwLock<Arc<Vec<Arc<Entry>>>>,
+    next_id: AtomicU64,
+}
+
+impl Subscribers {
+    pub(crate) fn new() -> Subscribers {
+        Subscribers {
+            list: RwLock::new(Arc::new(Vec::new())),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Adds a subscriber at the end.
+    pub(crate) fn add(&self, filter: Filter, handler: Box<dyn Handler>) -> SubscriptionId {
+        let id = SubscriptionId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let entry = Arc::new(Entry {
+            id,
+            filter,
+            handler,
+            active: AtomicBool::new(true),
+        });
+        let mut list = self.list.write();
+        let mut next = Vec::with_capacity(list.len() + 1);
+        next.extend(list.iter().cloned());
+        next.push(entry);
+        *list = Arc::new(next);
+        id
+    }
+
+    /// Removes exactly the subscriber with `id`.
+    pub(crate) fn remove(&self, id: SubscriptionId) -> bool {
+        let mut list = self.list.write();
+        let Some(pos) = list.iter().position(|e| e.id == id) else {
+            return false;
+        };
+        list[pos].active.store(false, Ordering::Release);
+        let mut next: Vec<Arc<Entry>> = list.as_ref().clone();
+        next.remove(pos);
+        *list = Arc::new(next);
+        true
+    }
+
+    /// Removes every subscriber.
+    pub(crate) fn clear(&self) {
+        let mut list = self.list.write();
+        for e in list.iter() {
+            e.active.store(false, Ordering::Release);
+        }
+        *list = Arc::new(Vec::new());
+    }
+
+    /// How many subscribers there are.
+    pub(crate) fn len(&self) -> usize {
+        self.list.read().len()
+    }
+
+    /// Calls every matching handler, in subscription order; failures are
+    /// appended to `failures`.
+    #[inline]
+    pub(crate) fn dispatch(&self, event: &Event, failures: &mut Vec<HandlerFailure>) {
+        let snapshot = Arc::clone(&self.list.read());
+        for entry in snapshot.iter() {
+            if entry.filter.matches(event) && entry.active.load(Ordering::Acquire) {
+                if let Err(f) = call(entry.id, entry.handler.as_ref(), event) {
+                    failures.push(f);
+                }
+            }
+        }
+    }
+}
+
+impl Detach for Subscribers {
+    fn detach(&self, id: SubscriptionId) -> bool {
+        self.remove(id)
+    }
+}
+
+/// Runs one handler, turning an error or a panic into a [`HandlerFailure`].
+#[inline]
+pub(crate) fn call(
+    id: SubscriptionId,
+    handler: &dyn Handler,
+    event: &Event,
+) -> Result<(), HandlerFailure> {
+    match catch_unwind(AssertUnwindSafe(|| handler.handle(event))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(HandlerFailure {
+            subscription: id,
+            error: e.to_string(),
+            panicked: false,
+        }),
+        Err(panic) => Err(HandlerFailure {
+            subscription: id,
+            error: format!("handler panicked: {}", panic_message(&*panic)),
+            panicked: true,
+        }),
+    }
+}
+
+/// The message of a panic payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_owned()
+    }
+}

@@ -1,0 +1,53 @@
+//! ctrlbus: a durable, embedded event log and event bus for control planes.
+//!
+//! A control plane publishes lifecycle events (`instance.created`,
+//! `deploy.failed`, …). ctrlbus appends each one to a log in a redb file,
+//! durably, **before** any subscriber sees it, then fans it out
+//! synchronously to in-process subscribers. Named durable subscriptions
+//! resume after a crash and replay from any point in time; webhooks receive
+//! matching events signed per the Standard Webhooks specification.
+//!
+//! The same [`Bus`] trait runs in memory ([`InMemoryBus`]) and on disk.
+//!
+//! ```
+//! use ctrlbus::{Bus, Event, Filter, HandlerError, InMemoryBus, Type};
+//! use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let bus = InMemoryBus::new();
+//! let seen = Arc::new(AtomicUsize::new(0));
+//! let counter = seen.clone();
+//! let _sub = bus.subscribe(Filter::types(["deploy.*"])?, move |e: &Event| -> Result<(), HandlerError> {
+//!     assert!(e.event_type.as_str().starts_with("deploy."));
+//!     counter.fetch_add(1, Ordering::SeqCst);
+//!     Ok(())
+//! })?;
+//! bus.publish(Event::new(Type::DEPLOY_STARTED, "tenant-1").with_actor("alice"))?;
+//! bus.publish(Event::new(Type::HEALTH_PASSED, "tenant-1"))?;
+//! assert_eq!(seen.load(Ordering::SeqCst), 1); // fan-out is synchronous
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod bus;
+mod error;
+mod event;
+mod fanout;
+mod filter;
+mod id;
+mod memory;
+mod sync;
+
+pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};
+pub use error::{
+    EventError, FilterError, HandlerError, IdError, PublishError, ReadError, StorageError,
+    SubscribeError, TypeError,
+};
+pub use event::{
+    DEFAULT_MAX_PAYLOAD_BYTES, Event, MAX_TYPE_LEN, Type, format_rfc3339, parse_rfc3339,
+};
+pub use filter::{Filter, Pattern};
+pub use id::{DeliveryId, EventId, InstanceId, WebhookId};
+pub use memory::{DEFAULT_HISTORY, InMemoryBus};
