@@ -422,3 +422,120 @@ impl From<StorageError> for ReadError {
         ReadError::Storage(e)
     }
 }
+
+/// Opening a log failed. The file was not modified.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The file does not exist (read-only opens do not create).
+    NotFound(std::path::PathBuf),
+    /// The file is not a ctrlbus log (not redb, or redb without ctrlbus
+    /// tables).
+    NotCtrlbus {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it is not a ctrlbus log.
+        reason: String,
+    },
+    /// The file was written by a newer ctrlbus with a format this build
+    /// cannot read.
+    NewerFormat {
+        /// The file's format version.
+        found: u8,
+        /// The newest this build reads.
+        supported: u8,
+    },
+    /// Another process has the log open for writing.
+    InUse(std::path::PathBuf),
+    /// The last writer crashed and the file needs recovery, which only a
+    /// writable open performs; open it for writing once (any `ctrlbus`
+    /// writing command does).
+    NeedsRecovery(std::path::PathBuf),
+    /// An I/O error on the file.
+    Io(std::path::PathBuf, std::io::Error),
+    /// redb failed.
+    Storage(StorageError),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::NotFound(p) => write!(f, "no log at {}", p.display()),
+            OpenError::NotCtrlbus { path, reason } => {
+                write!(f, "{} is not a ctrlbus log: {reason}", path.display())
+            }
+            OpenError::NewerFormat { found, supported } => write!(
+                f,
+                "the log has format version {found}, newer than the {supported} this ctrlbus reads; upgrade ctrlbus"
+            ),
+            OpenError::InUse(p) => write!(
+                f,
+                "{} is in use by another process (only one process may write a log; reading commands work while it runs)",
+                p.display()
+            ),
+            OpenError::NeedsRecovery(p) => write!(
+                f,
+                "{} needs recovery after a crash; open it for writing once to repair it",
+                p.display()
+            ),
+            OpenError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            OpenError::Storage(e) => write!(f, "cannot open log: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OpenError::Io(_, e) => Some(e),
+            OpenError::Storage(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A cursor operation failed; nothing was changed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CursorError {
+    /// The name is empty, longer than 128 bytes, or has a character outside
+    /// `[A-Za-z0-9_.-]`.
+    InvalidName(String),
+    /// No cursor of that name.
+    Unknown(String),
+    /// The subscription is running in this process; drop it first.
+    Active(String),
+    /// The position names an event id that is not in the log.
+    UnknownEvent(EventId),
+    /// The bus is closed.
+    Closed,
+    /// Storage failed or the cursor record is corrupted.
+    Storage(StorageError),
+}
+
+impl fmt::Display for CursorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CursorError::InvalidName(n) => write!(
+                f,
+                "invalid subscription name {n:?}: use 1-128 characters of A-Z a-z 0-9 _ . -"
+            ),
+            CursorError::Unknown(n) => write!(f, "unknown cursor {n:?}"),
+            CursorError::Active(n) => write!(
+                f,
+                "cursor {n:?} belongs to a running subscription; stop it first"
+            ),
+            CursorError::UnknownEvent(id) => write!(f, "no event {id} in the log"),
+            CursorError::Closed => write!(f, "the bus is closed"),
+            CursorError::Storage(e) => write!(f, "cursor operation failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CursorError {}
+
+impl From<StorageError> for CursorError {
+    fn from(e: StorageError) -> Self {
+        CursorError::Storage(e)
+    }
+}

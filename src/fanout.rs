@@ -58,6 +58,12 @@ impl Subscribers {
         id
     }
 
+    /// Takes an id for a subscriber that lives elsewhere (a durable one), so
+    /// ids stay unique across both kinds.
+    pub(crate) fn reserve_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Removes exactly the subscriber with `id`.
     pub(crate) fn remove(&self, id: SubscriptionId) -> bool {
         let mut list = self.list.write();

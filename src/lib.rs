@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 
 mod bus;
+mod durable;
 mod error;
 mod event;
 mod fanout;
@@ -39,11 +40,17 @@ mod filter;
 mod id;
 mod memory;
 mod sync;
+mod webhook;
 
 pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};
+pub use durable::{
+    CheckReport, CursorInfo, CursorState, DeadLetter, DurableBus, DurableBusBuilder,
+    DurableSubscription, LogEntry, LogReader, Position, ReadOnlyLog, RedriveReport, RetainReport,
+    Retention, Stats,
+};
 pub use error::{
-    EventError, FilterError, HandlerError, IdError, PublishError, ReadError, StorageError,
-    SubscribeError, TypeError,
+    CursorError, EventError, FilterError, HandlerError, IdError, OpenError, PublishError,
+    ReadError, StorageError, SubscribeError, TypeError,
 };
 pub use event::{
     DEFAULT_MAX_PAYLOAD_BYTES, Event, MAX_TYPE_LEN, Type, format_rfc3339, parse_rfc3339,

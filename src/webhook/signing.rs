@@ -150,15 +150,15 @@ impl Secret {
     }
 
     /// A MAC keyed with this secret, already fed with the signed content.
-    fn mac(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
+    /// `timestamp` is the decimal text exactly as sent.
+    fn mac(&self, msg_id: &str, timestamp: &str, body: &[u8]) -> HmacSha256 {
         // HMAC takes keys of any length, so this cannot fail.
-        let mut mac = match HmacSha256::new_from_slice(&self.key) {
-            Ok(mac) => mac,
-            Err(_) => unreachable!("HMAC accepts keys of any length"),
+        let Ok(mut mac) = HmacSha256::new_from_slice(&self.key) else {
+            unreachable!("HMAC accepts keys of any length")
         };
         mac.update(msg_id.as_bytes());
         mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
+        mac.update(timestamp.as_bytes());
         mac.update(b".");
         mac.update(body);
         mac
@@ -184,7 +184,10 @@ impl FromStr for Secret {
 /// `"{msg_id}.{timestamp}.{body}"`, the value of one `webhook-signature` entry.
 #[must_use]
 pub fn sign(secret: &Secret, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let tag = secret.mac(msg_id, timestamp, body).finalize().into_bytes();
+    let tag = secret
+        .mac(msg_id, &timestamp.to_string(), body)
+        .finalize()
+        .into_bytes();
     format!("{VERSION},{}", general_purpose::STANDARD.encode(tag))
 }
 
@@ -329,6 +332,7 @@ pub fn verify_at<H: Headers + ?Sized>(
         .header(HEADER_SIGNATURE)
         .ok_or(VerifyError::MissingHeader(HEADER_SIGNATURE))?;
 
+    let timestamp_text = timestamp;
     let timestamp = parse_timestamp(timestamp)?;
     let tolerance = i64::try_from(tolerance.as_secs()).unwrap_or(i64::MAX);
     if timestamp < now.saturating_sub(tolerance) {
@@ -339,7 +343,8 @@ pub fn verify_at<H: Headers + ?Sized>(
     }
 
     let entries = parse_signature_header(signatures)?;
-    let mac = secret.mac(msg_id, timestamp, body);
+    // Sign the header's text as received, as the sender did.
+    let mac = secret.mac(msg_id, timestamp_text, body);
     let matched = entries
         .iter()
         .filter(|(version, _)| *version == VERSION)
@@ -575,8 +580,14 @@ mod tests {
         for v in vectors() {
             let secret = Secret::parse(&v.secret).unwrap();
             let h = headers(&v.id, v.timestamp, &v.expected);
-            verify_at(&secret, &h, v.body.as_bytes(), DEFAULT_TOLERANCE, v.timestamp)
-                .unwrap_or_else(|e| panic!("{}: {e}", v.name));
+            verify_at(
+                &secret,
+                &h,
+                v.body.as_bytes(),
+                DEFAULT_TOLERANCE,
+                v.timestamp,
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", v.name));
         }
     }
 
@@ -589,7 +600,13 @@ mod tests {
                 n += 1;
                 let h = headers(&v.id, v.timestamp, bad);
                 assert_eq!(
-                    verify_at(&secret, &h, v.body.as_bytes(), DEFAULT_TOLERANCE, v.timestamp),
+                    verify_at(
+                        &secret,
+                        &h,
+                        v.body.as_bytes(),
+                        DEFAULT_TOLERANCE,
+                        v.timestamp
+                    ),
                     Err(VerifyError::NoMatchingSignature),
                     "{}: {bad}",
                     v.name
@@ -624,7 +641,13 @@ mod tests {
         let err = Err(VerifyError::NoMatchingSignature);
         let tol = DEFAULT_TOLERANCE;
         assert_eq!(
-            verify_at(&s, &headers(ID, TS, &sig), br#"{"test": 2432232315}"#, tol, TS),
+            verify_at(
+                &s,
+                &headers(ID, TS, &sig),
+                br#"{"test": 2432232315}"#,
+                tol,
+                TS
+            ),
             err
         );
         assert_eq!(verify_at(&s, &headers(ID, TS, &sig), b"", tol, TS), err);
@@ -662,9 +685,17 @@ mod tests {
             verify_at(&s, &h, BODY, Duration::ZERO, TS + 1),
             Err(VerifyError::TimestampTooOld)
         );
-        // A huge tolerance does not overflow.
+        // A huge tolerance or extreme clock does not overflow.
+        assert_eq!(verify_at(&s, &h, BODY, Duration::MAX, 0), Ok(()));
         assert_eq!(verify_at(&s, &h, BODY, Duration::MAX, i64::MAX), Ok(()));
-        assert_eq!(verify_at(&s, &h, BODY, Duration::MAX, i64::MIN), Ok(()));
+        assert_eq!(
+            verify_at(&s, &h, BODY, Duration::MAX, i64::MIN),
+            Err(VerifyError::TimestampTooNew)
+        );
+        assert_eq!(
+            verify_at(&s, &h, BODY, tol, i64::MAX),
+            Err(VerifyError::TimestampTooOld)
+        );
     }
 
     #[test]
@@ -739,11 +770,17 @@ mod tests {
         // Undecodable or truncated v1 entries don't match but don't mask others.
         assert_eq!(check(&format!("v1,!!notbase64!! {good}")), Ok(()));
         assert_eq!(check(&format!("v1,{} {good}", &b64[..20])), Ok(()));
-        assert_eq!(check("v1,!!notbase64!!"), Err(VerifyError::NoMatchingSignature));
+        assert_eq!(
+            check("v1,!!notbase64!!"),
+            Err(VerifyError::NoMatchingSignature)
+        );
         // A truncated or extended tag does not match.
         assert_eq!(check("v1,AAAA"), Err(VerifyError::NoMatchingSignature));
         assert_eq!(
-            check(&format!("v1,{}", general_purpose::STANDARD.encode([0u8; 33]))),
+            check(&format!(
+                "v1,{}",
+                general_purpose::STANDARD.encode([0u8; 33])
+            )),
             Err(VerifyError::NoMatchingSignature)
         );
         // Extra spaces between entries are tolerated.
@@ -825,7 +862,7 @@ mod tests {
                 "{bad:?}"
             );
         }
-        // Leading zeros parse but are not the signed form, so they don't match.
+        // Leading zeros parse, but the text differs from what was signed.
         let h = [
             (HEADER_ID, ID),
             (HEADER_TIMESTAMP, "01614265330"),
@@ -835,6 +872,16 @@ mod tests {
             verify_at(&s, &h, BODY, DEFAULT_TOLERANCE, TS),
             Err(VerifyError::NoMatchingSignature)
         );
+        // The header's text is what is signed, so a sender that signed that
+        // exact text is verified.
+        let tag = s.mac(ID, "01614265330", BODY).finalize().into_bytes();
+        let sig = format!("v1,{}", general_purpose::STANDARD.encode(tag));
+        let h = [
+            (HEADER_ID, ID),
+            (HEADER_TIMESTAMP, "01614265330"),
+            (HEADER_SIGNATURE, sig.as_str()),
+        ];
+        assert_eq!(verify_at(&s, &h, BODY, DEFAULT_TOLERANCE, TS), Ok(()));
     }
 
     #[test]
@@ -960,7 +1007,11 @@ mod tests {
             "nope".parse::<Secret>().unwrap_err(),
             SecretError::MissingPrefix
         );
-        assert!("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".parse::<Secret>().is_ok());
+        assert!(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+                .parse::<Secret>()
+                .is_ok()
+        );
     }
 
     #[test]

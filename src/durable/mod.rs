@@ -1,0 +1,555 @@
+//! [`DurableBus`]: the event bus on a redb file.
+//!
+//! How a publish flows (guarantees G1–G4 of DESIGN.md):
+//!
+//! 1. The publisher validates the event and encodes its record on its own
+//!    thread, then hands it to the single writer thread (`commit`).
+//! 2. The writer takes every request waiting, assigns consecutive `seq`s in
+//!    one write transaction, lets the webhook dispatcher add delivery records
+//!    to the same transaction, stores acknowledged cursor positions, and
+//!    commits with one fsync: group commit.
+//! 3. Only after the commit returns does anyone see the events: the writer
+//!    queues the committed group for fan-out, and the publishers wake.
+//! 4. Fan-out runs groups strictly in `seq` order, one thread at a time (the
+//!    thread holding the fan-out baton, one of the waiting publishers), so
+//!    every live subscriber sees events in `seq` order. A publisher returns
+//!    once its own group has been fanned out.
+//!
+//! Durable subscriptions (`subscription`) are live while caught up and
+//! detach into catch-up from the log on their own thread when their handler
+//! fails or is slow; the switch back to live happens under the fan-out lock
+//! at an exact `seq`, so there is no gap and no duplicate.
+
+mod codec;
+mod commit;
+mod open;
+mod read;
+mod subscription;
+mod tables;
+mod upkeep;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use jiff::Timestamp;
+
+pub use read::{LogEntry, LogReader, Position, ReadOnlyLog};
+pub use subscription::{CursorInfo, CursorState, DeadLetter, DurableSubscription, RedriveReport};
+pub use upkeep::{CheckReport, Retention, RetainReport, Stats};
+
+pub(crate) use commit::AppendHook;
+pub(crate) use tables::{from_bytes as decode_record, to_bytes as encode_record};
+
+use crate::bus::{Bus, Detach, Handler, Receipt, Subscription};
+use crate::error::{CursorError, OpenError, PublishError, ReadError, StorageError, SubscribeError};
+use crate::event::{DEFAULT_MAX_PAYLOAD_BYTES, Event};
+use crate::fanout::Subscribers;
+use crate::filter::Filter;
+use crate::sync::{Mutex, RwLock};
+
+/// Default redb page cache: enough for the hot end of the log and the
+/// indexes, small enough for a control plane's sidecar.
+pub(crate) const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The options of a [`DurableBus`], set through [`DurableBusBuilder`].
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) cache_bytes: usize,
+    pub(crate) sync: bool,
+    pub(crate) quick_repair: bool,
+    pub(crate) shared_reads: bool,
+    pub(crate) max_payload_bytes: usize,
+    pub(crate) max_group_events: usize,
+    pub(crate) ack_flush_interval: Duration,
+    pub(crate) ack_flush_events: u64,
+    pub(crate) max_deliveries: u32,
+    pub(crate) retry_backoff: Duration,
+    pub(crate) max_retry_backoff: Duration,
+    pub(crate) slow_handler: Duration,
+    pub(crate) history: usize,
+    pub(crate) retention: Option<Retention>,
+    pub(crate) retention_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+            sync: true,
+            quick_repair: true,
+            shared_reads: true,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_group_events: 8192,
+            ack_flush_interval: Duration::from_millis(100),
+            ack_flush_events: 1000,
+            max_deliveries: 5,
+            retry_backoff: Duration::from_millis(20),
+            max_retry_backoff: Duration::from_secs(5),
+            slow_handler: Duration::from_millis(250),
+            history: 1000,
+            retention: None,
+            retention_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Builds a [`DurableBus`] with options other than the defaults.
+///
+/// ```no_run
+/// # use ctrlbus::DurableBus;
+/// # use std::time::Duration;
+/// let bus = DurableBus::builder()
+///     .cache_bytes(64 << 20)
+///     .max_deliveries(10)
+///     .open("events.redb")?;
+/// # Ok::<(), ctrlbus::OpenError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct DurableBusBuilder {
+    opts: Options,
+}
+
+impl DurableBusBuilder {
+    /// Bytes of redb page cache (default 32 MiB).
+    pub fn cache_bytes(mut self, bytes: usize) -> Self {
+        self.opts.cache_bytes = bytes;
+        self
+    }
+
+    /// Whether each commit is fsync'd before `publish` returns (default
+    /// true). Turning it off breaks G2 (acknowledged means durable): after a
+    /// crash, recent acknowledged events may be missing. For tests only.
+    pub fn sync(mut self, sync: bool) -> Self {
+        self.opts.sync = sync;
+        self
+    }
+
+    /// redb quick repair (default true): each commit saves the allocator
+    /// state, so reopening after a crash takes milliseconds at any size
+    /// instead of a full scan of the file (seconds per GiB).
+    pub fn quick_repair(mut self, on: bool) -> Self {
+        self.opts.quick_repair = on;
+        self
+    }
+
+    /// Whether other processes may read the file while this one writes it
+    /// (default true; redb's `SingleWriter` mode, which commits in two
+    /// phases). When false the file is locked exclusively.
+    pub fn shared_reads(mut self, on: bool) -> Self {
+        self.opts.shared_reads = on;
+        self
+    }
+
+    /// Largest payload accepted, in bytes of compact JSON (default 1 MiB).
+    pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
+        self.opts.max_payload_bytes = bytes;
+        self
+    }
+
+    /// Most events in one group commit (default 8192).
+    pub fn max_group_events(mut self, n: usize) -> Self {
+        self.opts.max_group_events = n.max(1);
+        self
+    }
+
+    /// How often acknowledged cursor positions are stored when nothing is
+    /// published (default 100 ms). Positions are also stored with every
+    /// group commit.
+    pub fn ack_flush_interval(mut self, d: Duration) -> Self {
+        self.opts.ack_flush_interval = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many unstored acknowledgements a subscription may have before its
+    /// position is stored at once (default 1000). With the flush interval,
+    /// this bounds how many events a subscription sees again after a crash.
+    pub fn ack_flush_events(mut self, n: u64) -> Self {
+        self.opts.ack_flush_events = n.max(1);
+        self
+    }
+
+    /// Deliveries of one event to a durable subscription before it goes to
+    /// the dead letters (default 5).
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.opts.max_deliveries = n.max(1);
+        self
+    }
+
+    /// First wait before redelivering after a handler error (default 20 ms;
+    /// doubles on each attempt up to `max_retry_backoff`, default 5 s).
+    pub fn retry_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.opts.retry_backoff = first;
+        self.opts.max_retry_backoff = max.max(first);
+        self
+    }
+
+    /// A live durable subscriber whose handler takes longer than this on one
+    /// event is detached into catch-up on its own thread, so publishers stop
+    /// waiting for it (default 250 ms).
+    pub fn slow_handler(mut self, d: Duration) -> Self {
+        self.opts.slow_handler = d;
+        self
+    }
+
+    /// Retention to apply periodically (default none: keep everything).
+    pub fn retention(mut self, policy: Retention, every: Duration) -> Self {
+        self.opts.retention = Some(policy);
+        self.opts.retention_interval = every;
+        self
+    }
+
+    /// Opens or creates the log at `path`.
+    ///
+    /// # Errors
+    /// [`OpenError::NotCtrlbus`] for a file that is not a ctrlbus log,
+    /// [`OpenError::NewerFormat`] for a newer format (the file is not
+    /// modified in either case), [`OpenError::InUse`] when another process
+    /// has it open for writing, [`OpenError::Io`] / [`OpenError::Storage`]
+    /// for I/O failures.
+    pub fn open(self, path: impl AsRef<Path>) -> Result<DurableBus, OpenError> {
+        let path = path.as_ref();
+        open::check_file(path, true)?;
+        let db = self
+            .redb_builder()
+            .create(path)
+            .map_err(|e| open::map_open_error(path, e))?;
+        DurableBus::start(db, Some(path.to_path_buf()), self.opts)
+    }
+
+    /// Opens or creates a log on a custom redb storage backend (fault
+    /// injection, in-memory files). A wrapper must pass the lock methods
+    /// through to the backend it wraps.
+    ///
+    /// # Errors
+    /// As [`DurableBusBuilder::open`].
+    pub fn open_backend(self, backend: impl redb::StorageBackend) -> Result<DurableBus, OpenError> {
+        let db = self
+            .redb_builder()
+            .create_with_backend(backend)
+            .map_err(|e| open::map_open_error(Path::new("<backend>"), e))?;
+        DurableBus::start(db, None, self.opts)
+    }
+
+    fn redb_builder(&self) -> redb::Builder {
+        let mut b = redb::Builder::new();
+        b.set_cache_size(self.opts.cache_bytes);
+        if self.opts.shared_reads {
+            b.set_concurrency_mode(redb::ConcurrencyMode::SingleWriter);
+        }
+        b
+    }
+}
+
+/// State shared by the bus handles, the writer thread and the subscription
+/// workers.
+pub(crate) struct Shared {
+    pub(crate) db: redb::Database,
+    pub(crate) opts: Options,
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) closed: AtomicBool,
+    /// Set when a commit failed in a way that leaves redb unusable.
+    pub(crate) poisoned: AtomicBool,
+    /// The last `seq` committed.
+    pub(crate) last_seq: AtomicU64,
+    /// Plain (non-durable) live subscribers.
+    pub(crate) live: Arc<Subscribers>,
+    /// Fan-out order and the live durable subscribers (see `commit`).
+    pub(crate) fan: Mutex<commit::FanState>,
+    /// Durable subscriptions active in this process, by name.
+    pub(crate) durable: Mutex<HashMap<String, Arc<subscription::DurableSub>>>,
+    /// Called inside each commit (the webhook dispatcher).
+    pub(crate) hooks: RwLock<Vec<Arc<dyn AppendHook>>>,
+    /// The writer thread's queue.
+    pub(crate) tx: Sender<commit::WriteReq>,
+}
+
+/// The durable event bus. Cloning gives another handle to the same bus; the
+/// file is closed when the last handle is dropped or [`Bus::close`] is called.
+///
+/// See the module docs of this crate for the guarantees (G1–G10).
+#[derive(Clone)]
+pub struct DurableBus {
+    pub(crate) handle: Arc<Handle>,
+}
+
+/// Owns the writer thread; closing happens when the last bus handle drops.
+pub(crate) struct Handle {
+    pub(crate) shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Handle {
+    fn close(&self) {
+        let shared = &self.shared;
+        shared.closed.store(true, Ordering::Release);
+        // Stop durable subscriptions first: each stores its final position.
+        let subs: Vec<_> = shared.durable.lock().drain().map(|(_, s)| s).collect();
+        for sub in &subs {
+            sub.stop();
+        }
+        for sub in &subs {
+            sub.join();
+        }
+        let writer = self.writer.lock().take();
+        if let Some(writer) = writer {
+            let _ = shared.tx.send(commit::WriteReq::Shutdown);
+            if writer.thread().id() != std::thread::current().id() {
+                let _ = writer.join();
+            }
+        }
+        shared.live.clear();
+        shared.fan.lock().live_durable.clear();
+    }
+}
+
+impl std::fmt::Debug for DurableBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableBus")
+            .field("path", &self.handle.shared.path)
+            .field("last_seq", &self.handle.shared.last_seq.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl DurableBus {
+    /// Opens or creates the log at `path` with the default options.
+    ///
+    /// # Errors
+    /// As [`DurableBusBuilder::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<DurableBus, OpenError> {
+        DurableBusBuilder::default().open(path)
+    }
+
+    /// A builder for options other than the defaults.
+    pub fn builder() -> DurableBusBuilder {
+        DurableBusBuilder::default()
+    }
+
+    fn start(db: redb::Database, path: Option<PathBuf>, opts: Options) -> Result<DurableBus, OpenError> {
+        let shown = path.clone().unwrap_or_else(|| PathBuf::from("<backend>"));
+        open::prepare(&db, &shown)?;
+        let txn = redb::ReadableDatabase::begin_read(&db).map_err(|e| OpenError::Storage(e.into()))?;
+        let last = read::last_assigned(&txn).map_err(OpenError::Storage)?;
+        let last_append = commit::last_append_ns(&txn).map_err(OpenError::Storage)?;
+        drop(txn);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            db,
+            opts,
+            path,
+            closed: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
+            last_seq: AtomicU64::new(last),
+            live: Arc::new(Subscribers::new()),
+            fan: Mutex::new(commit::FanState::new(last + 1)),
+            durable: Mutex::new(HashMap::new()),
+            hooks: RwLock::new(Vec::new()),
+            tx,
+        });
+        crate::webhook::install(&shared).map_err(OpenError::Storage)?;
+        let writer_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("ctrlbus-writer".into())
+            .spawn(move || commit::writer_loop(writer_shared, rx, last_append))
+            .map_err(|e| OpenError::Io(shown, e))?;
+        Ok(DurableBus {
+            handle: Arc::new(Handle {
+                shared,
+                writer: Mutex::new(Some(writer)),
+            }),
+        })
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// The file's path, if opened from one.
+    pub fn path(&self) -> Option<&Path> {
+        self.handle.shared.path.as_deref()
+    }
+
+    /// The `seq` of the newest event (0 for a log that never had one).
+    pub fn last_seq(&self) -> u64 {
+        self.handle.shared.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Publishes several events atomically: all are committed in one
+    /// transaction, with consecutive `seq`s, or none is. Events whose id is
+    /// already in the log get their original receipt and are not written
+    /// again.
+    ///
+    /// # Errors
+    /// [`PublishError::Invalid`] (naming the bad event) or
+    /// [`PublishError::DuplicateInBatch`]: nothing written.
+    /// [`PublishError::Storage`]: the commit failed, nothing written.
+    /// [`PublishError::Closed`].
+    pub fn publish_batch(&self, events: Vec<Event>) -> Result<Vec<Receipt>, PublishError> {
+        commit::publish(&self.handle.shared, events)
+    }
+
+    /// A streaming reader over the log from `from`, yielding events that
+    /// match `filter`, in `seq` order. It sees the log as of this call.
+    ///
+    /// # Errors
+    /// [`ReadError::UnknownEvent`] for a [`Position::Id`] not in the log;
+    /// [`ReadError::Storage`] when storage fails.
+    pub fn read(&self, from: Position, filter: &Filter) -> Result<LogReader, ReadError> {
+        if self.handle.shared.closed.load(Ordering::Acquire) {
+            return Err(ReadError::Closed);
+        }
+        LogReader::new(&self.handle.shared.db, from, filter)
+    }
+
+    /// Subscribes a durable, named subscription.
+    ///
+    /// The first time `name` is used, the cursor starts at `start`; later,
+    /// the stored cursor wins and delivery resumes after its last handled
+    /// event (JetStream durable-consumer semantics). The filter given here
+    /// replaces the stored one. The subscription catches up from the log on
+    /// its own thread, then receives new events synchronously inside
+    /// `publish`, in `seq` order, each at least once.
+    ///
+    /// # Errors
+    /// [`SubscribeError::InvalidName`], [`SubscribeError::AlreadyActive`],
+    /// [`SubscribeError::UnknownPosition`] (a start id not in the log),
+    /// [`SubscribeError::Closed`], [`SubscribeError::Storage`]. Nothing is
+    /// stored on error.
+    pub fn subscribe_durable<H: Handler + 'static>(
+        &self,
+        name: &str,
+        filter: Filter,
+        start: Position,
+        handler: H,
+    ) -> Result<DurableSubscription, SubscribeError> {
+        subscription::subscribe(&self.handle.shared, name, filter, start, Box::new(handler))
+    }
+
+    /// Every durable subscription's cursor, by name.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails or a cursor record is corrupted.
+    pub fn cursors(&self) -> Result<Vec<CursorInfo>, StorageError> {
+        subscription::list_cursors(&self.handle.shared.db, Some(&self.handle.shared))
+    }
+
+    /// One cursor.
+    ///
+    /// # Errors
+    /// [`CursorError::Unknown`] for a name with no cursor.
+    pub fn cursor(&self, name: &str) -> Result<CursorInfo, CursorError> {
+        subscription::get_cursor(&self.handle.shared.db, Some(&self.handle.shared), name)
+    }
+
+    /// Moves a cursor: its subscription will next receive the event at
+    /// `position` (replay from a time, a `seq` or an id, or skip to the end).
+    ///
+    /// # Errors
+    /// [`CursorError::Unknown`], [`CursorError::Active`] when the
+    /// subscription is running in this process (drop it first),
+    /// [`CursorError::UnknownEvent`], [`CursorError::Storage`]. Nothing is
+    /// changed on error.
+    pub fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError> {
+        subscription::seek(&self.handle.shared, name, position)
+    }
+
+    /// Deletes a cursor and its dead letters.
+    ///
+    /// # Errors
+    /// [`CursorError::Unknown`], [`CursorError::Active`],
+    /// [`CursorError::Storage`].
+    pub fn delete_cursor(&self, name: &str) -> Result<(), CursorError> {
+        subscription::delete(&self.handle.shared, name)
+    }
+
+    /// The dead letters of one subscription, oldest first.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails.
+    pub fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StorageError> {
+        subscription::dead_letters(&self.handle.shared.db, name)
+    }
+
+    /// Counts, bounds and file size.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails.
+    pub fn stats(&self) -> Result<Stats, StorageError> {
+        upkeep::stats(&self.handle.shared.db, self.handle.shared.path.as_deref())
+    }
+
+    /// Verifies every record and index entry; `progress(done, total)` is
+    /// called as records are checked.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails; problems found are in the report.
+    pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport, StorageError> {
+        upkeep::check(&self.handle.shared.db, progress)
+    }
+
+    /// Removes the oldest events per `policy`. Sequence numbers are never
+    /// reused; cursors behind the new oldest event skip to it and count the
+    /// events they missed.
+    ///
+    /// # Errors
+    /// [`StorageError`]; on error nothing was removed.
+    pub fn retain(&self, policy: &Retention) -> Result<RetainReport, StorageError> {
+        upkeep::retain(&self.handle.shared, policy)
+    }
+
+    /// Compacts the file at `path`, returning space freed by retention to the
+    /// file system. The log must not be open anywhere.
+    ///
+    /// # Errors
+    /// [`OpenError`] when the file cannot be opened exclusively, or
+    /// compaction fails.
+    pub fn compact(path: impl AsRef<Path>) -> Result<(u64, u64), OpenError> {
+        upkeep::compact(path.as_ref())
+    }
+
+    /// The time of the newest event's append, if any.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails.
+    pub fn last_append_time(&self) -> Result<Option<Timestamp>, StorageError> {
+        let txn = redb::ReadableDatabase::begin_read(&self.handle.shared.db)?;
+        let ns = commit::last_append_ns(&txn)?;
+        Ok((ns != i64::MIN).then(|| Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)))
+    }
+}
+
+impl Bus for DurableBus {
+    fn publish(&self, event: Event) -> Result<Receipt, PublishError> {
+        let mut receipts = commit::publish(&self.handle.shared, vec![event])?;
+        Ok(receipts.remove(0))
+    }
+
+    fn subscribe_boxed(&self, filter: Filter, handler: Box<dyn Handler>) -> Result<Subscription, SubscribeError> {
+        let shared = &self.handle.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(SubscribeError::Closed);
+        }
+        let id = shared.live.add(filter, handler);
+        let owner: Arc<dyn Detach> = shared.live.clone();
+        Ok(Subscription::new(id, Arc::downgrade(&owner)))
+    }
+
+    fn recent_events(&self, limit: usize, filter: &Filter) -> Result<Vec<Event>, ReadError> {
+        upkeep::recent(&self.handle.shared, limit, filter)
+    }
+
+    fn close(&self) {
+        self.handle.close();
+    }
+}

@@ -1,0 +1,125 @@
+//! Opening a file: telling a ctrlbus log from anything else before a byte is
+//! written, and creating the tables of a new one.
+
+use std::io::Read;
+use std::path::Path;
+
+use redb::ReadableDatabase;
+
+use super::tables::{BY_ID, CURSORS, DEAD_LETTERS, EVENTS, FORMAT_VERSION, META, META_FORMAT};
+use crate::error::{OpenError, StorageError};
+
+/// redb's file magic (the first 9 bytes of every redb file).
+const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
+/// Refuses a file that is not a redb file, without modifying it. A missing
+/// or empty file is fine when `create` is set.
+pub(crate) fn check_file(path: &Path, create: bool) -> Result<(), OpenError> {
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(OpenError::NotFound(path.to_path_buf()));
+        }
+        Err(e) => return Err(OpenError::Io(path.to_path_buf(), e)),
+    };
+    let mut head = [0u8; 9];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(OpenError::Io(path.to_path_buf(), e)),
+        }
+    }
+    if got == 0 && create {
+        return Ok(());
+    }
+    if got < head.len() || head != REDB_MAGIC {
+        return Err(OpenError::NotCtrlbus {
+            path: path.to_path_buf(),
+            reason: "not a redb database file".into(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn map_open_error(path: &Path, e: redb::DatabaseError) -> OpenError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(path.to_path_buf()),
+        redb::DatabaseError::RepairAborted => OpenError::NeedsRecovery(path.to_path_buf()),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => OpenError::Io(path.to_path_buf(), io),
+        other => {
+            let text = other.to_string();
+            if text.contains("repair") || text.contains("recovery") {
+                OpenError::NeedsRecovery(path.to_path_buf())
+            } else {
+                OpenError::Storage(StorageError::from(other))
+            }
+        }
+    }
+}
+
+/// Checks the format of an opened file: a ctrlbus log of a version this
+/// build reads. `Ok(true)` when the file holds no tables at all (new).
+pub(crate) fn check_format(txn: &redb::ReadTransaction, path: &Path) -> Result<bool, OpenError> {
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => {
+            let any = txn
+                .list_tables()
+                .map_err(|e| OpenError::Storage(e.into()))?
+                .next()
+                .is_some();
+            return if any {
+                Err(OpenError::NotCtrlbus {
+                    path: path.to_path_buf(),
+                    reason: "a redb database without ctrlbus tables".into(),
+                })
+            } else {
+                Ok(true)
+            };
+        }
+        Err(e) => return Err(OpenError::Storage(e.into())),
+    };
+    let version = meta
+        .get(META_FORMAT)
+        .map_err(|e| OpenError::Storage(e.into()))?
+        .and_then(|v| v.value().first().copied());
+    match version {
+        None => Err(OpenError::NotCtrlbus {
+            path: path.to_path_buf(),
+            reason: "no format version".into(),
+        }),
+        Some(v) if v > FORMAT_VERSION => Err(OpenError::NewerFormat {
+            found: v,
+            supported: FORMAT_VERSION,
+        }),
+        Some(_) => Ok(false),
+    }
+}
+
+/// Checks an opened writable database and creates the tables of a new log.
+pub(crate) fn prepare(db: &redb::Database, path: &Path) -> Result<(), OpenError> {
+    let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;
+    let fresh = check_format(&txn, path)?;
+    drop(txn);
+    // Create any table a newer build of the same format added; cheap when
+    // they all exist.
+    let txn = db.begin_write().map_err(|e| OpenError::Storage(e.into()))?;
+    {
+        let st = |e: redb::TableError| OpenError::Storage(e.into());
+        let mut meta = txn.open_table(META).map_err(st)?;
+        if fresh {
+            meta.insert(META_FORMAT, [FORMAT_VERSION].as_slice())
+                .map_err(|e| OpenError::Storage(e.into()))?;
+        }
+        txn.open_table(EVENTS).map_err(st)?;
+        txn.open_table(BY_ID).map_err(st)?;
+        txn.open_table(CURSORS).map_err(st)?;
+        txn.open_table(DEAD_LETTERS).map_err(st)?;
+        crate::webhook::create_tables(&txn).map_err(OpenError::Storage)?;
+    }
+    txn.commit().map_err(|e| OpenError::Storage(e.into()))?;
+    Ok(())
+}

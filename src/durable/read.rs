@@ -1,0 +1,386 @@
+//! Reading the log: positions, streaming readers, seek by time, and the
+//! read-only handle another process uses while the owner writes.
+//!
+//! Seeking to a time does not need a time index: `seq` keys are contiguous
+//! and append times never decrease along `seq` (see `tables`), so the first
+//! event at or after a time is found by binary search over `seq`, reading the
+//! 8-byte header of about log2(n) records.
+
+use std::io::Write;
+use std::path::Path;
+
+use jiff::Timestamp;
+use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use super::codec::{self, RecordRef};
+use super::tables::{BY_ID, EVENTS, META, META_RETAINED};
+use crate::error::{OpenError, ReadError, StorageError};
+use crate::event::Event;
+use crate::filter::Filter;
+use crate::id::EventId;
+
+/// A place in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// The oldest retained event.
+    Beginning,
+    /// After the newest event: only events appended from now on.
+    End,
+    /// The event with this `seq` (or the oldest retained one, if it was
+    /// removed by retention).
+    Seq(u64),
+    /// The first event whose append time is at or after this time.
+    Time(Timestamp),
+    /// The event with this id.
+    Id(EventId),
+}
+
+/// One event read from the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    /// Its sequence number.
+    pub seq: u64,
+    /// When it was appended (never decreases along `seq`).
+    pub appended_at: Timestamp,
+    /// The event, exactly as published.
+    pub event: Event,
+}
+
+impl LogEntry {
+    /// The event's JSON envelope with `"seq"` in front: the line format of
+    /// `ctrlbus replay`.
+    pub fn to_json(&self) -> String {
+        let body = self.event.to_json();
+        // body starts with '{'; an Event always has at least one field.
+        format!("{{\"seq\":{},{}", self.seq, &body[1..])
+    }
+}
+
+fn storage(e: impl Into<redb::Error>) -> ReadError {
+    ReadError::Storage(StorageError::Redb(e.into()))
+}
+
+pub(crate) fn corrupted(seq: u64, reason: String) -> StorageError {
+    StorageError::Corrupted {
+        table: "events",
+        key: format!("seq {seq}"),
+        reason,
+    }
+}
+
+/// Oldest and newest `seq` present, or `None` for an empty log.
+pub(crate) fn bounds<T: ReadableTable<u64, &'static [u8]>>(
+    events: &T,
+) -> Result<Option<(u64, u64)>, redb::StorageError> {
+    let first = events.first()?.map(|(k, _)| k.value());
+    let last = events.last()?.map(|(k, _)| k.value());
+    Ok(first.zip(last))
+}
+
+/// The largest `seq` ever assigned (present or removed by retention).
+pub(crate) fn last_assigned(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
+    let events = match txn.open_table(EVENTS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let last = events.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    Ok(last.max(retained_through(txn)?))
+}
+
+pub(crate) fn retained_through(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(match meta.get(META_RETAINED)? {
+        Some(v) => {
+            let b: [u8; 8] = v.value().try_into().map_err(|_| StorageError::Corrupted {
+                table: "ctrlbus_meta",
+                key: META_RETAINED.into(),
+                reason: "not 8 bytes".into(),
+            })?;
+            u64::from_be_bytes(b)
+        }
+        None => 0,
+    })
+}
+
+/// The first `seq` at or after `position` (which may be one past the last).
+pub(crate) fn resolve(txn: &redb::ReadTransaction, position: Position) -> Result<u64, ReadError> {
+    let events = txn.open_table(EVENTS).map_err(storage)?;
+    let last = last_assigned(txn)?;
+    let Some((first, newest)) = bounds(&events).map_err(storage)? else {
+        return match position {
+            Position::Id(id) => Err(ReadError::UnknownEvent(id)),
+            _ => Ok(last + 1),
+        };
+    };
+    Ok(match position {
+        Position::Beginning => first,
+        Position::End => last + 1,
+        Position::Seq(s) => s.max(first),
+        Position::Id(id) => {
+            let by_id = txn.open_table(BY_ID).map_err(storage)?;
+            match by_id.get(id.to_bytes()).map_err(storage)? {
+                Some(seq) => seq.value(),
+                None => return Err(ReadError::UnknownEvent(id)),
+            }
+        }
+        Position::Time(t) => seek_time(&events, first, newest, t.as_nanosecond())?,
+    })
+}
+
+/// The first `seq` in `[lo, hi]` whose append time is `>= target`, or
+/// `hi + 1`. Binary search: append times never decrease along `seq`.
+fn seek_time(events: &ReadOnlyTable<u64, &'static [u8]>, lo: u64, hi: u64, target: i128) -> Result<u64, ReadError> {
+    let target = target.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+    let (mut lo, mut hi) = (lo, hi + 1); // answer in [lo, hi]
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let t = match events.get(mid).map_err(storage)? {
+            Some(v) => codec::append_ns(v.value()).map_err(|r| ReadError::Storage(corrupted(mid, r)))?,
+            // Keys are contiguous; a hole means the file is damaged.
+            None => return Err(ReadError::Storage(corrupted(mid, "missing from a contiguous range".into()))),
+        };
+        if t < target {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+/// A streaming reader over the log, in `seq` order. Memory stays constant
+/// whatever the log's size: it holds one read transaction and one record at
+/// a time. It sees the log as it was when created.
+pub struct LogReader {
+    range: redb::Range<'static, u64, &'static [u8]>,
+    filter: Filter,
+    until_ns: Option<i64>,
+    done: bool,
+    /// The next `seq` this reader would return (for `tail --follow`).
+    next_seq: u64,
+}
+
+impl LogReader {
+    pub(crate) fn new<D: ReadableDatabase>(db: &D, from: Position, filter: &Filter) -> Result<LogReader, ReadError> {
+        let txn = db.begin_read().map_err(storage)?;
+        let start = resolve(&txn, from)?;
+        let events = txn.open_table(EVENTS).map_err(storage)?;
+        let range = events.range(start..).map_err(storage)?;
+        Ok(LogReader {
+            range,
+            filter: filter.clone(),
+            until_ns: None,
+            done: false,
+            next_seq: start,
+        })
+    }
+
+    /// Stops before the first event appended after `t`.
+    pub fn until(mut self, t: Timestamp) -> LogReader {
+        self.until_ns = Some(t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64);
+        self
+    }
+
+    /// The `seq` after the last record this reader has passed (matching or
+    /// not): where a follow-up reader should start.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Advances to the next matching record and hands it, undecoded, to `f`.
+    fn next_raw<R>(&mut self, f: impl FnOnce(u64, i64, &RecordRef<'_>) -> R) -> Option<Result<R, ReadError>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let (k, v) = match self.range.next()? {
+                Ok(kv) => kv,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(storage(e)));
+                }
+            };
+            let seq = k.value();
+            let bytes = v.value();
+            let (append, rec) = match codec::decode_ref(bytes) {
+                Ok(r) => r,
+                Err(reason) => {
+                    self.done = true;
+                    return Some(Err(ReadError::Storage(corrupted(seq, reason))));
+                }
+            };
+            if self.until_ns.is_some_and(|u| append > u) {
+                self.done = true;
+                return None;
+            }
+            self.next_seq = seq + 1;
+            if self.filter.matches_parts(rec.event_type, rec.tenant_id, rec.instance()) {
+                return Some(Ok(f(seq, append, &rec)));
+            }
+        }
+    }
+
+    /// Writes the next matching event as one JSON line (envelope plus
+    /// `"seq"`) without building an [`Event`]: the payload bytes are copied
+    /// as stored. Returns `None` at the end.
+    ///
+    /// # Errors
+    /// [`ReadError::Storage`] for a storage failure or a corrupted record
+    /// (the error names its `seq`).
+    pub fn write_next_json(&mut self, out: &mut Vec<u8>) -> Option<Result<u64, ReadError>> {
+        let r = self.next_raw(|seq, _, rec| write_json_line(seq, rec, out).map(|_| seq))?;
+        Some(match r {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(reason)) => Err(ReadError::Storage(corrupted(0, reason))),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+impl Iterator for LogReader {
+    type Item = Result<LogEntry, ReadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let r = self.next_raw(|seq, append, rec| {
+            rec.to_event().map(|event| LogEntry {
+                seq,
+                appended_at: Timestamp::from_nanosecond(i128::from(append)).unwrap_or(Timestamp::UNIX_EPOCH),
+                event,
+            }).map_err(|reason| corrupted(seq, reason))
+        })?;
+        Some(match r {
+            Ok(Ok(entry)) => Ok(entry),
+            Ok(Err(e)) => {
+                self.done = true;
+                Err(ReadError::Storage(e))
+            }
+            Err(e) => Err(e),
+        })
+    }
+}
+
+/// Writes `{"seq":N,<envelope>}\n` straight from a stored record; the same
+/// bytes as `LogEntry::to_json` plus a newline.
+fn write_json_line(seq: u64, rec: &RecordRef<'_>, out: &mut Vec<u8>) -> Result<(), String> {
+    let ts = Timestamp::new(rec.ts_secs, rec.ts_nanos).map_err(|e| e.to_string())?;
+    let json_str = |out: &mut Vec<u8>, s: &str| serde_json::to_writer(&mut *out, s).map_err(|e| e.to_string());
+    write!(out, "{{\"seq\":{seq},\"id\":\"{}\",\"type\":", EventId::from_bytes(rec.id)).map_err(|e| e.to_string())?;
+    json_str(out, rec.event_type)?;
+    out.extend_from_slice(b",\"tenant_id\":");
+    json_str(out, rec.tenant_id)?;
+    if let Some(i) = rec.instance() {
+        write!(out, ",\"instance_id\":\"{i}\"").map_err(|e| e.to_string())?;
+    }
+    if !rec.actor_id.is_empty() {
+        out.extend_from_slice(b",\"actor_id\":");
+        json_str(out, rec.actor_id)?;
+    }
+    if !rec.payload.0.is_empty() && rec.payload.0 != b"{}" {
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(rec.payload.0);
+    }
+    write!(out, ",\"timestamp\":\"{ts}\"}}\n").map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A read-only view of a ctrlbus log, for another process (an operator's
+/// `ctrlbus replay`) while the owner keeps writing. It sees each commit of
+/// the owner as soon as it is made.
+pub struct ReadOnlyLog {
+    pub(crate) db: redb::ReadOnlyDatabase,
+}
+
+impl ReadOnlyLog {
+    /// Opens a log read-only. Works while a [`DurableBus`](crate::DurableBus)
+    /// in another process has it open (it uses redb's `SingleWriter` mode,
+    /// ctrlbus's default).
+    ///
+    /// # Errors
+    /// [`OpenError::NotFound`] for a missing file, [`OpenError::NotCtrlbus`]
+    /// for a file that is not a ctrlbus log, [`OpenError::NewerFormat`],
+    /// [`OpenError::NeedsRecovery`] when the last writer crashed and nobody
+    /// has reopened it for writing since, [`OpenError::InUse`] when the writer
+    /// excludes readers.
+    pub fn open(path: impl AsRef<Path>) -> Result<ReadOnlyLog, OpenError> {
+        let path = path.as_ref();
+        super::open::check_file(path, false)?;
+        let db = redb::Builder::new()
+            .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+            .set_cache_size(super::DEFAULT_CACHE_BYTES)
+            .open_read_only(path)
+            .map_err(|e| super::open::map_open_error(path, e))?;
+        let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;
+        super::open::check_format(&txn, path)?;
+        drop(txn);
+        Ok(ReadOnlyLog { db })
+    }
+
+    /// A streaming reader from `from`, yielding events matching `filter`.
+    ///
+    /// # Errors
+    /// [`ReadError::UnknownEvent`] for a [`Position::Id`] not in the log,
+    /// [`ReadError::Storage`] when storage fails.
+    pub fn read(&self, from: Position, filter: &Filter) -> Result<LogReader, ReadError> {
+        LogReader::new(&self.db, from, filter)
+    }
+
+    /// Counts and bounds of the log.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails.
+    pub fn stats(&self) -> Result<super::Stats, StorageError> {
+        super::upkeep::stats(&self.db, None)
+    }
+
+    /// Every durable subscription's cursor.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails or a cursor record is corrupted.
+    pub fn cursors(&self) -> Result<Vec<super::CursorInfo>, StorageError> {
+        super::subscription::list_cursors(&self.db, None)
+    }
+
+    /// One cursor.
+    ///
+    /// # Errors
+    /// [`crate::CursorError::Unknown`] for an unknown name.
+    pub fn cursor(&self, name: &str) -> Result<super::CursorInfo, crate::CursorError> {
+        super::subscription::get_cursor(&self.db, None, name)
+    }
+
+    /// Verifies every record and index entry.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails (corruption is reported in the
+    /// returned report, not as an error).
+    pub fn check(&self) -> Result<super::CheckReport, StorageError> {
+        super::upkeep::check(&self.db, &mut |_, _| {})
+    }
+
+    /// The dead letters of one subscription, oldest first.
+    ///
+    /// # Errors
+    /// [`StorageError`] when storage fails.
+    pub fn dead_letters(&self, name: &str) -> Result<Vec<super::DeadLetter>, StorageError> {
+        super::subscription::dead_letters(&self.db, name)
+    }
+
+    /// The redb database, read-only (for the webhook registry's listings).
+    pub(crate) fn database(&self) -> &redb::ReadOnlyDatabase {
+        &self.db
+    }
+}
+
+/// Reads the number of records in the events table.
+pub(crate) fn count_events(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
+    match txn.open_table(EVENTS) {
+        Ok(t) => Ok(t.len()?),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}

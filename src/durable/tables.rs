@@ -1,0 +1,91 @@
+//! The redb tables of a ctrlbus file and the small records stored beside the
+//! events.
+//!
+//! Invariants:
+//! - `events` keys are contiguous: from the oldest retained `seq` to the
+//!   newest, with no gap (retention removes a prefix only).
+//! - `events_by_id` has exactly one entry per row of `events`, mapping the
+//!   event id to its `seq`.
+//! - Append times (record header) never decrease along `seq`.
+//! - `meta["retained_through"]`, when present, is the largest `seq` ever
+//!   removed by retention, so the next `seq` is never reused even when the
+//!   log is empty.
+
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+
+use crate::error::StorageError;
+
+/// Format facts and counters: `format` → version byte, `retained_through` → u64 BE.
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("ctrlbus_meta");
+/// `seq` → record (see `codec`).
+pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Event id (16 bytes) → `seq`.
+pub(crate) const BY_ID: TableDefinition<[u8; 16], u64> = TableDefinition::new("events_by_id");
+/// Subscription name → [`CursorRecord`].
+pub(crate) const CURSORS: TableDefinition<&str, &[u8]> = TableDefinition::new("cursors");
+/// (subscription name, `seq`) → [`DeadLetterRecord`].
+pub(crate) const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("dead_letters");
+
+/// The file format version this build writes. A file with a larger one is
+/// refused, untouched.
+pub(crate) const FORMAT_VERSION: u8 = 1;
+pub(crate) const META_FORMAT: &str = "format";
+pub(crate) const META_RETAINED: &str = "retained_through";
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+/// Encodes a small record with bincode.
+pub(crate) fn to_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+    // These records are plain structs of strings and integers: encoding
+    // cannot fail.
+    bincode::serde::encode_to_vec(value, config()).unwrap_or_default()
+}
+
+/// Decodes a small record, naming the table and key on failure.
+pub(crate) fn from_bytes<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    table: &'static str,
+    key: impl std::fmt::Display,
+) -> Result<T, StorageError> {
+    match bincode::serde::decode_from_slice(bytes, config()) {
+        Ok((v, used)) if used == bytes.len() => Ok(v),
+        Ok(_) => Err(StorageError::Corrupted {
+            table,
+            key: key.to_string(),
+            reason: "trailing bytes".into(),
+        }),
+        Err(e) => Err(StorageError::Corrupted {
+            table,
+            key: key.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// A durable subscription's stored state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub(crate) struct CursorRecord {
+    /// The filter, as JSON.
+    pub(crate) filter_json: String,
+    /// Every event with `seq <= delivered` has been handled (acknowledged or
+    /// dead-lettered).
+    pub(crate) delivered: u64,
+    /// Events removed by retention before this cursor reached them.
+    pub(crate) missed: u64,
+    /// Unix nanoseconds.
+    pub(crate) created_ns: i64,
+    /// Unix nanoseconds of the last stored change.
+    pub(crate) updated_ns: i64,
+}
+
+/// One event a durable subscription gave up on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub(crate) struct DeadLetterRecord {
+    pub(crate) error: String,
+    pub(crate) attempts: u32,
+    pub(crate) at_ns: i64,
+}

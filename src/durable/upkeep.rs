@@ -1,0 +1,311 @@
+//! Upkeep: statistics, integrity checks, retention, compaction and the
+//! recent-events view.
+
+use std::path::Path;
+
+use jiff::Timestamp;
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use serde::Serialize;
+
+use super::codec;
+use super::read;
+use super::tables::{BY_ID, CURSORS, CursorRecord, EVENTS, META, META_RETAINED, from_bytes};
+use super::Shared;
+use crate::error::{OpenError, ReadError, StorageError};
+use crate::event::Event;
+use crate::filter::Filter;
+
+fn ts(ns: i64) -> Timestamp {
+    Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// Counts and bounds of a log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Events stored.
+    pub events: u64,
+    /// Oldest retained `seq` (0 if empty).
+    pub first_seq: u64,
+    /// Newest `seq` ever assigned (0 if none).
+    pub last_seq: u64,
+    /// Append time of the oldest retained event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_appended_at: Option<Timestamp>,
+    /// Append time of the newest event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_appended_at: Option<Timestamp>,
+    /// Durable subscriptions.
+    pub cursors: u64,
+    /// Bytes of the file, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file_bytes: Option<u64>,
+}
+
+pub(crate) fn stats<D: ReadableDatabase>(db: &D, path: Option<&Path>) -> Result<Stats, StorageError> {
+    let txn = db.begin_read()?;
+    let events = txn.open_table(EVENTS)?;
+    let bounds = read::bounds(&events)?;
+    let time_of = |seq: u64| -> Result<Option<Timestamp>, StorageError> {
+        Ok(match events.get(seq)? {
+            Some(v) => Some(ts(codec::append_ns(v.value()).map_err(|r| read::corrupted(seq, r))?)),
+            None => None,
+        })
+    };
+    let (first_appended_at, last_appended_at) = match bounds {
+        Some((f, l)) => (time_of(f)?, time_of(l)?),
+        None => (None, None),
+    };
+    Ok(Stats {
+        events: events.len()?,
+        first_seq: bounds.map(|b| b.0).unwrap_or(0),
+        last_seq: read::last_assigned(&txn)?,
+        first_appended_at,
+        last_appended_at,
+        cursors: txn.open_table(CURSORS)?.len()?,
+        file_bytes: path.and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()),
+    })
+}
+
+/// What `check` found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CheckReport {
+    /// Records verified.
+    pub events_checked: u64,
+    /// Id-index entries verified.
+    pub index_entries_checked: u64,
+    /// Cursors verified.
+    pub cursors_checked: u64,
+    /// Every problem found, one line each (empty when sound).
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    /// True when no problem was found.
+    pub fn is_sound(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Verifies every record (decodes, append times non-decreasing, `seq`s
+/// contiguous), the id index (one entry per event, pointing back to it), and
+/// every cursor record.
+pub(crate) fn check<D: ReadableDatabase>(
+    db: &D,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CheckReport, StorageError> {
+    const MAX_PROBLEMS: usize = 1000;
+    let mut report = CheckReport::default();
+    let txn = db.begin_read()?;
+    let events = txn.open_table(EVENTS)?;
+    let by_id = txn.open_table(BY_ID)?;
+    let total = events.len()?;
+    let problem = |report: &mut CheckReport, p: String| {
+        if report.problems.len() < MAX_PROBLEMS {
+            report.problems.push(p);
+        }
+    };
+    let mut prev: Option<(u64, i64)> = None;
+    for kv in events.iter()? {
+        let (k, v) = kv?;
+        let seq = k.value();
+        report.events_checked += 1;
+        if report.events_checked % 4096 == 0 {
+            progress(report.events_checked, total);
+        }
+        match codec::decode_ref(v.value()) {
+            Err(r) => problem(&mut report, format!("seq {seq}: undecodable record: {r}")),
+            Ok((append, rec)) => {
+                if let Err(r) = rec.to_event() {
+                    problem(&mut report, format!("seq {seq}: invalid event: {r}"));
+                }
+                if let Some((ps, pa)) = prev {
+                    if seq != ps + 1 {
+                        problem(&mut report, format!("seq {seq}: gap after seq {ps}"));
+                    }
+                    if append < pa {
+                        problem(&mut report, format!("seq {seq}: append time goes backwards"));
+                    }
+                }
+                match by_id.get(rec.id)? {
+                    Some(s) if s.value() == seq => {}
+                    Some(s) => problem(&mut report, format!("seq {seq}: id index points to seq {}", s.value())),
+                    None => problem(&mut report, format!("seq {seq}: missing from the id index")),
+                }
+                prev = Some((seq, append));
+            }
+        }
+    }
+    progress(report.events_checked, total);
+    for kv in by_id.iter()? {
+        let (k, v) = kv?;
+        report.index_entries_checked += 1;
+        let seq = v.value();
+        match events.get(seq)? {
+            None => problem(
+                &mut report,
+                format!("id index entry {} points to missing seq {seq}", crate::EventId::from_bytes(k.value())),
+            ),
+            Some(rec) => {
+                if let Ok((_, r)) = codec::decode_ref(rec.value()) {
+                    if r.id != k.value() {
+                        problem(&mut report, format!("id index entry for seq {seq} names another event"));
+                    }
+                }
+            }
+        }
+    }
+    let last = read::last_assigned(&txn)?;
+    for kv in txn.open_table(CURSORS)?.iter()? {
+        let (k, v) = kv?;
+        report.cursors_checked += 1;
+        match from_bytes::<CursorRecord>(v.value(), "cursors", k.value()) {
+            Err(e) => problem(&mut report, e.to_string()),
+            Ok(rec) => {
+                if serde_json::from_str::<Filter>(&rec.filter_json).is_err() {
+                    problem(&mut report, format!("cursor {}: invalid filter", k.value()));
+                }
+                if rec.delivered > last {
+                    problem(&mut report, format!("cursor {}: position {} is past the log's end {last}", k.value(), rec.delivered));
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Which events retention removes: the oldest, until every limit given holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Remove events appended longer ago than this.
+    pub max_age: Option<std::time::Duration>,
+    /// Keep at most this many events.
+    pub max_events: Option<u64>,
+    /// Keep at most about this many bytes of records.
+    pub max_bytes: Option<u64>,
+}
+
+/// What one retention pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetainReport {
+    /// Events removed.
+    pub removed: u64,
+    /// The oldest `seq` left (0 if the log is now empty).
+    pub first_seq: u64,
+}
+
+/// Removes the oldest events per `policy`, in batches of one transaction
+/// each, keeping `seq`s unique forever (`retained_through`).
+pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport, StorageError> {
+    const BATCH: u64 = 10_000;
+    let mut report = RetainReport::default();
+    let cutoff_ns = policy.max_age.map(|age| {
+        let now = Timestamp::now().as_nanosecond();
+        (now - age.as_nanos().min(i128::MAX as u128) as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    });
+    loop {
+        let txn = shared.db.begin_write()?;
+        let removed_now;
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let mut by_id = txn.open_table(BY_ID)?;
+            let count = events.len()?;
+            let over_count = policy.max_events.map(|m| count.saturating_sub(m)).unwrap_or(0);
+            let mut over_bytes = match policy.max_bytes {
+                Some(max) => {
+                    let stats = txn.stats()?;
+                    stats.stored_bytes().saturating_sub(max)
+                }
+                None => 0,
+            };
+            let mut to_remove = Vec::new();
+            for kv in events.iter()? {
+                if to_remove.len() as u64 >= BATCH {
+                    break;
+                }
+                let (k, v) = kv?;
+                let seq = k.value();
+                let bytes = v.value();
+                let by_count = (to_remove.len() as u64) < over_count;
+                let by_age = match cutoff_ns {
+                    Some(c) => codec::append_ns(bytes).map_err(|r| read::corrupted(seq, r))? < c,
+                    None => false,
+                };
+                let by_bytes = over_bytes > 0;
+                if !(by_count || by_age || by_bytes) {
+                    break;
+                }
+                over_bytes = over_bytes.saturating_sub(bytes.len() as u64 + 24);
+                let (_, rec) = codec::decode_ref(bytes).map_err(|r| read::corrupted(seq, r))?;
+                to_remove.push((seq, rec.id));
+            }
+            removed_now = to_remove.len() as u64;
+            if let Some(&(last_removed, _)) = to_remove.last() {
+                for (seq, id) in &to_remove {
+                    events.remove(*seq)?;
+                    by_id.remove(*id)?;
+                }
+                let mut meta = txn.open_table(META)?;
+                let prev = match meta.get(META_RETAINED)? {
+                    Some(v) => v.value().try_into().map(u64::from_be_bytes).unwrap_or(0),
+                    None => 0,
+                };
+                meta.insert(META_RETAINED, last_removed.max(prev).to_be_bytes().as_slice())?;
+            }
+            report.first_seq = events.first()?.map(|(k, _)| k.value()).unwrap_or(0);
+        }
+        if removed_now == 0 {
+            drop(txn);
+            break;
+        }
+        txn.commit()?;
+        report.removed += removed_now;
+        if removed_now < BATCH {
+            break;
+        }
+    }
+    Ok(report)
+}
+
+/// Compacts a closed log file; returns (bytes before, bytes after).
+pub(crate) fn compact(path: &Path) -> Result<(u64, u64), OpenError> {
+    super::open::check_file(path, false)?;
+    let before = std::fs::metadata(path).map_err(|e| OpenError::Io(path.to_path_buf(), e))?.len();
+    let mut db = redb::Builder::new()
+        .open(path)
+        .map_err(|e| super::open::map_open_error(path, e))?;
+    {
+        let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;
+        super::open::check_format(&txn, path)?;
+    }
+    db.compact().map_err(|e| OpenError::Storage(e.into()))?;
+    drop(db);
+    let after = std::fs::metadata(path).map_err(|e| OpenError::Io(path.to_path_buf(), e))?.len();
+    Ok((before, after))
+}
+
+/// The newest `limit` matching events, oldest first, read backwards from the
+/// end of the log.
+pub(crate) fn recent(shared: &Shared, limit: usize, filter: &Filter) -> Result<Vec<Event>, ReadError> {
+    if shared.closed.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(ReadError::Closed);
+    }
+    let txn = shared.db.begin_read().map_err(StorageError::from)?;
+    let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    for kv in events.iter().map_err(StorageError::from)?.rev() {
+        let (k, v) = kv.map_err(StorageError::from)?;
+        let seq = k.value();
+        let (_, rec) = codec::decode_ref(v.value()).map_err(|r| read::corrupted(seq, r))?;
+        if filter.matches_parts(rec.event_type, rec.tenant_id, rec.instance()) {
+            out.push(rec.to_event().map_err(|r| read::corrupted(seq, r))?);
+            if out.len() == limit {
+                break;
+            }
+        }
+    }
+    out.reverse();
+    Ok(out)
+}
