@@ -40,6 +40,7 @@ mod filter;
 mod id;
 mod memory;
 mod sync;
+mod time;
 mod webhook;
 
 pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};
@@ -58,3 +59,4 @@ pub use event::{
 pub use filter::{Filter, Pattern};
 pub use id::{DeliveryId, EventId, InstanceId, WebhookId};
 pub use memory::{DEFAULT_HISTORY, InMemoryBus};
+pub use time::{TimeError, parse_duration, parse_time, parse_time_at};
