@@ -12,19 +12,32 @@ fn publish_read_subscribe_reopen() {
         let bus = DurableBus::open(&path).unwrap();
         let s2 = seen.clone();
         let sub = bus
-            .subscribe_durable("billing", Filter::types(["deploy.*"]).unwrap(), Position::Beginning, move |e: &Event| -> Result<(), HandlerError> {
-                s2.lock().unwrap().push(e.id);
-                Ok(())
-            })
+            .subscribe_durable(
+                "billing",
+                Filter::types(["deploy.*"]).unwrap(),
+                Position::Beginning,
+                move |e: &Event| -> Result<(), HandlerError> {
+                    s2.lock().unwrap().push(e.id);
+                    Ok(())
+                },
+            )
             .unwrap();
         assert!(sub.wait_live(Duration::from_secs(5)));
         for i in 0..10 {
-            let t = if i % 2 == 0 { Type::DEPLOY_STARTED } else { Type::HEALTH_PASSED };
+            let t = if i % 2 == 0 {
+                Type::DEPLOY_STARTED
+            } else {
+                Type::HEALTH_PASSED
+            };
             let r = bus.publish(Event::new(t, "t1")).unwrap();
             assert_eq!(r.seq, i + 1);
         }
         assert_eq!(seen.lock().unwrap().len(), 5);
-        let all: Vec<_> = bus.read(Position::Beginning, &Filter::all()).unwrap().map(|r| r.unwrap()).collect();
+        let all: Vec<_> = bus
+            .read(Position::Beginning, &Filter::all())
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
         assert_eq!(all.len(), 10);
         let e = all[3].event.clone();
         let dup = bus.publish(e).unwrap();
@@ -40,10 +53,15 @@ fn publish_read_subscribe_reopen() {
     assert_eq!(r.seq, 11);
     let s2 = seen.clone();
     let sub = bus
-        .subscribe_durable("billing", Filter::types(["deploy.*"]).unwrap(), Position::Beginning, move |e: &Event| -> Result<(), HandlerError> {
-            s2.lock().unwrap().push(e.id);
-            Ok(())
-        })
+        .subscribe_durable(
+            "billing",
+            Filter::types(["deploy.*"]).unwrap(),
+            Position::Beginning,
+            move |e: &Event| -> Result<(), HandlerError> {
+                s2.lock().unwrap().push(e.id);
+                Ok(())
+            },
+        )
         .unwrap();
     assert!(sub.wait_live(Duration::from_secs(5)));
     assert_eq!(seen.lock().unwrap().len(), 6);
@@ -51,6 +69,11 @@ fn publish_read_subscribe_reopen() {
     let mut rd = bus.read(Position::Seq(11), &Filter::all()).unwrap();
     rd.write_next_json(&mut buf).unwrap().unwrap();
     let line = String::from_utf8(buf).unwrap();
-    let entry = bus.read(Position::Seq(11), &Filter::all()).unwrap().next().unwrap().unwrap();
+    let entry = bus
+        .read(Position::Seq(11), &Filter::all())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     assert_eq!(line.trim_end(), entry.to_json());
 }

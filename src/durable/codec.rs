@@ -64,7 +64,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Bytes<'a> {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("borrowed bytes")
             }
-            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Self::Value, E> {
+            fn visit_borrowed_bytes<E: serde::de::Error>(
+                self,
+                v: &'de [u8],
+            ) -> Result<Self::Value, E> {
                 Ok(Bytes(v))
             }
         }
@@ -106,7 +109,10 @@ fn check_header(bytes: &[u8]) -> Result<(), String> {
     match bytes.first() {
         None => Err("empty record".into()),
         Some(&RECORD_VERSION) if bytes.len() >= HEADER => Ok(()),
-        Some(&RECORD_VERSION) => Err(format!("record of {} bytes is shorter than its header", bytes.len())),
+        Some(&RECORD_VERSION) => Err(format!(
+            "record of {} bytes is shorter than its header",
+            bytes.len()
+        )),
         Some(v) => Err(format!("unknown record format version {v}")),
     }
 }
@@ -115,9 +121,13 @@ fn check_header(bytes: &[u8]) -> Result<(), String> {
 pub(crate) fn decode_ref(bytes: &[u8]) -> Result<(i64, RecordRef<'_>), String> {
     let append = append_ns(bytes)?;
     let (record, used): (RecordRef<'_>, usize) =
-        bincode::serde::borrow_decode_from_slice(&bytes[HEADER..], config()).map_err(|e| e.to_string())?;
+        bincode::serde::borrow_decode_from_slice(&bytes[HEADER..], config())
+            .map_err(|e| e.to_string())?;
     if HEADER + used != bytes.len() {
-        return Err(format!("{} trailing bytes after the record", bytes.len() - HEADER - used));
+        return Err(format!(
+            "{} trailing bytes after the record",
+            bytes.len() - HEADER - used
+        ));
     }
     Ok((append, record))
 }

@@ -42,7 +42,12 @@ use crate::sync::{Condvar, Mutex};
 /// can separate an event from its deliveries).
 pub(crate) trait AppendHook: Send + Sync {
     /// Called inside the write transaction, after the events are inserted.
-    fn on_append(&self, txn: &redb::WriteTransaction, appended: &[(u64, &Event)], append_ns: i64) -> Result<(), StorageError>;
+    fn on_append(
+        &self,
+        txn: &redb::WriteTransaction,
+        appended: &[(u64, &Event)],
+        append_ns: i64,
+    ) -> Result<(), StorageError>;
     /// Called after the transaction committed.
     fn after_commit(&self) {}
 }
@@ -125,7 +130,10 @@ thread_local! {
 
 /// Publishes events: validate and encode here, commit on the writer thread,
 /// fan out in order, return receipts.
-pub(crate) fn publish(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Vec<Receipt>, PublishError> {
+pub(crate) fn publish(
+    shared: &Arc<Shared>,
+    events: Vec<Event>,
+) -> Result<Vec<Receipt>, PublishError> {
     if shared.closed.load(Ordering::Acquire) {
         return Err(PublishError::Closed);
     }
@@ -169,7 +177,13 @@ pub(crate) fn publish(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Vec<Re
         if !DISPATCHING.get() {
             group.wait();
             let mine: HashSet<u64> = outcome.seqs.iter().filter(|s| !s.2).map(|s| s.1).collect();
-            failures = group.failures.lock().iter().filter(|(s, _)| mine.contains(s)).cloned().collect();
+            failures = group
+                .failures
+                .lock()
+                .iter()
+                .filter(|(s, _)| mine.contains(s))
+                .cloned()
+                .collect();
         }
     }
     Ok(outcome
@@ -179,7 +193,11 @@ pub(crate) fn publish(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Vec<Re
             seq,
             id,
             duplicate,
-            handler_failures: failures.iter().filter(|(s, _)| *s == seq).map(|(_, f)| f.clone()).collect(),
+            handler_failures: failures
+                .iter()
+                .filter(|(s, _)| *s == seq)
+                .map(|(_, f)| f.clone())
+                .collect(),
         })
         .collect())
 }
@@ -237,13 +255,17 @@ fn dispatch(shared: &Shared, group: &Group, durable: &[Arc<DurableSub>]) {
 pub(crate) fn last_append_ns(txn: &redb::ReadTransaction) -> Result<i64, StorageError> {
     let events = txn.open_table(EVENTS)?;
     match events.last()? {
-        Some((k, v)) => codec::append_ns(v.value()).map_err(|r| super::read::corrupted(k.value(), r)),
+        Some((k, v)) => {
+            codec::append_ns(v.value()).map_err(|r| super::read::corrupted(k.value(), r))
+        }
         None => Ok(i64::MIN),
     }
 }
 
 fn now_ns() -> i64 {
-    jiff::Timestamp::now().as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    jiff::Timestamp::now()
+        .as_nanosecond()
+        .clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
 /// The writer thread.
@@ -287,7 +309,11 @@ pub(crate) fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteReq>, mut last_
                 Err(_) => break,
             }
         }
-        if !publishes.is_empty() || !others.is_empty() || shutdown || last_flush.elapsed() >= shared.opts.ack_flush_interval {
+        if !publishes.is_empty()
+            || !others.is_empty()
+            || shutdown
+            || last_flush.elapsed() >= shared.opts.ack_flush_interval
+        {
             let _ = commit_group(&shared, publishes, others, &mut last_append);
             last_flush = Instant::now();
         }
@@ -350,7 +376,11 @@ fn commit_group(
     let mut cursor_writes: Vec<(Arc<DurableSub>, u64)> = Vec::new();
     let result = (|| -> Result<redb::WriteTransaction, StorageError> {
         let mut txn = shared.db.begin_write()?;
-        txn.set_durability(if shared.opts.sync { Durability::Immediate } else { Durability::None })?;
+        txn.set_durability(if shared.opts.sync {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
         txn.set_quick_repair(shared.opts.quick_repair);
         let mut next = start_seq;
         {
@@ -390,7 +420,10 @@ fn commit_group(
         {
             let mut dead = txn.open_table(DEAD_LETTERS)?;
             for req in &others {
-                if let WriteReq::DeadLetter { name, seq, record, .. } = req {
+                if let WriteReq::DeadLetter {
+                    name, seq, record, ..
+                } = req
+                {
                     dead.insert((name.as_str(), *seq), record.as_slice())?;
                 }
             }
@@ -414,9 +447,9 @@ fn commit_group(
             let msg = e.to_string();
             let mut first = Some(e);
             for req in publishes {
-                let err = first
-                    .take()
-                    .unwrap_or_else(|| StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone()))));
+                let err = first.take().unwrap_or_else(|| {
+                    StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+                });
                 let _ = req.reply.send(Err(PublishError::Storage(err)));
             }
             for req in others {
@@ -495,5 +528,6 @@ pub(crate) fn flush_acks(shared: &Shared, timeout: Duration) -> Result<(), Strin
         .tx
         .send(WriteReq::FlushAcks(Some(tx)))
         .map_err(|_| "the bus is closed".to_string())?;
-    rx.recv_timeout(timeout).map_err(|_| "the writer did not answer".to_string())?
+    rx.recv_timeout(timeout)
+        .map_err(|_| "the writer did not answer".to_string())?
 }

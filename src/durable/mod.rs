@@ -40,7 +40,7 @@ use jiff::Timestamp;
 
 pub use read::{LogEntry, LogReader, Position, ReadOnlyLog};
 pub use subscription::{CursorInfo, CursorState, DeadLetter, DurableSubscription, RedriveReport};
-pub use upkeep::{CheckReport, Retention, RetainReport, Stats};
+pub use upkeep::{CheckReport, RetainReport, Retention, Stats};
 
 pub(crate) use commit::AppendHook;
 pub(crate) use tables::{from_bytes as decode_record, to_bytes as encode_record};
@@ -317,7 +317,10 @@ impl std::fmt::Debug for DurableBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DurableBus")
             .field("path", &self.handle.shared.path)
-            .field("last_seq", &self.handle.shared.last_seq.load(Ordering::Relaxed))
+            .field(
+                "last_seq",
+                &self.handle.shared.last_seq.load(Ordering::Relaxed),
+            )
             .finish()
     }
 }
@@ -336,10 +339,15 @@ impl DurableBus {
         DurableBusBuilder::default()
     }
 
-    fn start(db: redb::Database, path: Option<PathBuf>, opts: Options) -> Result<DurableBus, OpenError> {
+    fn start(
+        db: redb::Database,
+        path: Option<PathBuf>,
+        opts: Options,
+    ) -> Result<DurableBus, OpenError> {
         let shown = path.clone().unwrap_or_else(|| PathBuf::from("<backend>"));
         open::prepare(&db, &shown)?;
-        let txn = redb::ReadableDatabase::begin_read(&db).map_err(|e| OpenError::Storage(e.into()))?;
+        let txn =
+            redb::ReadableDatabase::begin_read(&db).map_err(|e| OpenError::Storage(e.into()))?;
         let last = read::last_assigned(&txn).map_err(OpenError::Storage)?;
         let last_append = commit::last_append_ns(&txn).map_err(OpenError::Storage)?;
         drop(txn);
@@ -525,7 +533,8 @@ impl DurableBus {
     pub fn last_append_time(&self) -> Result<Option<Timestamp>, StorageError> {
         let txn = redb::ReadableDatabase::begin_read(&self.handle.shared.db)?;
         let ns = commit::last_append_ns(&txn)?;
-        Ok((ns != i64::MIN).then(|| Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)))
+        Ok((ns != i64::MIN)
+            .then(|| Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)))
     }
 }
 
@@ -535,7 +544,11 @@ impl Bus for DurableBus {
         Ok(receipts.remove(0))
     }
 
-    fn subscribe_boxed(&self, filter: Filter, handler: Box<dyn Handler>) -> Result<Subscription, SubscribeError> {
+    fn subscribe_boxed(
+        &self,
+        filter: Filter,
+        handler: Box<dyn Handler>,
+    ) -> Result<Subscription, SubscribeError> {
         let shared = &self.handle.shared;
         if shared.closed.load(Ordering::Acquire) {
             return Err(SubscribeError::Closed);

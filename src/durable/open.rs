@@ -48,7 +48,9 @@ pub(crate) fn map_open_error(path: &Path, e: redb::DatabaseError) -> OpenError {
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(path.to_path_buf()),
         redb::DatabaseError::RepairAborted => OpenError::NeedsRecovery(path.to_path_buf()),
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => OpenError::Io(path.to_path_buf(), io),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            OpenError::Io(path.to_path_buf(), io)
+        }
         other => {
             let text = other.to_string();
             if text.contains("repair") || text.contains("recovery") {

@@ -134,15 +134,27 @@ pub(crate) fn resolve(txn: &redb::ReadTransaction, position: Position) -> Result
 
 /// The first `seq` in `[lo, hi]` whose append time is `>= target`, or
 /// `hi + 1`. Binary search: append times never decrease along `seq`.
-fn seek_time(events: &ReadOnlyTable<u64, &'static [u8]>, lo: u64, hi: u64, target: i128) -> Result<u64, ReadError> {
+fn seek_time(
+    events: &ReadOnlyTable<u64, &'static [u8]>,
+    lo: u64,
+    hi: u64,
+    target: i128,
+) -> Result<u64, ReadError> {
     let target = target.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
     let (mut lo, mut hi) = (lo, hi + 1); // answer in [lo, hi]
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         let t = match events.get(mid).map_err(storage)? {
-            Some(v) => codec::append_ns(v.value()).map_err(|r| ReadError::Storage(corrupted(mid, r)))?,
+            Some(v) => {
+                codec::append_ns(v.value()).map_err(|r| ReadError::Storage(corrupted(mid, r)))?
+            }
             // Keys are contiguous; a hole means the file is damaged.
-            None => return Err(ReadError::Storage(corrupted(mid, "missing from a contiguous range".into()))),
+            None => {
+                return Err(ReadError::Storage(corrupted(
+                    mid,
+                    "missing from a contiguous range".into(),
+                )));
+            }
         };
         if t < target {
             lo = mid + 1;
@@ -166,7 +178,11 @@ pub struct LogReader {
 }
 
 impl LogReader {
-    pub(crate) fn new<D: ReadableDatabase>(db: &D, from: Position, filter: &Filter) -> Result<LogReader, ReadError> {
+    pub(crate) fn new<D: ReadableDatabase>(
+        db: &D,
+        from: Position,
+        filter: &Filter,
+    ) -> Result<LogReader, ReadError> {
         let txn = db.begin_read().map_err(storage)?;
         let start = resolve(&txn, from)?;
         let events = txn.open_table(EVENTS).map_err(storage)?;
@@ -193,7 +209,10 @@ impl LogReader {
     }
 
     /// Advances to the next matching record and hands it, undecoded, to `f`.
-    fn next_raw<R>(&mut self, f: impl FnOnce(u64, i64, &RecordRef<'_>) -> R) -> Option<Result<R, ReadError>> {
+    fn next_raw<R>(
+        &mut self,
+        f: impl FnOnce(u64, i64, &RecordRef<'_>) -> R,
+    ) -> Option<Result<R, ReadError>> {
         if self.done {
             return None;
         }
@@ -219,7 +238,10 @@ impl LogReader {
                 return None;
             }
             self.next_seq = seq + 1;
-            if self.filter.matches_parts(rec.event_type, rec.tenant_id, rec.instance()) {
+            if self
+                .filter
+                .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
+            {
                 return Some(Ok(f(seq, append, &rec)));
             }
         }
@@ -247,11 +269,14 @@ impl Iterator for LogReader {
 
     fn next(&mut self) -> Option<Self::Item> {
         let r = self.next_raw(|seq, append, rec| {
-            rec.to_event().map(|event| LogEntry {
-                seq,
-                appended_at: Timestamp::from_nanosecond(i128::from(append)).unwrap_or(Timestamp::UNIX_EPOCH),
-                event,
-            }).map_err(|reason| corrupted(seq, reason))
+            rec.to_event()
+                .map(|event| LogEntry {
+                    seq,
+                    appended_at: Timestamp::from_nanosecond(i128::from(append))
+                        .unwrap_or(Timestamp::UNIX_EPOCH),
+                    event,
+                })
+                .map_err(|reason| corrupted(seq, reason))
         })?;
         Some(match r {
             Ok(Ok(entry)) => Ok(entry),
@@ -268,8 +293,14 @@ impl Iterator for LogReader {
 /// bytes as `LogEntry::to_json` plus a newline.
 fn write_json_line(seq: u64, rec: &RecordRef<'_>, out: &mut Vec<u8>) -> Result<(), String> {
     let ts = Timestamp::new(rec.ts_secs, rec.ts_nanos).map_err(|e| e.to_string())?;
-    let json_str = |out: &mut Vec<u8>, s: &str| serde_json::to_writer(&mut *out, s).map_err(|e| e.to_string());
-    write!(out, "{{\"seq\":{seq},\"id\":\"{}\",\"type\":", EventId::from_bytes(rec.id)).map_err(|e| e.to_string())?;
+    let json_str =
+        |out: &mut Vec<u8>, s: &str| serde_json::to_writer(&mut *out, s).map_err(|e| e.to_string());
+    write!(
+        out,
+        "{{\"seq\":{seq},\"id\":\"{}\",\"type\":",
+        EventId::from_bytes(rec.id)
+    )
+    .map_err(|e| e.to_string())?;
     json_str(out, rec.event_type)?;
     out.extend_from_slice(b",\"tenant_id\":");
     json_str(out, rec.tenant_id)?;

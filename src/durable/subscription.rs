@@ -31,11 +31,13 @@ use jiff::Timestamp;
 use redb::{ReadableDatabase, ReadableTable};
 use serde::Serialize;
 
+use super::Shared;
 use super::codec;
 use super::commit::{self, WriteReq};
 use super::read::{self, Position, resolve};
-use super::tables::{CURSORS, CursorRecord, DEAD_LETTERS, DeadLetterRecord, EVENTS, from_bytes, to_bytes};
-use super::Shared;
+use super::tables::{
+    CURSORS, CursorRecord, DEAD_LETTERS, DeadLetterRecord, EVENTS, from_bytes, to_bytes,
+};
 use crate::bus::{Handler, HandlerFailure, SubscriptionId};
 use crate::error::{CursorError, ReadError, StorageError, SubscribeError};
 use crate::event::Event;
@@ -49,11 +51,15 @@ pub const MAX_NAME_LEN: usize = 128;
 pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 fn now_ns() -> i64 {
-    Timestamp::now().as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    Timestamp::now()
+        .as_nanosecond()
+        .clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
 fn ts(ns: i64) -> Timestamp {
@@ -82,7 +88,13 @@ pub(crate) struct DurableSub {
 
 impl DurableSub {
     /// Delivers one live event (called by the fan-out dispatcher).
-    pub(crate) fn deliver_live(&self, shared: &Shared, seq: u64, event: &Event, failures: &mut Vec<HandlerFailure>) {
+    pub(crate) fn deliver_live(
+        &self,
+        shared: &Shared,
+        seq: u64,
+        event: &Event,
+        failures: &mut Vec<HandlerFailure>,
+    ) {
         if !self.live.load(Ordering::Acquire) || !self.filter.matches(event) {
             return;
         }
@@ -111,7 +123,9 @@ impl DurableSub {
     pub(crate) fn finish_live_group(&self, shared: &Shared, last: u64) {
         if self.live.load(Ordering::Acquire) {
             self.delivered.store(last, Ordering::Release);
-            if last.saturating_sub(self.stored.load(Ordering::Acquire)) >= shared.opts.ack_flush_events {
+            if last.saturating_sub(self.stored.load(Ordering::Acquire))
+                >= shared.opts.ack_flush_events
+            {
                 let _ = shared.tx.send(WriteReq::FlushAcks(None));
             }
         }
@@ -186,7 +200,8 @@ impl DurableSub {
                 Ok(false) => {
                     // Caught up: switch to live at exactly next_seq.
                     let mut fan = shared.fan.lock();
-                    if self.delivered.load(Ordering::Acquire) + 1 == fan.next_seq && !self.stopped() {
+                    if self.delivered.load(Ordering::Acquire) + 1 == fan.next_seq && !self.stopped()
+                    {
                         self.live.store(true, Ordering::Release);
                         fan.live_durable.push(self.clone());
                     }
@@ -219,7 +234,11 @@ impl DurableSub {
         {
             let txn = shared.db.begin_read().map_err(StorageError::from)?;
             let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
-            for kv in events.range(from..=target).map_err(StorageError::from)?.take(CHUNK) {
+            for kv in events
+                .range(from..=target)
+                .map_err(StorageError::from)?
+                .take(CHUNK)
+            {
                 let (k, v) = kv.map_err(StorageError::from)?;
                 batch.push((k.value(), v.value().to_vec()));
             }
@@ -235,15 +254,23 @@ impl DurableSub {
                 tracing::warn!(subscription = %self.name, missed = seq - expected, "events removed by retention were skipped");
             }
             expected = seq + 1;
-            let (_, rec) = codec::decode_ref(&bytes).map_err(|r| ReadError::Storage(read::corrupted(seq, r)))?;
-            if self.filter.matches_parts(rec.event_type, rec.tenant_id, rec.instance()) {
-                let event = rec.to_event().map_err(|r| ReadError::Storage(read::corrupted(seq, r)))?;
+            let (_, rec) = codec::decode_ref(&bytes)
+                .map_err(|r| ReadError::Storage(read::corrupted(seq, r)))?;
+            if self
+                .filter
+                .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
+            {
+                let event = rec
+                    .to_event()
+                    .map_err(|r| ReadError::Storage(read::corrupted(seq, r)))?;
                 if !self.deliver_with_retry(shared, seq, &event) {
                     return Ok(true); // stopped
                 }
             }
             self.delivered.store(seq, Ordering::Release);
-            if seq.saturating_sub(self.stored.load(Ordering::Acquire)) >= shared.opts.ack_flush_events {
+            if seq.saturating_sub(self.stored.load(Ordering::Acquire))
+                >= shared.opts.ack_flush_events
+            {
                 let _ = commit::flush_acks(shared, Duration::from_secs(30));
             }
         }
@@ -381,7 +408,8 @@ impl DurableSubscription {
                 match bytes {
                     None => None,
                     Some(b) => {
-                        let (_, rec) = codec::decode_ref(b.value()).map_err(|r| read::corrupted(letter.seq, r))?;
+                        let (_, rec) = codec::decode_ref(b.value())
+                            .map_err(|r| read::corrupted(letter.seq, r))?;
                         Some(rec.to_event().map_err(|r| read::corrupted(letter.seq, r))?)
                     }
                 }
@@ -405,7 +433,8 @@ impl DurableSubscription {
                             attempts: letter.attempts + 1,
                             at_ns: now_ns(),
                         };
-                        dead.insert(key, to_bytes(&rec).as_slice()).map_err(StorageError::from)?;
+                        dead.insert(key, to_bytes(&rec).as_slice())
+                            .map_err(StorageError::from)?;
                         report.failed += 1;
                     }
                 }
@@ -423,10 +452,17 @@ impl Drop for DurableSubscription {
     fn drop(&mut self) {
         self.sub.stop();
         if let Some(shared) = self.shared.upgrade() {
-            shared.fan.lock().live_durable.retain(|s| s.id != self.sub.id);
+            shared
+                .fan
+                .lock()
+                .live_durable
+                .retain(|s| s.id != self.sub.id);
             self.sub.join();
             let mut map = shared.durable.lock();
-            if map.get(&self.sub.name).is_some_and(|s| Arc::ptr_eq(s, &self.sub)) {
+            if map
+                .get(&self.sub.name)
+                .is_some_and(|s| Arc::ptr_eq(s, &self.sub))
+            {
                 map.remove(&self.sub.name);
             }
         } else {
@@ -493,15 +529,20 @@ fn info(
     dead: u64,
     active: Option<&Arc<DurableSub>>,
 ) -> Result<CursorInfo, StorageError> {
-    let filter: Filter = serde_json::from_str(&rec.filter_json).map_err(|e| StorageError::Corrupted {
-        table: "cursors",
-        key: name.to_owned(),
-        reason: format!("filter: {e}"),
-    })?;
+    let filter: Filter =
+        serde_json::from_str(&rec.filter_json).map_err(|e| StorageError::Corrupted {
+            table: "cursors",
+            key: name.to_owned(),
+            reason: format!("filter: {e}"),
+        })?;
     let (delivered, state, last_error) = match active {
         Some(s) => (
             s.delivered.load(Ordering::Acquire),
-            if s.live.load(Ordering::Acquire) { CursorState::Live } else { CursorState::CatchUp },
+            if s.live.load(Ordering::Acquire) {
+                CursorState::Live
+            } else {
+                CursorState::CatchUp
+            },
             s.last_error.lock().clone(),
         ),
         None => (rec.delivered, CursorState::Idle, None),
@@ -531,7 +572,10 @@ fn count_dead(txn: &redb::ReadTransaction, name: &str) -> Result<u64, StorageErr
     Ok(n)
 }
 
-pub(crate) fn list_cursors<D: ReadableDatabase>(db: &D, shared: Option<&Shared>) -> Result<Vec<CursorInfo>, StorageError> {
+pub(crate) fn list_cursors<D: ReadableDatabase>(
+    db: &D,
+    shared: Option<&Shared>,
+) -> Result<Vec<CursorInfo>, StorageError> {
     let txn = db.begin_read()?;
     let last = read::last_assigned(&txn)?;
     let cursors = txn.open_table(CURSORS)?;
@@ -541,12 +585,22 @@ pub(crate) fn list_cursors<D: ReadableDatabase>(db: &D, shared: Option<&Shared>)
         let (k, v) = kv?;
         let name = k.value();
         let rec: CursorRecord = from_bytes(v.value(), "cursors", name)?;
-        out.push(info(name, &rec, last, count_dead(&txn, name)?, active.get(name))?);
+        out.push(info(
+            name,
+            &rec,
+            last,
+            count_dead(&txn, name)?,
+            active.get(name),
+        )?);
     }
     Ok(out)
 }
 
-pub(crate) fn get_cursor<D: ReadableDatabase>(db: &D, shared: Option<&Shared>, name: &str) -> Result<CursorInfo, CursorError> {
+pub(crate) fn get_cursor<D: ReadableDatabase>(
+    db: &D,
+    shared: Option<&Shared>,
+    name: &str,
+) -> Result<CursorInfo, CursorError> {
     let txn = db.begin_read().map_err(StorageError::from)?;
     let last = read::last_assigned(&txn)?;
     let cursors = txn.open_table(CURSORS).map_err(StorageError::from)?;
@@ -555,10 +609,19 @@ pub(crate) fn get_cursor<D: ReadableDatabase>(db: &D, shared: Option<&Shared>, n
         None => return Err(CursorError::Unknown(name.to_owned())),
     };
     let active = shared.and_then(|s| s.durable.lock().get(name).cloned());
-    Ok(info(name, &rec, last, count_dead(&txn, name)?, active.as_ref())?)
+    Ok(info(
+        name,
+        &rec,
+        last,
+        count_dead(&txn, name)?,
+        active.as_ref(),
+    )?)
 }
 
-pub(crate) fn dead_letters<D: ReadableDatabase>(db: &D, name: &str) -> Result<Vec<DeadLetter>, StorageError> {
+pub(crate) fn dead_letters<D: ReadableDatabase>(
+    db: &D,
+    name: &str,
+) -> Result<Vec<DeadLetter>, StorageError> {
     let txn = db.begin_read()?;
     let dead = txn.open_table(DEAD_LETTERS)?;
     let mut out = Vec::new();
@@ -688,7 +751,11 @@ fn check_inactive(shared: &Shared, name: &str) -> Result<(), CursorError> {
     Ok(())
 }
 
-pub(crate) fn seek(shared: &Shared, name: &str, position: Position) -> Result<CursorInfo, CursorError> {
+pub(crate) fn seek(
+    shared: &Shared,
+    name: &str,
+    position: Position,
+) -> Result<CursorInfo, CursorError> {
     check_inactive(shared, name)?;
     let txn = shared.db.begin_write().map_err(StorageError::from)?;
     {
@@ -705,7 +772,9 @@ pub(crate) fn seek(shared: &Shared, name: &str, position: Position) -> Result<Cu
         })?;
         rec.delivered = first - 1;
         rec.updated_ns = now_ns();
-        cursors.insert(name, to_bytes(&rec).as_slice()).map_err(StorageError::from)?;
+        cursors
+            .insert(name, to_bytes(&rec).as_slice())
+            .map_err(StorageError::from)?;
     }
     txn.commit().map_err(StorageError::from)?;
     get_cursor(&shared.db, Some(shared), name)

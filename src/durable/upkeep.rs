@@ -7,10 +7,10 @@ use jiff::Timestamp;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::Serialize;
 
+use super::Shared;
 use super::codec;
 use super::read;
 use super::tables::{BY_ID, CURSORS, CursorRecord, EVENTS, META, META_RETAINED, from_bytes};
-use super::Shared;
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
 use crate::filter::Filter;
@@ -41,13 +41,18 @@ pub struct Stats {
     pub file_bytes: Option<u64>,
 }
 
-pub(crate) fn stats<D: ReadableDatabase>(db: &D, path: Option<&Path>) -> Result<Stats, StorageError> {
+pub(crate) fn stats<D: ReadableDatabase>(
+    db: &D,
+    path: Option<&Path>,
+) -> Result<Stats, StorageError> {
     let txn = db.begin_read()?;
     let events = txn.open_table(EVENTS)?;
     let bounds = read::bounds(&events)?;
     let time_of = |seq: u64| -> Result<Option<Timestamp>, StorageError> {
         Ok(match events.get(seq)? {
-            Some(v) => Some(ts(codec::append_ns(v.value()).map_err(|r| read::corrupted(seq, r))?)),
+            Some(v) => Some(ts(
+                codec::append_ns(v.value()).map_err(|r| read::corrupted(seq, r))?
+            )),
             None => None,
         })
     };
@@ -62,7 +67,9 @@ pub(crate) fn stats<D: ReadableDatabase>(db: &D, path: Option<&Path>) -> Result<
         first_appended_at,
         last_appended_at,
         cursors: txn.open_table(CURSORS)?.len()?,
-        file_bytes: path.and_then(|p| std::fs::metadata(p).ok()).map(|m| m.len()),
+        file_bytes: path
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len()),
     })
 }
 
@@ -123,12 +130,18 @@ pub(crate) fn check<D: ReadableDatabase>(
                         problem(&mut report, format!("seq {seq}: gap after seq {ps}"));
                     }
                     if append < pa {
-                        problem(&mut report, format!("seq {seq}: append time goes backwards"));
+                        problem(
+                            &mut report,
+                            format!("seq {seq}: append time goes backwards"),
+                        );
                     }
                 }
                 match by_id.get(rec.id)? {
                     Some(s) if s.value() == seq => {}
-                    Some(s) => problem(&mut report, format!("seq {seq}: id index points to seq {}", s.value())),
+                    Some(s) => problem(
+                        &mut report,
+                        format!("seq {seq}: id index points to seq {}", s.value()),
+                    ),
                     None => problem(&mut report, format!("seq {seq}: missing from the id index")),
                 }
                 prev = Some((seq, append));
@@ -143,12 +156,18 @@ pub(crate) fn check<D: ReadableDatabase>(
         match events.get(seq)? {
             None => problem(
                 &mut report,
-                format!("id index entry {} points to missing seq {seq}", crate::EventId::from_bytes(k.value())),
+                format!(
+                    "id index entry {} points to missing seq {seq}",
+                    crate::EventId::from_bytes(k.value())
+                ),
             ),
             Some(rec) => {
                 if let Ok((_, r)) = codec::decode_ref(rec.value()) {
                     if r.id != k.value() {
-                        problem(&mut report, format!("id index entry for seq {seq} names another event"));
+                        problem(
+                            &mut report,
+                            format!("id index entry for seq {seq} names another event"),
+                        );
                     }
                 }
             }
@@ -165,7 +184,14 @@ pub(crate) fn check<D: ReadableDatabase>(
                     problem(&mut report, format!("cursor {}: invalid filter", k.value()));
                 }
                 if rec.delivered > last {
-                    problem(&mut report, format!("cursor {}: position {} is past the log's end {last}", k.value(), rec.delivered));
+                    problem(
+                        &mut report,
+                        format!(
+                            "cursor {}: position {} is past the log's end {last}",
+                            k.value(),
+                            rec.delivered
+                        ),
+                    );
                 }
             }
         }
@@ -200,7 +226,8 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
     let mut report = RetainReport::default();
     let cutoff_ns = policy.max_age.map(|age| {
         let now = Timestamp::now().as_nanosecond();
-        (now - age.as_nanos().min(i128::MAX as u128) as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64
+        (now - age.as_nanos().min(i128::MAX as u128) as i128)
+            .clamp(i64::MIN as i128, i64::MAX as i128) as i64
     });
     loop {
         let txn = shared.db.begin_write()?;
@@ -209,7 +236,10 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
             let mut events = txn.open_table(EVENTS)?;
             let mut by_id = txn.open_table(BY_ID)?;
             let count = events.len()?;
-            let over_count = policy.max_events.map(|m| count.saturating_sub(m)).unwrap_or(0);
+            let over_count = policy
+                .max_events
+                .map(|m| count.saturating_sub(m))
+                .unwrap_or(0);
             let mut over_bytes = match policy.max_bytes {
                 Some(max) => {
                     let stats = txn.stats()?;
@@ -249,7 +279,10 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
                     Some(v) => v.value().try_into().map(u64::from_be_bytes).unwrap_or(0),
                     None => 0,
                 };
-                meta.insert(META_RETAINED, last_removed.max(prev).to_be_bytes().as_slice())?;
+                meta.insert(
+                    META_RETAINED,
+                    last_removed.max(prev).to_be_bytes().as_slice(),
+                )?;
             }
             report.first_seq = events.first()?.map(|(k, _)| k.value()).unwrap_or(0);
         }
@@ -269,7 +302,9 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
 /// Compacts a closed log file; returns (bytes before, bytes after).
 pub(crate) fn compact(path: &Path) -> Result<(u64, u64), OpenError> {
     super::open::check_file(path, false)?;
-    let before = std::fs::metadata(path).map_err(|e| OpenError::Io(path.to_path_buf(), e))?.len();
+    let before = std::fs::metadata(path)
+        .map_err(|e| OpenError::Io(path.to_path_buf(), e))?
+        .len();
     let mut db = redb::Builder::new()
         .open(path)
         .map_err(|e| super::open::map_open_error(path, e))?;
@@ -279,13 +314,19 @@ pub(crate) fn compact(path: &Path) -> Result<(u64, u64), OpenError> {
     }
     db.compact().map_err(|e| OpenError::Storage(e.into()))?;
     drop(db);
-    let after = std::fs::metadata(path).map_err(|e| OpenError::Io(path.to_path_buf(), e))?.len();
+    let after = std::fs::metadata(path)
+        .map_err(|e| OpenError::Io(path.to_path_buf(), e))?
+        .len();
     Ok((before, after))
 }
 
 /// The newest `limit` matching events, oldest first, read backwards from the
 /// end of the log.
-pub(crate) fn recent(shared: &Shared, limit: usize, filter: &Filter) -> Result<Vec<Event>, ReadError> {
+pub(crate) fn recent(
+    shared: &Shared,
+    limit: usize,
+    filter: &Filter,
+) -> Result<Vec<Event>, ReadError> {
     if shared.closed.load(std::sync::atomic::Ordering::Acquire) {
         return Err(ReadError::Closed);
     }
