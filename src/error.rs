@@ -7,7 +7,12 @@
 
 use std::fmt;
 
+use std::net::IpAddr;
+
 use crate::id::EventId;
+use crate::webhook::signing::{
+    HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_SECRET_LEN, MIN_SECRET_LEN, SECRET_PREFIX,
+};
 
 /// An identifier failed to parse. Nothing is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -537,5 +542,299 @@ impl std::error::Error for CursorError {}
 impl From<StorageError> for CursorError {
     fn from(e: StorageError) -> Self {
         CursorError::Storage(e)
+    }
+}
+
+/// Why a webhook secret was refused. The messages never include any part of
+/// the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SecretError {
+    /// The secret does not start with `whsec_`.
+    MissingPrefix,
+    /// The part after `whsec_` is not standard base64.
+    InvalidBase64,
+    /// The key is not 24 to 64 bytes long.
+    InvalidLength {
+        /// The length of the decoded key, in bytes.
+        len: usize,
+    },
+}
+
+impl fmt::Display for SecretError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretError::MissingPrefix => {
+                write!(f, "webhook secret must start with `{SECRET_PREFIX}`")
+            }
+            SecretError::InvalidBase64 => write!(
+                f,
+                "webhook secret is not valid base64 after `{SECRET_PREFIX}`"
+            ),
+            SecretError::InvalidLength { len } => write!(
+                f,
+                "webhook secret key is {len} bytes; it must be \
+                 {MIN_SECRET_LEN} to {MAX_SECRET_LEN} bytes"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SecretError {}
+
+/// Why a received webhook failed verification. Whatever the variant, the
+/// message is not authentic and must not be acted on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The named header (`webhook-id`, `webhook-timestamp` or
+    /// `webhook-signature`) is absent.
+    MissingHeader(&'static str),
+    /// `webhook-timestamp` is not a decimal integer of Unix seconds.
+    InvalidTimestamp,
+    /// The timestamp is further in the past than the tolerance allows: a
+    /// possible replay, or a slow or skewed clock.
+    TimestampTooOld,
+    /// The timestamp is further in the future than the tolerance allows: a
+    /// skewed clock on one side.
+    TimestampTooNew,
+    /// `webhook-signature` is blank, or one of its space-separated entries is
+    /// not of the form `<version>,<signature>`.
+    InvalidSignatureHeader,
+    /// No `v1` signature matches: the secret is wrong, or the id, timestamp or
+    /// body was altered.
+    NoMatchingSignature,
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerifyError::MissingHeader(name) => write!(f, "missing `{name}` header"),
+            VerifyError::InvalidTimestamp => {
+                write!(f, "`{HEADER_TIMESTAMP}` is not a Unix time in seconds")
+            }
+            VerifyError::TimestampTooOld => {
+                write!(f, "`{HEADER_TIMESTAMP}` is too old (outside the tolerance)")
+            }
+            VerifyError::TimestampTooNew => write!(
+                f,
+                "`{HEADER_TIMESTAMP}` is too far in the future (outside the tolerance)"
+            ),
+            VerifyError::InvalidSignatureHeader => {
+                write!(f, "`{HEADER_SIGNATURE}` header is malformed")
+            }
+            VerifyError::NoMatchingSignature => write!(f, "no matching webhook signature"),
+        }
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// Why a webhook target URL was refused. Nothing is delivered to a refused
+/// target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UrlError {
+    /// The URL is malformed or uses a form that is not accepted (too long,
+    /// not absolute, whitespace, a fragment, a bad port or host, …).
+    Invalid {
+        /// What is wrong, for the user.
+        reason: String,
+    },
+    /// The scheme is not `http` or `https`.
+    UnsupportedScheme {
+        /// The scheme as written.
+        scheme: String,
+    },
+    /// The URL has no host.
+    MissingHost,
+    /// The URL contains a `user:password@` part; put credentials in the
+    /// webhook secret or the path instead.
+    CredentialsNotAllowed,
+    /// The host name could not be resolved (or has no addresses). This may be
+    /// temporary.
+    Resolve {
+        /// The host that was looked up.
+        host: String,
+        /// The resolver's message.
+        message: String,
+    },
+    /// The host resolves to an address that [`is_forbidden`](crate::webhook::url_policy::is_forbidden) refuses
+    /// (loopback, private, link-local, …) and private targets are not allowed.
+    ForbiddenAddress {
+        /// The host that was looked up.
+        host: String,
+        /// The first forbidden address found.
+        addr: IpAddr,
+    },
+}
+
+impl fmt::Display for UrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UrlError::Invalid { reason } => write!(f, "invalid webhook URL: {reason}"),
+            UrlError::UnsupportedScheme { scheme } => write!(
+                f,
+                "unsupported webhook URL scheme `{scheme}` (use http or https)"
+            ),
+            UrlError::MissingHost => write!(f, "webhook URL has no host"),
+            UrlError::CredentialsNotAllowed => {
+                write!(f, "webhook URL must not contain credentials (`user@`)")
+            }
+            UrlError::Resolve { host, message } => {
+                write!(f, "cannot resolve webhook host `{host}`: {message}")
+            }
+            UrlError::ForbiddenAddress { host, addr } => write!(
+                f,
+                "webhook host `{host}` resolves to {addr}, a loopback, private or \
+                 reserved address (private targets are not allowed)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for UrlError {}
+
+/// A webhook registry operation (create, update, delete, rotate, retry,
+/// replay, …) failed. Every variant but [`WebhookError::Storage`] is found
+/// before anything is written; `Storage` means the change was not committed.
+/// Either way the registry and the deliveries are as they were.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WebhookError {
+    /// The URL is refused: malformed, not http(s), with credentials, or a
+    /// loopback/private/reserved target while private targets are not
+    /// allowed. Nothing was written.
+    Url(UrlError),
+    /// The secret given is malformed (not `whsec_` + base64 of 24–64 bytes).
+    /// Nothing was written.
+    Secret(SecretError),
+    /// An event pattern is invalid. Nothing was written.
+    Pattern(FilterError),
+    /// The tenant id is empty, longer than 256 bytes or holds a control
+    /// character. Nothing was written.
+    InvalidTenant(String),
+    /// No webhook has this id. Nothing was written.
+    UnknownWebhook(crate::id::WebhookId),
+    /// No delivery has this id. Nothing was written.
+    UnknownDelivery(crate::id::DeliveryId),
+    /// The webhook is disabled; enable it before retrying or replaying.
+    /// Nothing was written.
+    Inactive(crate::id::WebhookId),
+    /// A replay window ends before it starts. Nothing was written.
+    InvalidWindow,
+    /// The bus is closed. Nothing was written.
+    Closed,
+    /// Storage failed; the change was not committed (a read-only listing
+    /// changed nothing).
+    Storage(StorageError),
+}
+
+impl fmt::Display for WebhookError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WebhookError::Url(e) => write!(f, "webhook refused: {e}"),
+            WebhookError::Secret(e) => write!(f, "webhook refused: {e}"),
+            WebhookError::Pattern(e) => write!(f, "webhook refused: {e}"),
+            WebhookError::InvalidTenant(t) => write!(
+                f,
+                "webhook refused: invalid tenant id {t:?} (1-256 bytes, no control characters)"
+            ),
+            WebhookError::UnknownWebhook(id) => write!(f, "no webhook {id}"),
+            WebhookError::UnknownDelivery(id) => write!(f, "no webhook delivery {id}"),
+            WebhookError::Inactive(id) => {
+                write!(f, "webhook {id} is disabled; enable it first")
+            }
+            WebhookError::InvalidWindow => {
+                write!(f, "invalid replay window: `until` is before `since`")
+            }
+            WebhookError::Closed => write!(f, "webhook operation refused: the bus is closed"),
+            WebhookError::Storage(e) => write!(f, "webhook operation failed, nothing changed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for WebhookError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WebhookError::Url(e) => Some(e),
+            WebhookError::Secret(e) => Some(e),
+            WebhookError::Pattern(e) => Some(e),
+            WebhookError::Storage(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<StorageError> for WebhookError {
+    fn from(e: StorageError) -> Self {
+        WebhookError::Storage(e)
+    }
+}
+
+impl From<UrlError> for WebhookError {
+    fn from(e: UrlError) -> Self {
+        WebhookError::Url(e)
+    }
+}
+
+impl From<SecretError> for WebhookError {
+    fn from(e: SecretError) -> Self {
+        WebhookError::Secret(e)
+    }
+}
+
+impl From<FilterError> for WebhookError {
+    fn from(e: FilterError) -> Self {
+        WebhookError::Pattern(e)
+    }
+}
+
+/// Starting or running the webhook delivery workers failed. Delivery state
+/// is in the log: nothing pending is lost, and a later worker resumes it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DeliveryError {
+    /// A delivery worker already runs on this bus in this process (deliveries
+    /// are claimed in memory, so only one may).
+    AlreadyRunning,
+    /// The options are unusable (no workers, a zero timeout, …).
+    InvalidOptions(String),
+    /// The bus is closed.
+    Closed,
+    /// A thread could not be started.
+    Io(std::io::Error),
+    /// Storage failed while reading or recording deliveries; the delivery
+    /// records are at their last committed state.
+    Storage(StorageError),
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliveryError::AlreadyRunning => {
+                write!(f, "a webhook delivery worker already runs on this bus")
+            }
+            DeliveryError::InvalidOptions(m) => write!(f, "invalid delivery options: {m}"),
+            DeliveryError::Closed => write!(f, "webhook delivery refused: the bus is closed"),
+            DeliveryError::Io(e) => write!(f, "cannot start the delivery workers: {e}"),
+            DeliveryError::Storage(e) => write!(f, "webhook delivery failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DeliveryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DeliveryError::Io(e) => Some(e),
+            DeliveryError::Storage(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<StorageError> for DeliveryError {
+    fn from(e: StorageError) -> Self {
+        DeliveryError::Storage(e)
     }
 }

@@ -41,7 +41,7 @@ mod id;
 mod memory;
 mod sync;
 mod time;
-mod webhook;
+pub mod webhook;
 
 pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};
 pub use durable::{
@@ -53,6 +53,7 @@ pub use error::{
     CursorError, EventError, FilterError, HandlerError, IdError, OpenError, PublishError,
     ReadError, StorageError, SubscribeError, TypeError,
 };
+pub use error::{DeliveryError, SecretError, UrlError, VerifyError, WebhookError};
 pub use event::{
     DEFAULT_MAX_PAYLOAD_BYTES, Event, MAX_TYPE_LEN, Type, format_rfc3339, parse_rfc3339,
 };
@@ -60,3 +61,7 @@ pub use filter::{Filter, Pattern};
 pub use id::{DeliveryId, EventId, InstanceId, WebhookId};
 pub use memory::{DEFAULT_HISTORY, InMemoryBus};
 pub use time::{TimeError, parse_duration, parse_time, parse_time_at};
+pub use webhook::{
+    CreatedWebhook, DeliveryAttempt, DeliveryOptions, DeliveryQuery, DeliveryStatus,
+    DeliveryWorker, NewWebhook, Secret, Webhook, WebhookDelivery, WebhookUpdate, Webhooks,
+};

@@ -1,20 +1,52 @@
-//! Webhooks: signing deliveries per [Standard Webhooks] and deciding which
-//! target URLs are allowed.
+//! Webhooks: a registry in the log's file, delivery records created in the
+//! events' own transactions, and delivery workers that sign per [Standard
+//! Webhooks], retry on a schedule and record every attempt (G8, G9).
+//!
+//! - `store`: the tables, the public records ([`Webhook`],
+//!   [`WebhookDelivery`], [`DeliveryAttempt`]) and the registry handle
+//!   [`Webhooks`];
+//! - `dispatch`: the append hook that creates deliveries crash-safely;
+//! - `worker`: [`DeliveryWorker`], which sends them;
+//! - `signing`, `url_policy`: signatures and which targets are allowed.
 //!
 //! [Standard Webhooks]: https://www.standardwebhooks.com
 
+pub(crate) mod dispatch;
 pub(crate) mod signing;
+pub(crate) mod store;
 pub(crate) mod url_policy;
+pub(crate) mod worker;
+
+pub use signing::{
+    DEFAULT_TOLERANCE, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Headers, Secret, sign,
+    signature_header, verify, verify_at,
+};
+pub use store::{
+    CreatedWebhook, DEFAULT_ROTATION_GRACE, DeliveryAttempt, DeliveryQuery, DeliveryStatus,
+    NewWebhook, Webhook, WebhookDelivery, WebhookUpdate, Webhooks,
+};
+pub use url_policy::{UrlPolicy, validate_url};
+pub use worker::{
+    DEFAULT_RETRY_SCHEDULE, DeliveryOptions, DeliveryWorker, RESPONSE_LOG_BYTES, USER_AGENT,
+    http_agent,
+};
 
 use crate::durable::Shared;
 use crate::error::StorageError;
 
 /// Creates the webhook tables in a new or upgraded log.
-pub(crate) fn create_tables(_txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+    txn.open_table(store::WEBHOOKS)?;
+    txn.open_table(store::HOOK_META)?;
+    txn.open_table(store::DELIVERIES)?;
+    txn.open_table(store::DUE)?;
+    txn.open_table(store::BY_HOOK)?;
+    txn.open_table(store::ATTEMPTS)?;
     Ok(())
 }
 
 /// Installs the webhook dispatcher on an opened bus.
-pub(crate) fn install(_shared: &std::sync::Arc<Shared>) -> Result<(), StorageError> {
+pub(crate) fn install(shared: &std::sync::Arc<Shared>) -> Result<(), StorageError> {
+    dispatch::install(shared);
     Ok(())
 }

@@ -35,6 +35,8 @@ use base64::engine::{DecodePaddingMode, general_purpose};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+pub use crate::error::{SecretError, VerifyError};
+
 /// The prefix of an encoded secret.
 pub const SECRET_PREFIX: &str = "whsec_";
 
@@ -387,93 +389,6 @@ fn parse_signature_header(s: &str) -> Result<Vec<(&str, &str)>, VerifyError> {
     }
     Ok(entries)
 }
-
-// ---- errors (to be moved to src/error.rs) ----
-
-/// Why a webhook secret was refused. The messages never include any part of
-/// the secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SecretError {
-    /// The secret does not start with `whsec_`.
-    MissingPrefix,
-    /// The part after `whsec_` is not standard base64.
-    InvalidBase64,
-    /// The key is not 24 to 64 bytes long.
-    InvalidLength {
-        /// The length of the decoded key, in bytes.
-        len: usize,
-    },
-}
-
-impl fmt::Display for SecretError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SecretError::MissingPrefix => {
-                write!(f, "webhook secret must start with `{SECRET_PREFIX}`")
-            }
-            SecretError::InvalidBase64 => write!(
-                f,
-                "webhook secret is not valid base64 after `{SECRET_PREFIX}`"
-            ),
-            SecretError::InvalidLength { len } => write!(
-                f,
-                "webhook secret key is {len} bytes; it must be \
-                 {MIN_SECRET_LEN} to {MAX_SECRET_LEN} bytes"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for SecretError {}
-
-/// Why a received webhook failed verification. Whatever the variant, the
-/// message is not authentic and must not be acted on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum VerifyError {
-    /// The named header (`webhook-id`, `webhook-timestamp` or
-    /// `webhook-signature`) is absent.
-    MissingHeader(&'static str),
-    /// `webhook-timestamp` is not a decimal integer of Unix seconds.
-    InvalidTimestamp,
-    /// The timestamp is further in the past than the tolerance allows: a
-    /// possible replay, or a slow or skewed clock.
-    TimestampTooOld,
-    /// The timestamp is further in the future than the tolerance allows: a
-    /// skewed clock on one side.
-    TimestampTooNew,
-    /// `webhook-signature` is blank, or one of its space-separated entries is
-    /// not of the form `<version>,<signature>`.
-    InvalidSignatureHeader,
-    /// No `v1` signature matches: the secret is wrong, or the id, timestamp or
-    /// body was altered.
-    NoMatchingSignature,
-}
-
-impl fmt::Display for VerifyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            VerifyError::MissingHeader(name) => write!(f, "missing `{name}` header"),
-            VerifyError::InvalidTimestamp => {
-                write!(f, "`{HEADER_TIMESTAMP}` is not a Unix time in seconds")
-            }
-            VerifyError::TimestampTooOld => {
-                write!(f, "`{HEADER_TIMESTAMP}` is too old (outside the tolerance)")
-            }
-            VerifyError::TimestampTooNew => write!(
-                f,
-                "`{HEADER_TIMESTAMP}` is too far in the future (outside the tolerance)"
-            ),
-            VerifyError::InvalidSignatureHeader => {
-                write!(f, "`{HEADER_SIGNATURE}` header is malformed")
-            }
-            VerifyError::NoMatchingSignature => write!(f, "no matching webhook signature"),
-        }
-    }
-}
-
-impl std::error::Error for VerifyError {}
 
 #[cfg(test)]
 mod tests {

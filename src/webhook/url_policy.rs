@@ -21,10 +21,11 @@
 //! resolve the name again, which a hostile DNS server could answer
 //! differently) and must not follow redirects.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 
 use ureq::http::Uri;
+
+pub use crate::error::UrlError;
 
 /// Longest accepted URL, in bytes.
 pub const MAX_URL_LEN: usize = 2048;
@@ -488,73 +489,6 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
         .iter()
         .any(|&(net, prefix)| in_v6(ip, net, prefix))
 }
-
-// ---- errors (to be moved to src/error.rs) ----
-
-/// Why a webhook target URL was refused. Nothing is delivered to a refused
-/// target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum UrlError {
-    /// The URL is malformed or uses a form that is not accepted (too long,
-    /// not absolute, whitespace, a fragment, a bad port or host, …).
-    Invalid {
-        /// What is wrong, for the user.
-        reason: String,
-    },
-    /// The scheme is not `http` or `https`.
-    UnsupportedScheme {
-        /// The scheme as written.
-        scheme: String,
-    },
-    /// The URL has no host.
-    MissingHost,
-    /// The URL contains a `user:password@` part; put credentials in the
-    /// webhook secret or the path instead.
-    CredentialsNotAllowed,
-    /// The host name could not be resolved (or has no addresses). This may be
-    /// temporary.
-    Resolve {
-        /// The host that was looked up.
-        host: String,
-        /// The resolver's message.
-        message: String,
-    },
-    /// The host resolves to an address that [`is_forbidden`] refuses
-    /// (loopback, private, link-local, …) and private targets are not allowed.
-    ForbiddenAddress {
-        /// The host that was looked up.
-        host: String,
-        /// The first forbidden address found.
-        addr: IpAddr,
-    },
-}
-
-impl fmt::Display for UrlError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UrlError::Invalid { reason } => write!(f, "invalid webhook URL: {reason}"),
-            UrlError::UnsupportedScheme { scheme } => write!(
-                f,
-                "unsupported webhook URL scheme `{scheme}` (use http or https)"
-            ),
-            UrlError::MissingHost => write!(f, "webhook URL has no host"),
-            UrlError::CredentialsNotAllowed => {
-                write!(f, "webhook URL must not contain credentials (`user@`)")
-            }
-            UrlError::Resolve { host, message } => {
-                write!(f, "cannot resolve webhook host `{host}`: {message}")
-            }
-            UrlError::ForbiddenAddress { host, addr } => write!(
-                f,
-                "webhook host `{host}` resolves to {addr}, a loopback, private or \
-                 reserved address (private targets are not allowed)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for UrlError {}
 
 #[cfg(test)]
 mod tests {
