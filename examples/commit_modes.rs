@@ -31,15 +31,16 @@ fn main() {
     drop(f);
     let _ = std::fs::remove_file(&path);
     println!("{{\"mode\":\"fdatasync-4k\",\"us_per_op\":{fsync_us:.0}}}");
-    for (name, shared, quick) in [
-        ("exclusive", false, false),
-        ("exclusive+quick_repair", false, true),
-        ("single_writer", true, false),
-        ("single_writer+quick_repair", true, true),
+    for (name, shared, quick, wal) in [
+        ("exclusive", false, false, false),
+        ("exclusive+quick_repair", false, true, false),
+        ("single_writer", true, false, false),
+        ("single_writer+quick_repair", true, true, false),
+        ("wal+single_writer+quick_repair (default)", true, true, true),
     ] {
         let path = dir.join(format!("commit_modes_{name}.redb"));
         let _ = std::fs::remove_file(&path);
-        let bus = DurableBus::builder().shared_reads(shared).quick_repair(quick).open(&path).unwrap();
+        let bus = DurableBus::builder().shared_reads(shared).quick_repair(quick).write_ahead_log(wal).open(&path).unwrap();
         for _ in 0..20 {
             bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone())).unwrap();
         }
@@ -51,5 +52,6 @@ fn main() {
         println!("{{\"mode\":\"{name}\",\"us_per_op\":{us:.0},\"vs_fdatasync\":{:.2}}}", us / fsync_us);
         drop(bus);
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("redb.wal"));
     }
 }

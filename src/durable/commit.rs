@@ -19,7 +19,7 @@
 //!   before `next_seq`, so the switch has no gap and no duplicate.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use redb::{Durability, ReadableTable};
 use super::codec;
 use super::subscription::DurableSub;
 use super::tables::{BY_ID, CURSORS, DEAD_LETTERS, EVENTS, to_bytes};
+use super::wal::Wal;
 use super::{Shared, upkeep};
 use crate::bus::{HandlerFailure, Receipt};
 use crate::error::{PublishError, StorageError};
@@ -64,6 +65,8 @@ pub(crate) enum WriteReq {
         record: Vec<u8>,
         reply: Sender<Result<(), String>>,
     },
+    /// Apply everything acknowledged to the redb file; reply when done.
+    Apply(Sender<Result<(), String>>),
     Shutdown,
 }
 
@@ -86,7 +89,6 @@ struct Outcome {
 
 /// Events committed together, waiting for or undergoing fan-out.
 pub(crate) struct Group {
-    first: u64,
     last: u64,
     events: Vec<(u64, Event)>,
     failures: Mutex<Vec<(u64, HandlerFailure)>>,
@@ -268,63 +270,359 @@ fn now_ns() -> i64 {
         .clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
-/// The writer thread.
-pub(crate) fn writer_loop(shared: Arc<Shared>, rx: Receiver<WriteReq>, mut last_append: i64) {
-    let mut last_flush = Instant::now();
-    let mut last_retention = Instant::now();
-    let max = shared.opts.max_group_events;
-    loop {
-        let first = match rx.recv_timeout(shared.opts.ack_flush_interval) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => {
-                if acks_dirty(&shared) {
-                    let _ = commit_group(&shared, Vec::new(), Vec::new(), &mut last_append);
-                    last_flush = Instant::now();
+/// Events durable in the WAL but not yet in the redb file.
+struct Unapplied {
+    group: Arc<Group>,
+    records: Vec<Vec<u8>>,
+    append_ns: i64,
+}
+
+/// The writer thread's state.
+///
+/// With a WAL (a log opened from a path), a group is acknowledged once its
+/// records are in the WAL and fsync'd; the writer then applies the
+/// accumulated groups to redb in one durable commit every
+/// `apply_interval`, or sooner when a reader needs them (`ensure_applied`),
+/// when acknowledgements or dead letters must be stored, or when many
+/// events wait. Without a WAL each group is applied, durably, before it is
+/// acknowledged.
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    wal: Option<Wal>,
+    last_append: i64,
+    /// Groups acknowledged through the WAL, not yet applied; in `seq` order.
+    unapplied: Vec<Unapplied>,
+    unapplied_events: usize,
+    /// Ids of unapplied events, for idempotency by id.
+    unapplied_ids: HashMap<[u8; 16], u64>,
+    oldest_unapplied: Option<Instant>,
+    last_flush: Instant,
+    last_retention: Instant,
+}
+
+/// WAL bytes after which the WAL restarts (once everything is applied).
+const WAL_RESTART_BYTES: u64 = 16 << 20;
+/// Unapplied events after which the writer applies at once.
+const MAX_UNAPPLIED: usize = 20_000;
+
+impl Writer {
+    pub(crate) fn new(shared: Arc<Shared>, wal: Option<Wal>, last_append: i64) -> Writer {
+        Writer {
+            shared,
+            wal,
+            last_append,
+            unapplied: Vec::new(),
+            unapplied_events: 0,
+            unapplied_ids: HashMap::new(),
+            oldest_unapplied: None,
+            last_flush: Instant::now(),
+            last_retention: Instant::now(),
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        let mut t = self.shared.opts.ack_flush_interval;
+        if let Some(oldest) = self.oldest_unapplied {
+            t = t.min(self.shared.opts.apply_interval.saturating_sub(oldest.elapsed()));
+        }
+        t.max(Duration::from_micros(100))
+    }
+
+    /// The writer thread's loop.
+    pub(crate) fn run(mut self, rx: Receiver<WriteReq>) {
+        let max = self.shared.opts.max_group_events;
+        loop {
+            let first = match rx.recv_timeout(self.timeout()) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => {
+                    let due = self
+                        .oldest_unapplied
+                        .is_some_and(|t| t.elapsed() >= self.shared.opts.apply_interval);
+                    let acks = self.last_flush.elapsed() >= self.shared.opts.ack_flush_interval
+                        && acks_dirty(&self.shared);
+                    if due || acks {
+                        self.apply(Vec::new());
+                    }
+                    self.maybe_retain();
+                    continue;
                 }
-                maybe_retain(&shared, &mut last_retention);
-                continue;
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut publishes = Vec::new();
+            let mut others = Vec::new();
+            let mut count = 0;
+            let mut shutdown = false;
+            let mut take = |req: WriteReq, count: &mut usize| match req {
+                WriteReq::Publish(p) => {
+                    *count += p.items.len();
+                    publishes.push(p);
+                    false
+                }
+                WriteReq::Shutdown => true,
+                other => {
+                    others.push(other);
+                    false
+                }
+            };
+            shutdown |= take(first, &mut count);
+            while count < max && !shutdown {
+                match rx.try_recv() {
+                    Ok(req) => shutdown |= take(req, &mut count),
+                    Err(_) => break,
+                }
             }
-            Err(RecvTimeoutError::Disconnected) => break,
+            if !publishes.is_empty() {
+                self.append(publishes);
+            }
+            let due = self
+                .oldest_unapplied
+                .is_some_and(|t| t.elapsed() >= self.shared.opts.apply_interval)
+                || self.unapplied_events >= MAX_UNAPPLIED;
+            let acks = self.last_flush.elapsed() >= self.shared.opts.ack_flush_interval
+                && acks_dirty(&self.shared);
+            if shutdown || !others.is_empty() || due || acks {
+                self.apply(others);
+            }
+            if shutdown {
+                // Refuse whatever is still queued.
+                while let Ok(req) = rx.try_recv() {
+                    refuse(req);
+                }
+                break;
+            }
+            self.maybe_retain();
+        }
+    }
+
+    fn maybe_retain(&mut self) {
+        if let Some(policy) = self.shared.opts.retention.clone() {
+            if self.last_retention.elapsed() >= self.shared.opts.retention_interval {
+                self.last_retention = Instant::now();
+                self.apply(Vec::new());
+                if let Err(e) = upkeep::retain(&self.shared, &policy) {
+                    tracing::warn!(error = %e, "retention failed");
+                }
+            }
+        }
+    }
+
+    /// Assigns `seq`s to a group of publishes and makes them durable: in the
+    /// WAL (then acknowledges; applied later), or without a WAL by applying
+    /// them to redb at once. Answers every request.
+    fn append(&mut self, mut publishes: Vec<PublishReq>) {
+        let shared = self.shared.clone();
+        if shared.poisoned.load(Ordering::Acquire) {
+            fail_all(publishes, Vec::new(), || StorageError::Poisoned);
+            return;
+        }
+        let start_seq = shared.last_seq.load(Ordering::Acquire) + 1;
+        let append_ns = now_ns().max(self.last_append);
+        // Idempotency: ids already applied (redb) or waiting (in memory).
+        let mut outcomes: Vec<Vec<(EventId, u64, bool)>> = Vec::with_capacity(publishes.len());
+        let lookup = (|| -> Result<(), StorageError> {
+            let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
+            let by_id = txn.open_table(BY_ID)?;
+            let mut next = start_seq;
+            let mut fresh: HashMap<[u8; 16], u64> = HashMap::new();
+            for req in publishes.iter_mut() {
+                let mut seqs = Vec::with_capacity(req.items.len());
+                for item in req.items.iter_mut() {
+                    let key = item.event.id.to_bytes();
+                    let known = match self.unapplied_ids.get(&key).or_else(|| fresh.get(&key)) {
+                        Some(&s) => Some(s),
+                        None => by_id.get(key)?.map(|g| g.value()),
+                    };
+                    if let Some(seq) = known {
+                        seqs.push((item.event.id, seq, true));
+                        continue;
+                    }
+                    item.record[1..9].copy_from_slice(&append_ns.to_be_bytes());
+                    fresh.insert(key, next);
+                    seqs.push((item.event.id, next, false));
+                    next += 1;
+                }
+                outcomes.push(seqs);
+            }
+            Ok(())
+        })();
+        if let Err(e) = lookup {
+            fail_all(publishes, Vec::new(), || StorageError::Redb(redb::Error::Io(std::io::Error::other(e.to_string()))));
+            return;
+        }
+        let mut group_events: Vec<(u64, Event)> = Vec::new();
+        let mut records: Vec<Vec<u8>> = Vec::new();
+        for (req, seqs) in publishes.iter_mut().zip(&outcomes) {
+            for (item, (_, seq, dup)) in req.items.drain(..).zip(seqs) {
+                if !dup {
+                    group_events.push((*seq, item.event));
+                    records.push(item.record);
+                }
+            }
+        }
+        let Some(&(last, _)) = group_events.last() else {
+            // Only duplicates: nothing to write.
+            reply_all(publishes, outcomes, None);
+            return;
         };
-        let mut publishes = Vec::new();
-        let mut others = Vec::new();
-        let mut count = 0;
-        let mut shutdown = false;
-        let mut take = |req: WriteReq, count: &mut usize| match req {
-            WriteReq::Publish(p) => {
-                *count += p.items.len();
-                publishes.push(p);
+        if let Some(wal) = &mut self.wal {
+            if let Err(e) = wal.append(start_seq, records.iter().map(|r| r.as_slice())) {
+                tracing::error!(error = %e, "write-ahead log append failed; the log refuses writes until reopened");
+                // After a failed fsync the page cache cannot be trusted.
+                shared.poisoned.store(true, Ordering::Release);
+                let msg = e.to_string();
+                fail_all(publishes, Vec::new(), || StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone()))));
+                return;
+            }
+        }
+        let group = Arc::new(Group {
+            last,
+            events: group_events,
+            failures: Mutex::new(Vec::new()),
+            done: Mutex::new(false),
+            done_cv: Condvar::new(),
+        });
+        for (i, r) in records.iter().enumerate() {
+            let mut id = [0u8; 16];
+            if let Ok((_, rec)) = codec::decode_ref(r) {
+                id = rec.id;
+            }
+            self.unapplied_ids.insert(id, start_seq + i as u64);
+        }
+        self.unapplied_events += records.len();
+        self.oldest_unapplied.get_or_insert_with(Instant::now);
+        self.unapplied.push(Unapplied { group: group.clone(), records, append_ns });
+        self.last_append = append_ns;
+        if self.wal.is_none() && !self.apply(Vec::new()) {
+            // Not durable: nobody may see it.
+            self.last_append = append_ns;
+            let msg = "commit failed".to_string();
+            fail_all(publishes, Vec::new(), || StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone()))));
+            return;
+        }
+        shared.last_seq.store(last, Ordering::Release);
+        shared.fan.lock().pending.insert(start_seq, group.clone());
+        reply_all(publishes, outcomes, Some(group));
+    }
+
+    /// Applies every unapplied group to redb, with the hooks, the dead letters
+    /// in `others` and the subscriptions' positions, in one durable commit.
+    /// True on success. A failure poisons the bus (with a WAL, the events are
+    /// safe in it and reopening recovers them).
+    fn apply(&mut self, others: Vec<WriteReq>) -> bool {
+        let shared = self.shared.clone();
+        if shared.poisoned.load(Ordering::Acquire) {
+            fail_all(Vec::new(), others, || StorageError::Poisoned);
+            return false;
+        }
+        let subs: Vec<Arc<DurableSub>> = shared.durable.lock().values().cloned().collect();
+        let mut cursor_writes: Vec<(Arc<DurableSub>, u64)> = Vec::new();
+        let result = (|| -> Result<(), StorageError> {
+            let mut txn = shared.db.begin_write()?;
+            txn.set_durability(if shared.opts.sync { Durability::Immediate } else { Durability::None })?;
+            txn.set_quick_repair(shared.opts.quick_repair);
+            {
+                let mut events = txn.open_table(EVENTS)?;
+                let mut by_id = txn.open_table(BY_ID)?;
+                for u in &self.unapplied {
+                    for ((seq, event), record) in u.group.events.iter().zip(&u.records) {
+                        events.insert(*seq, record.as_slice())?;
+                        by_id.insert(event.id.to_bytes(), *seq)?;
+                    }
+                }
+            }
+            for u in &self.unapplied {
+                let appended: Vec<(u64, &Event)> = u.group.events.iter().map(|(s, e)| (*s, e)).collect();
+                for hook in shared.hooks.read().iter() {
+                    hook.on_append(&txn, &appended, u.append_ns)?;
+                }
+            }
+            {
+                let mut dead = txn.open_table(DEAD_LETTERS)?;
+                for req in &others {
+                    if let WriteReq::DeadLetter { name, seq, record, .. } = req {
+                        dead.insert((name.as_str(), *seq), record.as_slice())?;
+                    }
+                }
+                let mut cursors = txn.open_table(CURSORS)?;
+                let now = now_ns();
+                for sub in &subs {
+                    if let Some((record, delivered)) = sub.record_to_store(now) {
+                        cursors.insert(sub.name.as_str(), to_bytes(&record).as_slice())?;
+                        cursor_writes.push((sub.clone(), delivered));
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        self.last_flush = Instant::now();
+        match result {
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed");
+                if self.wal.is_some() || matches!(&e, StorageError::Redb(redb::Error::PreviousIo)) {
+                    shared.poisoned.store(true, Ordering::Release);
+                }
+                if self.wal.is_none() {
+                    // The group was not durable; forget it (its publishers
+                    // are told by the caller).
+                    self.unapplied.clear();
+                    self.unapplied_ids.clear();
+                    self.unapplied_events = 0;
+                    self.oldest_unapplied = None;
+                }
+                let msg = e.to_string();
+                fail_all(Vec::new(), others, || StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone()))));
                 false
             }
-            WriteReq::Shutdown => true,
-            other => {
-                others.push(other);
-                false
-            }
-        };
-        shutdown |= take(first, &mut count);
-        while count < max && !shutdown {
-            match rx.try_recv() {
-                Ok(req) => shutdown |= take(req, &mut count),
-                Err(_) => break,
+            Ok(()) => {
+                for (sub, delivered) in cursor_writes {
+                    sub.mark_stored(delivered);
+                }
+                for sub in &subs {
+                    sub.mark_durable();
+                }
+                let applied_any = !self.unapplied.is_empty();
+                if let Some(u) = self.unapplied.last() {
+                    shared.applied_seq.store(u.group.last, Ordering::Release);
+                }
+                self.unapplied.clear();
+                self.unapplied_ids.clear();
+                self.unapplied_events = 0;
+                self.oldest_unapplied = None;
+                if applied_any {
+                    for hook in shared.hooks.read().iter() {
+                        hook.after_commit();
+                    }
+                }
+                if let Some(wal) = &mut self.wal {
+                    if wal.used() >= WAL_RESTART_BYTES {
+                        if let Err(e) = wal.reset() {
+                            tracing::error!(error = %e, "cannot restart the write-ahead log");
+                            shared.poisoned.store(true, Ordering::Release);
+                        }
+                    }
+                }
+                for req in others {
+                    match req {
+                        WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } | WriteReq::Apply(r) => {
+                            let _ = r.send(Ok(()));
+                        }
+                        _ => {}
+                    }
+                }
+                true
             }
         }
-        if !publishes.is_empty()
-            || !others.is_empty()
-            || shutdown
-            || last_flush.elapsed() >= shared.opts.ack_flush_interval
-        {
-            let _ = commit_group(&shared, publishes, others, &mut last_append);
-            last_flush = Instant::now();
-        }
-        if shutdown {
-            // Refuse whatever is still queued.
-            while let Ok(req) = rx.try_recv() {
-                refuse(req);
-            }
-            break;
-        }
-        maybe_retain(&shared, &mut last_retention);
+    }
+}
+
+fn reply_all(publishes: Vec<PublishReq>, outcomes: Vec<Vec<(EventId, u64, bool)>>, group: Option<Arc<Group>>) {
+    for (req, seqs) in publishes.into_iter().zip(outcomes) {
+        let has_new = seqs.iter().any(|s| !s.2);
+        let _ = req.reply.send(Ok(Outcome {
+            seqs,
+            group: if has_new { group.clone() } else { None },
+        }));
     }
 }
 
@@ -333,178 +631,15 @@ fn refuse(req: WriteReq) {
         WriteReq::Publish(p) => {
             let _ = p.reply.send(Err(PublishError::Closed));
         }
-        WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } => {
+        WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } | WriteReq::Apply(r) => {
             let _ = r.send(Err("the bus is closed".into()));
         }
         _ => {}
     }
 }
 
-fn maybe_retain(shared: &Shared, last: &mut Instant) {
-    if let Some(policy) = &shared.opts.retention {
-        if last.elapsed() >= shared.opts.retention_interval {
-            *last = Instant::now();
-            if let Err(e) = upkeep::retain(shared, policy) {
-                tracing::warn!(error = %e, "retention failed");
-            }
-        }
-    }
-}
-
 fn acks_dirty(shared: &Shared) -> bool {
     shared.durable.lock().values().any(|s| s.ack_dirty())
-}
-
-/// One write transaction: append the publishes, run the hooks, store dead
-/// letters and cursor positions, commit, then queue the group for fan-out
-/// and answer every request.
-fn commit_group(
-    shared: &Shared,
-    mut publishes: Vec<PublishReq>,
-    others: Vec<WriteReq>,
-    last_append: &mut i64,
-) -> Result<(), ()> {
-    if shared.poisoned.load(Ordering::Acquire) {
-        fail_all(publishes, others, || StorageError::Poisoned);
-        return Err(());
-    }
-    let start_seq = shared.last_seq.load(Ordering::Acquire) + 1;
-    let append_ns = now_ns().max(*last_append);
-    let subs: Vec<Arc<DurableSub>> = shared.durable.lock().values().cloned().collect();
-    let mut outcomes: Vec<Vec<(EventId, u64, bool)>> = Vec::with_capacity(publishes.len());
-    let mut group_events: Vec<(u64, Event)> = Vec::new();
-    let mut cursor_writes: Vec<(Arc<DurableSub>, u64)> = Vec::new();
-    let result = (|| -> Result<redb::WriteTransaction, StorageError> {
-        let mut txn = shared.db.begin_write()?;
-        txn.set_durability(if shared.opts.sync {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })?;
-        txn.set_quick_repair(shared.opts.quick_repair);
-        let mut next = start_seq;
-        {
-            let mut events = txn.open_table(EVENTS)?;
-            let mut by_id = txn.open_table(BY_ID)?;
-            for req in publishes.iter_mut() {
-                let mut seqs = Vec::with_capacity(req.items.len());
-                for item in req.items.iter_mut() {
-                    let key = item.event.id.to_bytes();
-                    if let Some(seq) = by_id.get(key)? {
-                        seqs.push((item.event.id, seq.value(), true));
-                        continue;
-                    }
-                    item.record[1..9].copy_from_slice(&append_ns.to_be_bytes());
-                    events.insert(next, item.record.as_slice())?;
-                    by_id.insert(key, next)?;
-                    seqs.push((item.event.id, next, false));
-                    next += 1;
-                }
-                outcomes.push(seqs);
-            }
-        }
-        // Move the new events into the group (in seq order).
-        for (req, seqs) in publishes.iter_mut().zip(&outcomes) {
-            for (item, (_, seq, dup)) in req.items.drain(..).zip(seqs) {
-                if !dup {
-                    group_events.push((*seq, item.event));
-                }
-            }
-        }
-        if !group_events.is_empty() {
-            let appended: Vec<(u64, &Event)> = group_events.iter().map(|(s, e)| (*s, e)).collect();
-            for hook in shared.hooks.read().iter() {
-                hook.on_append(&txn, &appended, append_ns)?;
-            }
-        }
-        {
-            let mut dead = txn.open_table(DEAD_LETTERS)?;
-            for req in &others {
-                if let WriteReq::DeadLetter {
-                    name, seq, record, ..
-                } = req
-                {
-                    dead.insert((name.as_str(), *seq), record.as_slice())?;
-                }
-            }
-            let mut cursors = txn.open_table(CURSORS)?;
-            for sub in &subs {
-                if let Some((record, delivered)) = sub.record_to_store(now_ns()) {
-                    cursors.insert(sub.name.as_str(), to_bytes(&record).as_slice())?;
-                    cursor_writes.push((sub.clone(), delivered));
-                }
-            }
-        }
-        Ok(txn)
-    })();
-    let committed = result.and_then(|txn| txn.commit().map_err(StorageError::from));
-    match committed {
-        Err(e) => {
-            tracing::error!(error = %e, "commit failed; nothing from this group was stored");
-            if matches!(&e, StorageError::Redb(redb::Error::PreviousIo)) {
-                shared.poisoned.store(true, Ordering::Release);
-            }
-            let msg = e.to_string();
-            let mut first = Some(e);
-            for req in publishes {
-                let err = first.take().unwrap_or_else(|| {
-                    StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
-                });
-                let _ = req.reply.send(Err(PublishError::Storage(err)));
-            }
-            for req in others {
-                match req {
-                    WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } => {
-                        let _ = r.send(Err(msg.clone()));
-                    }
-                    _ => {}
-                }
-            }
-            Err(())
-        }
-        Ok(()) => {
-            for (sub, delivered) in cursor_writes {
-                sub.mark_stored(delivered);
-            }
-            let last = group_events.last().map(|(s, _)| *s);
-            if !group_events.is_empty() {
-                *last_append = append_ns;
-            }
-            let group = last.map(|last| {
-                Arc::new(Group {
-                    first: start_seq,
-                    last,
-                    events: group_events,
-                    failures: Mutex::new(Vec::new()),
-                    done: Mutex::new(false),
-                    done_cv: Condvar::new(),
-                })
-            });
-            if let Some(g) = &group {
-                shared.last_seq.store(g.last, Ordering::Release);
-                shared.fan.lock().pending.insert(g.first, g.clone());
-                for hook in shared.hooks.read().iter() {
-                    hook.after_commit();
-                }
-            }
-            for (req, seqs) in publishes.into_iter().zip(outcomes) {
-                let has_new = seqs.iter().any(|s| !s.2);
-                let _ = req.reply.send(Ok(Outcome {
-                    seqs,
-                    group: if has_new { group.clone() } else { None },
-                }));
-            }
-            for req in others {
-                match req {
-                    WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } => {
-                        let _ = r.send(Ok(()));
-                    }
-                    _ => {}
-                }
-            }
-            Ok(())
-        }
-    }
 }
 
 fn fail_all(publishes: Vec<PublishReq>, others: Vec<WriteReq>, err: impl Fn() -> StorageError) {
@@ -513,12 +648,82 @@ fn fail_all(publishes: Vec<PublishReq>, others: Vec<WriteReq>, err: impl Fn() ->
     }
     for req in others {
         match req {
-            WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } => {
+            WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } | WriteReq::Apply(r) => {
                 let _ = r.send(Err(err().to_string()));
             }
             _ => {}
         }
     }
+}
+
+/// Replays the WAL frames that the redb file does not hold yet (after a
+/// crash), through the same hooks as a live commit, in one durable commit;
+/// then restarts the WAL.
+pub(crate) fn recover(shared: &Shared, wal: &mut Wal, frames: Vec<super::wal::Frame>) -> Result<u64, StorageError> {
+    let mut next = shared.last_seq.load(Ordering::Acquire) + 1;
+    let mut replayed = 0u64;
+    let mut txn = shared.db.begin_write()?;
+    txn.set_quick_repair(shared.opts.quick_repair);
+    {
+        let mut events = txn.open_table(EVENTS)?;
+        let mut by_id = txn.open_table(BY_ID)?;
+        let mut appended: Vec<(u64, Event, i64)> = Vec::new();
+        for frame in frames {
+            for (i, record) in frame.records.iter().enumerate() {
+                let seq = frame.first_seq + i as u64;
+                if seq < next {
+                    continue; // already in the redb file
+                }
+                if seq > next {
+                    return Err(StorageError::Corrupted {
+                        table: "wal",
+                        key: format!("seq {seq}"),
+                        reason: format!("expected seq {next}"),
+                    });
+                }
+                let (append, rec) = codec::decode_ref(record).map_err(|r| super::read::corrupted(seq, r))?;
+                let event = rec.to_event().map_err(|r| super::read::corrupted(seq, r))?;
+                events.insert(seq, record.as_slice())?;
+                by_id.insert(rec.id, seq)?;
+                appended.push((seq, event, append));
+                next += 1;
+                replayed += 1;
+            }
+        }
+        for hook in shared.hooks.read().iter() {
+            // Hooks see each replayed group with its own append time.
+            let mut i = 0;
+            while i < appended.len() {
+                let t = appended[i].2;
+                let j = appended[i..].iter().position(|a| a.2 != t).map_or(appended.len(), |k| i + k);
+                let part: Vec<(u64, &Event)> = appended[i..j].iter().map(|(s, e, _)| (*s, e)).collect();
+                hook.on_append(&txn, &part, t)?;
+                i = j;
+            }
+        }
+    }
+    txn.commit()?;
+    shared.last_seq.store(next - 1, Ordering::Release);
+    shared.applied_seq.store(next - 1, Ordering::Release);
+    shared.fan.lock().next_seq = next;
+    wal.reset().map_err(|e| StorageError::Redb(redb::Error::Io(e)))?;
+    Ok(replayed)
+}
+
+/// Waits until every event up to `seq` is in the redb file (so that a read
+/// transaction sees it): read-your-writes for `read`, `recent_events` and
+/// catch-up.
+pub(crate) fn ensure_applied(shared: &Shared, seq: u64) -> Result<(), String> {
+    if shared.applied_seq.load(Ordering::Acquire) >= seq {
+        return Ok(());
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    shared
+        .tx
+        .send(WriteReq::Apply(tx))
+        .map_err(|_| "the bus is closed".to_string())?;
+    rx.recv_timeout(Duration::from_secs(60))
+        .map_err(|_| "the writer did not answer".to_string())?
 }
 
 /// Asks the writer to store acknowledged positions and waits until it has.

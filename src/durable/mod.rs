@@ -27,6 +27,7 @@ mod read;
 mod subscription;
 mod tables;
 mod upkeep;
+mod wal;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -71,7 +72,8 @@ pub(crate) struct Options {
     pub(crate) retry_backoff: Duration,
     pub(crate) max_retry_backoff: Duration,
     pub(crate) slow_handler: Duration,
-    pub(crate) history: usize,
+    pub(crate) wal: bool,
+    pub(crate) apply_interval: Duration,
     pub(crate) retention: Option<Retention>,
     pub(crate) retention_interval: Duration,
 }
@@ -91,7 +93,8 @@ impl Default for Options {
             retry_backoff: Duration::from_millis(20),
             max_retry_backoff: Duration::from_secs(5),
             slow_handler: Duration::from_millis(250),
-            history: 1000,
+            wal: true,
+            apply_interval: Duration::from_millis(20),
             retention: None,
             retention_interval: Duration::from_secs(60),
         }
@@ -196,6 +199,25 @@ impl DurableBusBuilder {
         self
     }
 
+    /// Whether publishes are made durable through a write-ahead log beside
+    /// the file (`<path>.wal`, default true): one fsync per group commit
+    /// instead of redb's two-phase commit, which is about 2.4 fsyncs. The
+    /// records are applied to the redb file, durably, every `apply_interval`
+    /// and at close. Ignored for [`DurableBusBuilder::open_backend`].
+    pub fn write_ahead_log(mut self, on: bool) -> Self {
+        self.opts.wal = on;
+        self
+    }
+
+    /// How long events acknowledged through the WAL may wait before they are
+    /// applied to the redb file in one durable commit (default 20 ms).
+    /// Readers in other processes see new events at these points; in this
+    /// process, reads wait for the events published before them.
+    pub fn apply_interval(mut self, d: Duration) -> Self {
+        self.opts.apply_interval = d.max(Duration::from_micros(100));
+        self
+    }
+
     /// Retention to apply periodically (default none: keep everything).
     pub fn retention(mut self, policy: Retention, every: Duration) -> Self {
         self.opts.retention = Some(policy);
@@ -254,8 +276,10 @@ pub(crate) struct Shared {
     pub(crate) closed: AtomicBool,
     /// Set when a commit failed in a way that leaves redb unusable.
     pub(crate) poisoned: AtomicBool,
-    /// The last `seq` committed.
+    /// The last `seq` acknowledged (durable in the WAL or the file).
     pub(crate) last_seq: AtomicU64,
+    /// The last `seq` in the redb file (visible to read transactions).
+    pub(crate) applied_seq: AtomicU64,
     /// Plain (non-durable) live subscribers.
     pub(crate) live: Arc<Subscribers>,
     /// Fan-out order and the live durable subscribers (see `commit`).
@@ -359,6 +383,7 @@ impl DurableBus {
             closed: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             last_seq: AtomicU64::new(last),
+            applied_seq: AtomicU64::new(last),
             live: Arc::new(Subscribers::new()),
             fan: Mutex::new(commit::FanState::new(last + 1)),
             durable: Mutex::new(HashMap::new()),
@@ -366,10 +391,26 @@ impl DurableBus {
             tx,
         });
         crate::webhook::install(&shared).map_err(OpenError::Storage)?;
+        let mut wal = None;
+        let mut last_append = last_append;
+        if let (Some(path), true) = (&shared.path, shared.opts.wal) {
+            let wal_path = wal::path_for(path);
+            let (mut w, frames) =
+                wal::Wal::open(&wal_path, shared.opts.sync).map_err(|e| OpenError::Io(wal_path.clone(), e))?;
+            if !frames.is_empty() {
+                let n = commit::recover(&shared, &mut w, frames).map_err(OpenError::Storage)?;
+                if n > 0 {
+                    tracing::info!(events = n, "replayed events from the write-ahead log");
+                }
+                let txn = redb::ReadableDatabase::begin_read(&shared.db).map_err(|e| OpenError::Storage(e.into()))?;
+                last_append = commit::last_append_ns(&txn).map_err(OpenError::Storage)?;
+            }
+            wal = Some(w);
+        }
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("ctrlbus-writer".into())
-            .spawn(move || commit::writer_loop(writer_shared, rx, last_append))
+            .spawn(move || commit::Writer::new(writer_shared, wal, last_append).run(rx))
             .map_err(|e| OpenError::Io(shown, e))?;
         Ok(DurableBus {
             handle: Arc::new(Handle {
@@ -381,6 +422,13 @@ impl DurableBus {
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.handle.shared
+    }
+
+    /// Waits until every acknowledged event is in the redb file, so that a
+    /// read transaction begun now sees all of them.
+    pub(crate) fn sync_reads(&self) -> Result<(), String> {
+        let shared = &self.handle.shared;
+        commit::ensure_applied(shared, shared.last_seq.load(Ordering::Acquire))
     }
 
     /// The file's path, if opened from one.
@@ -414,10 +462,12 @@ impl DurableBus {
     /// [`ReadError::UnknownEvent`] for a [`Position::Id`] not in the log;
     /// [`ReadError::Storage`] when storage fails.
     pub fn read(&self, from: Position, filter: &Filter) -> Result<LogReader, ReadError> {
-        if self.handle.shared.closed.load(Ordering::Acquire) {
+        let shared = &self.handle.shared;
+        if shared.closed.load(Ordering::Acquire) {
             return Err(ReadError::Closed);
         }
-        LogReader::new(&self.handle.shared.db, from, filter)
+        self.sync_reads().map_err(|_| ReadError::Closed)?;
+        LogReader::new(&shared.db, from, filter)
     }
 
     /// Subscribes a durable, named subscription.
@@ -449,6 +499,7 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails or a cursor record is corrupted.
     pub fn cursors(&self) -> Result<Vec<CursorInfo>, StorageError> {
+        let _ = self.sync_reads();
         subscription::list_cursors(&self.handle.shared.db, Some(&self.handle.shared))
     }
 
@@ -457,6 +508,7 @@ impl DurableBus {
     /// # Errors
     /// [`CursorError::Unknown`] for a name with no cursor.
     pub fn cursor(&self, name: &str) -> Result<CursorInfo, CursorError> {
+        let _ = self.sync_reads();
         subscription::get_cursor(&self.handle.shared.db, Some(&self.handle.shared), name)
     }
 
@@ -494,6 +546,7 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails.
     pub fn stats(&self) -> Result<Stats, StorageError> {
+        let _ = self.sync_reads();
         upkeep::stats(&self.handle.shared.db, self.handle.shared.path.as_deref())
     }
 
@@ -503,6 +556,7 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails; problems found are in the report.
     pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport, StorageError> {
+        let _ = self.sync_reads();
         upkeep::check(&self.handle.shared.db, progress)
     }
 
@@ -559,6 +613,7 @@ impl Bus for DurableBus {
     }
 
     fn recent_events(&self, limit: usize, filter: &Filter) -> Result<Vec<Event>, ReadError> {
+        let _ = self.sync_reads();
         upkeep::recent(&self.handle.shared, limit, filter)
     }
 

@@ -406,12 +406,3 @@ impl ReadOnlyLog {
         &self.db
     }
 }
-
-/// Reads the number of records in the events table.
-pub(crate) fn count_events(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
-    match txn.open_table(EVENTS) {
-        Ok(t) => Ok(t.len()?),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
-        Err(e) => Err(e.into()),
-    }
-}

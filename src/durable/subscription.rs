@@ -73,7 +73,13 @@ pub(crate) struct DurableSub {
     filter: Filter,
     handler: Box<dyn Handler>,
     delivered: AtomicU64,
+    /// The position last written to the `cursors` table (maybe not yet
+    /// durable, when a WAL is in use).
     stored: AtomicU64,
+    /// The position last made durable.
+    durable_at: AtomicU64,
+    /// A durable flush was requested and has not happened yet.
+    flush_requested: AtomicBool,
     /// The stored record, but for `delivered` (taken from the atomic).
     record: Mutex<CursorRecord>,
     live: AtomicBool,
@@ -123,8 +129,9 @@ impl DurableSub {
     pub(crate) fn finish_live_group(&self, shared: &Shared, last: u64) {
         if self.live.load(Ordering::Acquire) {
             self.delivered.store(last, Ordering::Release);
-            if last.saturating_sub(self.stored.load(Ordering::Acquire))
+            if last.saturating_sub(self.durable_at.load(Ordering::Acquire))
                 >= shared.opts.ack_flush_events
+                && !self.flush_requested.swap(true, Ordering::AcqRel)
             {
                 let _ = shared.tx.send(WriteReq::FlushAcks(None));
             }
@@ -153,8 +160,16 @@ impl DurableSub {
         Some((rec, d))
     }
 
+    /// The writer wrote `delivered` to the cursors table.
     pub(crate) fn mark_stored(&self, delivered: u64) {
         self.stored.fetch_max(delivered, Ordering::AcqRel);
+    }
+
+    /// A durable commit happened: what was written is now durable.
+    pub(crate) fn mark_durable(&self) {
+        self.durable_at
+            .fetch_max(self.stored.load(Ordering::Acquire), Ordering::AcqRel);
+        self.flush_requested.store(false, Ordering::Release);
     }
 
     pub(crate) fn stop(&self) {
@@ -213,8 +228,8 @@ impl DurableSub {
                 }
             }
         }
-        // Store the final position.
-        if self.ack_dirty() {
+        // Store the final position, durably.
+        if self.delivered.load(Ordering::Acquire) != self.durable_at.load(Ordering::Acquire) {
             let _ = commit::flush_acks(&shared, Duration::from_secs(10));
         }
     }
@@ -228,6 +243,8 @@ impl DurableSub {
         if from > target {
             return Ok(false);
         }
+        // Events acknowledged through the WAL may not be in the file yet.
+        commit::ensure_applied(shared, target).map_err(|_| ReadError::Closed)?;
         // Read a chunk into memory, so no read transaction is held while
         // handlers run (a long-held one would pin old pages of the file).
         let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(CHUNK);
@@ -268,7 +285,7 @@ impl DurableSub {
                 }
             }
             self.delivered.store(seq, Ordering::Release);
-            if seq.saturating_sub(self.stored.load(Ordering::Acquire))
+            if seq.saturating_sub(self.durable_at.load(Ordering::Acquire))
                 >= shared.opts.ack_flush_events
             {
                 let _ = commit::flush_acks(shared, Duration::from_secs(30));
@@ -718,6 +735,8 @@ pub(crate) fn subscribe(
         handler,
         delivered: AtomicU64::new(record.delivered),
         stored: AtomicU64::new(record.delivered),
+        durable_at: AtomicU64::new(record.delivered),
+        flush_requested: AtomicBool::new(false),
         record: Mutex::new(record),
         live: AtomicBool::new(false),
         stop: AtomicBool::new(false),
