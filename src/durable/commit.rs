@@ -323,7 +323,12 @@ impl Writer {
     fn timeout(&self) -> Duration {
         let mut t = self.shared.opts.ack_flush_interval;
         if let Some(oldest) = self.oldest_unapplied {
-            t = t.min(self.shared.opts.apply_interval.saturating_sub(oldest.elapsed()));
+            t = t.min(
+                self.shared
+                    .opts
+                    .apply_interval
+                    .saturating_sub(oldest.elapsed()),
+            );
         }
         t.max(Duration::from_micros(100))
     }
@@ -446,7 +451,9 @@ impl Writer {
             Ok(())
         })();
         if let Err(e) = lookup {
-            fail_all(publishes, Vec::new(), || StorageError::Redb(redb::Error::Io(std::io::Error::other(e.to_string()))));
+            fail_all(publishes, Vec::new(), || {
+                StorageError::Redb(redb::Error::Io(std::io::Error::other(e.to_string())))
+            });
             return;
         }
         let mut group_events: Vec<(u64, Event)> = Vec::new();
@@ -470,7 +477,9 @@ impl Writer {
                 // After a failed fsync the page cache cannot be trusted.
                 shared.poisoned.store(true, Ordering::Release);
                 let msg = e.to_string();
-                fail_all(publishes, Vec::new(), || StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone()))));
+                fail_all(publishes, Vec::new(), || {
+                    StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+                });
                 return;
             }
         }
@@ -490,13 +499,19 @@ impl Writer {
         }
         self.unapplied_events += records.len();
         self.oldest_unapplied.get_or_insert_with(Instant::now);
-        self.unapplied.push(Unapplied { group: group.clone(), records, append_ns });
+        self.unapplied.push(Unapplied {
+            group: group.clone(),
+            records,
+            append_ns,
+        });
         self.last_append = append_ns;
         if self.wal.is_none() && !self.apply(Vec::new()) {
             // Not durable: nobody may see it.
             self.last_append = append_ns;
             let msg = "commit failed".to_string();
-            fail_all(publishes, Vec::new(), || StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone()))));
+            fail_all(publishes, Vec::new(), || {
+                StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+            });
             return;
         }
         shared.last_seq.store(last, Ordering::Release);
@@ -518,7 +533,15 @@ impl Writer {
         let mut cursor_writes: Vec<(Arc<DurableSub>, u64)> = Vec::new();
         let result = (|| -> Result<(), StorageError> {
             let mut txn = shared.db.begin_write()?;
-            txn.set_durability(if shared.opts.sync { Durability::Immediate } else { Durability::None })?;
+            // redb refuses non-durable commits when other processes may read
+            // the file (SingleWriter), so `sync(false)` only skips the WAL's
+            // fsync there.
+            let immediate = shared.opts.sync || shared.opts.shared_reads;
+            txn.set_durability(if immediate {
+                Durability::Immediate
+            } else {
+                Durability::None
+            })?;
             txn.set_quick_repair(shared.opts.quick_repair);
             {
                 let mut events = txn.open_table(EVENTS)?;
@@ -531,7 +554,8 @@ impl Writer {
                 }
             }
             for u in &self.unapplied {
-                let appended: Vec<(u64, &Event)> = u.group.events.iter().map(|(s, e)| (*s, e)).collect();
+                let appended: Vec<(u64, &Event)> =
+                    u.group.events.iter().map(|(s, e)| (*s, e)).collect();
                 for hook in shared.hooks.read().iter() {
                     hook.on_append(&txn, &appended, u.append_ns)?;
                 }
@@ -539,7 +563,10 @@ impl Writer {
             {
                 let mut dead = txn.open_table(DEAD_LETTERS)?;
                 for req in &others {
-                    if let WriteReq::DeadLetter { name, seq, record, .. } = req {
+                    if let WriteReq::DeadLetter {
+                        name, seq, record, ..
+                    } = req
+                    {
                         dead.insert((name.as_str(), *seq), record.as_slice())?;
                     }
                 }
@@ -571,7 +598,9 @@ impl Writer {
                     self.oldest_unapplied = None;
                 }
                 let msg = e.to_string();
-                fail_all(Vec::new(), others, || StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone()))));
+                fail_all(Vec::new(), others, || {
+                    StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+                });
                 false
             }
             Ok(()) => {
@@ -604,7 +633,9 @@ impl Writer {
                 }
                 for req in others {
                     match req {
-                        WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } | WriteReq::Apply(r) => {
+                        WriteReq::FlushAcks(Some(r))
+                        | WriteReq::DeadLetter { reply: r, .. }
+                        | WriteReq::Apply(r) => {
                             let _ = r.send(Ok(()));
                         }
                         _ => {}
@@ -616,7 +647,11 @@ impl Writer {
     }
 }
 
-fn reply_all(publishes: Vec<PublishReq>, outcomes: Vec<Vec<(EventId, u64, bool)>>, group: Option<Arc<Group>>) {
+fn reply_all(
+    publishes: Vec<PublishReq>,
+    outcomes: Vec<Vec<(EventId, u64, bool)>>,
+    group: Option<Arc<Group>>,
+) {
     for (req, seqs) in publishes.into_iter().zip(outcomes) {
         let has_new = seqs.iter().any(|s| !s.2);
         let _ = req.reply.send(Ok(Outcome {
@@ -631,7 +666,9 @@ fn refuse(req: WriteReq) {
         WriteReq::Publish(p) => {
             let _ = p.reply.send(Err(PublishError::Closed));
         }
-        WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } | WriteReq::Apply(r) => {
+        WriteReq::FlushAcks(Some(r))
+        | WriteReq::DeadLetter { reply: r, .. }
+        | WriteReq::Apply(r) => {
             let _ = r.send(Err("the bus is closed".into()));
         }
         _ => {}
@@ -648,7 +685,9 @@ fn fail_all(publishes: Vec<PublishReq>, others: Vec<WriteReq>, err: impl Fn() ->
     }
     for req in others {
         match req {
-            WriteReq::FlushAcks(Some(r)) | WriteReq::DeadLetter { reply: r, .. } | WriteReq::Apply(r) => {
+            WriteReq::FlushAcks(Some(r))
+            | WriteReq::DeadLetter { reply: r, .. }
+            | WriteReq::Apply(r) => {
                 let _ = r.send(Err(err().to_string()));
             }
             _ => {}
@@ -659,7 +698,11 @@ fn fail_all(publishes: Vec<PublishReq>, others: Vec<WriteReq>, err: impl Fn() ->
 /// Replays the WAL frames that the redb file does not hold yet (after a
 /// crash), through the same hooks as a live commit, in one durable commit;
 /// then restarts the WAL.
-pub(crate) fn recover(shared: &Shared, wal: &mut Wal, frames: Vec<super::wal::Frame>) -> Result<u64, StorageError> {
+pub(crate) fn recover(
+    shared: &Shared,
+    wal: &mut Wal,
+    frames: Vec<super::wal::Frame>,
+) -> Result<u64, StorageError> {
     let mut next = shared.last_seq.load(Ordering::Acquire) + 1;
     let mut replayed = 0u64;
     let mut txn = shared.db.begin_write()?;
@@ -681,7 +724,8 @@ pub(crate) fn recover(shared: &Shared, wal: &mut Wal, frames: Vec<super::wal::Fr
                         reason: format!("expected seq {next}"),
                     });
                 }
-                let (append, rec) = codec::decode_ref(record).map_err(|r| super::read::corrupted(seq, r))?;
+                let (append, rec) =
+                    codec::decode_ref(record).map_err(|r| super::read::corrupted(seq, r))?;
                 let event = rec.to_event().map_err(|r| super::read::corrupted(seq, r))?;
                 events.insert(seq, record.as_slice())?;
                 by_id.insert(rec.id, seq)?;
@@ -695,8 +739,12 @@ pub(crate) fn recover(shared: &Shared, wal: &mut Wal, frames: Vec<super::wal::Fr
             let mut i = 0;
             while i < appended.len() {
                 let t = appended[i].2;
-                let j = appended[i..].iter().position(|a| a.2 != t).map_or(appended.len(), |k| i + k);
-                let part: Vec<(u64, &Event)> = appended[i..j].iter().map(|(s, e, _)| (*s, e)).collect();
+                let j = appended[i..]
+                    .iter()
+                    .position(|a| a.2 != t)
+                    .map_or(appended.len(), |k| i + k);
+                let part: Vec<(u64, &Event)> =
+                    appended[i..j].iter().map(|(s, e, _)| (*s, e)).collect();
                 hook.on_append(&txn, &part, t)?;
                 i = j;
             }
@@ -706,7 +754,8 @@ pub(crate) fn recover(shared: &Shared, wal: &mut Wal, frames: Vec<super::wal::Fr
     shared.last_seq.store(next - 1, Ordering::Release);
     shared.applied_seq.store(next - 1, Ordering::Release);
     shared.fan.lock().next_seq = next;
-    wal.reset().map_err(|e| StorageError::Redb(redb::Error::Io(e)))?;
+    wal.reset()
+        .map_err(|e| StorageError::Redb(redb::Error::Io(e)))?;
     Ok(replayed)
 }
 

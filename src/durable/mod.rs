@@ -126,7 +126,9 @@ impl DurableBusBuilder {
 
     /// Whether each commit is fsync'd before `publish` returns (default
     /// true). Turning it off breaks G2 (acknowledged means durable): after a
-    /// crash, recent acknowledged events may be missing. For tests only.
+    /// crash, recent acknowledged events may be missing. For tests and bulk
+    /// loads only. (With `shared_reads`, redb commits stay durable; only the
+    /// WAL's fsync is skipped.)
     pub fn sync(mut self, sync: bool) -> Self {
         self.opts.sync = sync;
         self
@@ -395,14 +397,15 @@ impl DurableBus {
         let mut last_append = last_append;
         if let (Some(path), true) = (&shared.path, shared.opts.wal) {
             let wal_path = wal::path_for(path);
-            let (mut w, frames) =
-                wal::Wal::open(&wal_path, shared.opts.sync).map_err(|e| OpenError::Io(wal_path.clone(), e))?;
+            let (mut w, frames) = wal::Wal::open(&wal_path, shared.opts.sync)
+                .map_err(|e| OpenError::Io(wal_path.clone(), e))?;
             if !frames.is_empty() {
                 let n = commit::recover(&shared, &mut w, frames).map_err(OpenError::Storage)?;
                 if n > 0 {
                     tracing::info!(events = n, "replayed events from the write-ahead log");
                 }
-                let txn = redb::ReadableDatabase::begin_read(&shared.db).map_err(|e| OpenError::Storage(e.into()))?;
+                let txn = redb::ReadableDatabase::begin_read(&shared.db)
+                    .map_err(|e| OpenError::Storage(e.into()))?;
                 last_append = commit::last_append_ns(&txn).map_err(OpenError::Storage)?;
             }
             wal = Some(w);
@@ -466,7 +469,8 @@ impl DurableBus {
         if shared.closed.load(Ordering::Acquire) {
             return Err(ReadError::Closed);
         }
-        self.sync_reads().map_err(|_| ReadError::Closed)?;
+        // Best effort: a poisoned bus still serves what is in the file.
+        let _ = self.sync_reads();
         LogReader::new(&shared.db, from, filter)
     }
 

@@ -68,17 +68,37 @@ impl Wal {
     /// Opens (or creates) the WAL and returns the frames of its current
     /// generation, oldest first.
     pub(crate) fn open(path: &Path, sync: bool) -> io::Result<(Wal, Vec<Frame>)> {
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         let len = file.metadata()?.len();
         let mut header = [0u8; 24];
         let generation = if len >= HEADER_LEN && read_full(&mut file, 0, &mut header)? {
-            parse_header(&header).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a ctrlbus WAL", path.display())))?
+            parse_header(&header).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is not a ctrlbus WAL", path.display()),
+                )
+            })?
         } else if len == 0 {
             0
         } else {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a ctrlbus WAL", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a ctrlbus WAL", path.display()),
+            ));
         };
-        let mut wal = Wal { file, generation, pos: HEADER_LEN, allocated: len, sync, buf: Vec::new() };
+        let mut wal = Wal {
+            file,
+            generation,
+            pos: HEADER_LEN,
+            allocated: len,
+            sync,
+            buf: Vec::new(),
+        };
         if len == 0 {
             wal.write_header()?;
         }
@@ -98,7 +118,10 @@ impl Wal {
             let generation = u64::from_le_bytes(head[4..12].try_into().unwrap_or_default());
             let plen = u32::from_le_bytes(head[12..16].try_into().unwrap_or_default()) as u64;
             let crc = u32::from_le_bytes(head[16..20].try_into().unwrap_or_default());
-            if magic != FRAME_MAGIC || generation != self.generation || pos + FRAME_HEAD as u64 + plen > len {
+            if magic != FRAME_MAGIC
+                || generation != self.generation
+                || pos + FRAME_HEAD as u64 + plen > len
+            {
                 break;
             }
             let mut payload = vec![0u8; plen as usize];
@@ -108,7 +131,9 @@ impl Wal {
             if frame_crc(generation, &payload) != crc {
                 break;
             }
-            let Some(frame) = parse_payload(&payload) else { break };
+            let Some(frame) = parse_payload(&payload) else {
+                break;
+            };
             frames.push(frame);
             pos += FRAME_HEAD as u64 + plen;
         }
@@ -117,7 +142,11 @@ impl Wal {
     }
 
     /// Appends one frame and makes it durable (unless sync is off).
-    pub(crate) fn append<'a>(&mut self, first_seq: u64, records: impl ExactSizeIterator<Item = &'a [u8]>) -> io::Result<()> {
+    pub(crate) fn append<'a>(
+        &mut self,
+        first_seq: u64,
+        records: impl ExactSizeIterator<Item = &'a [u8]>,
+    ) -> io::Result<()> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.resize(FRAME_HEAD, 0);
@@ -209,7 +238,8 @@ fn parse_header(h: &[u8; 24]) -> Option<u64> {
         return None;
     }
     let crc = u32::from_le_bytes(h[20..24].try_into().ok()?);
-    (crc32fast::hash(&h[0..20]) == crc).then(|| u64::from_le_bytes(h[12..20].try_into().unwrap_or_default()))
+    (crc32fast::hash(&h[0..20]) == crc)
+        .then(|| u64::from_le_bytes(h[12..20].try_into().unwrap_or_default()))
 }
 
 fn parse_payload(p: &[u8]) -> Option<Frame> {
@@ -250,7 +280,8 @@ mod tests {
         {
             let (mut wal, frames) = Wal::open(&path, true).unwrap();
             assert!(frames.is_empty());
-            wal.append(1, [b"a".as_slice(), b"bc".as_slice()].into_iter()).unwrap();
+            wal.append(1, [b"a".as_slice(), b"bc".as_slice()].into_iter())
+                .unwrap();
             wal.append(3, [b"".as_slice()].into_iter()).unwrap();
         }
         {
