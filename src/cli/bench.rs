@@ -1,0 +1,159 @@
+//! `ctrlbus bench publish`: the durable-publish workload of
+//! `../shared/peers`, appended to the log at `--db`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use ctrlbus::{Bus, Event, Type};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::error::{CliError, Result};
+use super::open;
+use super::output::Out;
+
+/// `bench` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// N events of B payload bytes from P concurrent publishers, each
+    /// publish waiting until its event is durable; prints one JSON line.
+    #[command(after_help = "\
+Examples:
+  ctrlbus --db /tmp/bench.redb bench publish --events 20000 --publishers 16 --payload-bytes 300
+  ctrlbus bench publish --events 100000 --publishers 8 --acks acked.txt
+
+The line has the fields of the peer scripts (system, publishers, events,
+payload_bytes, events_per_sec) plus latency percentiles in microseconds.
+--acks appends each acknowledged event id to FILE, one per line, as soon as
+its publish returned (written to the OS, not fsync'd): after a kill -9, every
+id in FILE must be in the log.")]
+    Publish(PublishArgs),
+}
+
+/// `bench publish` flags.
+#[derive(Debug, clap::Args)]
+pub(crate) struct PublishArgs {
+    /// Events to publish in all.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    events: u64,
+    /// Concurrent publishers (threads).
+    #[arg(long, value_name = "P", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    publishers: u64,
+    /// Payload size in bytes.
+    #[arg(long, value_name = "B", default_value_t = 300)]
+    payload_bytes: usize,
+    /// Append each acknowledged event id to FILE.
+    #[arg(long, value_name = "FILE")]
+    acks: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    system: &'static str,
+    publishers: u64,
+    events: u64,
+    payload_bytes: usize,
+    events_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    max_us: u64,
+    elapsed_ms: u64,
+}
+
+/// Runs a `bench` subcommand.
+pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
+    let Command::Publish(args) = cmd;
+    let acks = match &args.acks {
+        Some(p) => Some(Mutex::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| CliError::msg(format!("cannot open {}: {e}", p.display())))?,
+        )),
+        None => None,
+    };
+    let bus = open::writable(db, true)?;
+    // `{"data":"xx…"}` of about B bytes of compact JSON.
+    let mut payload = Map::new();
+    payload.insert(
+        "data".into(),
+        Value::String("x".repeat(args.payload_bytes.saturating_sub(11))),
+    );
+    let per = |i: u64| args.events / args.publishers + u64::from(i < args.events % args.publishers);
+    let start = Instant::now();
+    let results: Vec<Result<Vec<u32>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.publishers)
+            .map(|i| {
+                let (bus, payload, acks) = (&bus, &payload, acks.as_ref());
+                s.spawn(move || publisher(bus, per(i), payload, acks))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CliError::msg("a publisher panicked")))
+            })
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    bus.close();
+    let mut latencies = Vec::with_capacity(args.events as usize);
+    for r in results {
+        latencies.extend(r?);
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| -> u64 {
+        if latencies.is_empty() {
+            return 0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        u64::from(latencies[i])
+    };
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    out.record(&Report {
+        system: "ctrlbus",
+        publishers: args.publishers,
+        events: args.events,
+        payload_bytes: args.payload_bytes,
+        events_per_sec: (args.events as f64 / secs * 10.0).round() / 10.0,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        max_us: latencies.last().copied().map(u64::from).unwrap_or(0),
+        elapsed_ms: elapsed.as_millis() as u64,
+    })?;
+    Ok(())
+}
+
+/// One publisher: `count` publishes, each timed; returns latencies in µs.
+fn publisher(
+    bus: &ctrlbus::DurableBus,
+    count: u64,
+    payload: &Map<String, Value>,
+    acks: Option<&Mutex<File>>,
+) -> Result<Vec<u32>> {
+    let mut latencies = Vec::with_capacity(count as usize);
+    let mut line = String::with_capacity(40);
+    for _ in 0..count {
+        let event = Event::new(Type::INSTANCE_STARTED, "bench").with_payload(payload.clone());
+        let t0 = Instant::now();
+        let receipt = bus.publish(event)?;
+        latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        if let Some(acks) = acks {
+            use std::fmt::Write as _;
+            line.clear();
+            let _ = writeln!(line, "{}", receipt.id);
+            // One write(2) per id: in the OS as soon as publish returned.
+            let mut f = acks.lock().unwrap_or_else(|p| p.into_inner());
+            f.write_all(line.as_bytes())?;
+        }
+    }
+    Ok(latencies)
+}

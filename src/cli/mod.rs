@@ -1,0 +1,170 @@
+//! The `ctrlbus` command line (compiled with the `cli` feature).
+//!
+//! Shape (after ripgrep): `main` parses flags and calls `run`, which
+//! dispatches to one module per command group and returns a [`Result`];
+//! errors are printed once, as `ctrlbus: …`, and mapped to the exit code:
+//! 0 success, 1 runtime error, 2 usage error. A closed standard output
+//! (`ctrlbus replay | head -1`) ends the run quietly with 0.
+
+mod bench;
+mod cursors;
+mod error;
+mod filter_args;
+mod open;
+mod operations;
+mod output;
+mod progress;
+mod publish;
+mod replay;
+mod values;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use error::{CliError, Result};
+use output::{Format, Out};
+
+/// A durable event log and event bus for control planes: publish, replay and
+/// audit the log, manage cursors and webhooks, run deliveries.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ctrlbus",
+    version,
+    propagate_version = true,
+    arg_required_else_help = true
+)]
+#[command(after_help = "\
+Output is JSON, one object per line (`--format table` for people).
+TIME is RFC 3339 (2026-01-02T03:04:05Z) or a span back from now (30s, 15m, 2h, 7d).
+DUR is 100ms, 5s, 2h, 1h30m ….
+Exit codes: 0 success, 1 runtime error, 2 usage error.
+
+Examples:
+  ctrlbus demo
+  ctrlbus publish deploy.started --tenant acme --payload '{\"version\":\"v2\"}'
+  ctrlbus replay --since 15m --type 'deploy.*' | jq .
+  ctrlbus tail --follow --tenant acme")]
+pub(crate) struct Cli {
+    /// The log file.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "CTRLBUS_DB",
+        default_value = "./ctrlbus.redb"
+    )]
+    db: PathBuf,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Json)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish one event, or the JSON lines of a file.
+    Publish(publish::Args),
+    /// Print matching events in log order, one JSON line each.
+    Replay(replay::ReplayArgs),
+    /// Print the newest events; --follow keeps printing new ones.
+    Tail(replay::TailArgs),
+    /// Named durable subscriptions: list, show, seek, delete.
+    #[command(subcommand)]
+    Cursors(cursors::Command),
+    /// Counts and bounds of the log.
+    #[command(after_help = "Example:\n  ctrlbus stats --format table")]
+    Stats,
+    /// Verify every record and index entry; exits 1 with a report if any is
+    /// unsound.
+    #[command(after_help = "Example:\n  ctrlbus check || echo 'damaged'")]
+    Check,
+    /// Return space freed by retention to the file system (the log must not
+    /// be open anywhere).
+    #[command(after_help = "Example:\n  ctrlbus compact")]
+    Compact,
+    /// Remove the oldest events.
+    Retain(operations::RetainArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::Command),
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  ctrlbus completions bash > ~/.local/share/bash-completion/completions/ctrlbus
+  ctrlbus completions zsh > ~/.zfunc/_ctrlbus
+  ctrlbus completions fish > ~/.config/fish/completions/ctrlbus.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Parses the command line, runs it, and turns the outcome into the exit
+/// code.
+pub(crate) fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_exit(&e),
+    };
+    let mut out = Out::new(cli.format);
+    let result = run(cli, &mut out).and_then(|()| out.flush().map_err(CliError::from));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match &e {
+                CliError::Usage(m) | CliError::Runtime(m) => {
+                    // Anything already produced goes out first.
+                    let _ = out.flush();
+                    eprintln!("ctrlbus: {m}");
+                }
+                CliError::BrokenPipe => {}
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Help and version go to standard output with 0; usage errors print one
+/// line and exit 2.
+fn usage_exit(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprint!("{}", e.render());
+            ExitCode::from(error::EXIT_USAGE)
+        }
+        _ => {
+            eprintln!("ctrlbus: {}", error::one_line_usage(e));
+            ExitCode::from(error::EXIT_USAGE)
+        }
+    }
+}
+
+/// Runs one command.
+fn run(cli: Cli, out: &mut Out) -> Result {
+    let db = cli.db.as_path();
+    match cli.command {
+        Command::Publish(args) => publish::run(db, args, out),
+        Command::Replay(args) => replay::replay(db, args, out),
+        Command::Tail(args) => replay::tail(db, args, out),
+        Command::Cursors(cmd) => cursors::run(db, cmd, out),
+        Command::Stats => operations::stats(db, out),
+        Command::Check => operations::check(db, out),
+        Command::Compact => operations::compact(db, out),
+        Command::Retain(args) => operations::retain(db, args, out),
+        Command::Bench(cmd) => bench::run(db, cmd, out),
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ctrlbus", &mut buf);
+            out.raw(&buf)?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,892 @@
+//! The `ctrlbus` binary, run for real: output shapes, filters, exit codes,
+//! error messages, reading while another process writes, a kill -9 during
+//! `bench publish --acks`, and a closed pipe.
+#![cfg(feature = "cli")]
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ctrlbus");
+
+/// A scratch directory with a log path in it.
+struct Scratch {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("events.redb");
+        Scratch { dir, db }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A `ctrlbus --db <db> …` command, with no `CTRLBUS_DB` from outside.
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.env_remove("CTRLBUS_DB")
+            .arg("--db")
+            .arg(&self.db)
+            .args(args);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Runs and expects exit 0; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ctrlbus {args:?} failed: {:?}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and expects `code`; returns stderr.
+    fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "ctrlbus {args:?}: stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// Runs with `stdin` as standard input.
+    fn with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+fn lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+fn seqs(stdout: &str) -> Vec<u64> {
+    lines(stdout)
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect()
+}
+
+fn one_line_error(stderr: &str) {
+    assert!(stderr.starts_with("ctrlbus: "), "{stderr:?}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
+}
+
+const INSTANCE: &str = "inst_01jddv1r7v0mzg0e3a8m0q0w4j";
+
+/// seq 1..=6: deploy.started acme, health.passed acme, deploy.failed beta,
+/// instance.created acme (with instance), deploy.succeeded acme, deploy.failed acme.
+fn seeded() -> Scratch {
+    let s = Scratch::new();
+    s.ok(&[
+        "publish",
+        "deploy.started",
+        "--tenant",
+        "acme",
+        "--actor",
+        "alice",
+    ]);
+    s.ok(&["publish", "health.passed", "--tenant", "acme"]);
+    s.ok(&["publish", "deploy.failed", "--tenant", "beta"]);
+    s.ok(&[
+        "publish",
+        "instance.created",
+        "--tenant",
+        "acme",
+        "--instance",
+        INSTANCE,
+    ]);
+    s.ok(&["publish", "deploy.succeeded", "--tenant", "acme"]);
+    s.ok(&["publish", "deploy.failed", "--tenant", "acme"]);
+    s
+}
+
+#[test]
+fn publish_prints_the_envelope_plus_seq() {
+    let s = Scratch::new();
+    let out = s.ok(&[
+        "publish",
+        "deploy.started",
+        "--tenant",
+        "acme",
+        "--instance",
+        INSTANCE,
+        "--actor",
+        "alice",
+        "--payload",
+        r#"{"version":"v2"}"#,
+        "--timestamp",
+        "2026-01-02T03:04:05.5+01:00",
+    ]);
+    let v = lines(&out);
+    assert_eq!(v.len(), 1);
+    let e = &v[0];
+    assert_eq!(e["seq"], 1);
+    assert!(e["id"].as_str().unwrap().starts_with("evt_"));
+    assert_eq!(e["type"], "deploy.started");
+    assert_eq!(e["tenant_id"], "acme");
+    assert_eq!(e["instance_id"], INSTANCE);
+    assert_eq!(e["actor_id"], "alice");
+    assert_eq!(e["payload"]["version"], "v2");
+    assert_eq!(e["timestamp"], "2026-01-02T02:04:05.5Z");
+    // `seq` comes first, then the envelope in its JSON order.
+    assert!(out.starts_with(r#"{"seq":1,"id":"evt_"#), "{out}");
+
+    // Empty parts are omitted.
+    let out = s.ok(&["publish", "health.passed", "--tenant", "acme"]);
+    let e = &lines(&out)[0];
+    assert_eq!(e["seq"], 2);
+    for absent in ["instance_id", "actor_id", "payload"] {
+        assert!(e.get(absent).is_none(), "{absent} in {out}");
+    }
+
+    // The same id again: the stored event comes back, nothing new is written.
+    let id = e["id"].as_str().unwrap().to_owned();
+    let again = s.ok(&["publish", "health.failed", "--tenant", "other", "--id", &id]);
+    assert_eq!(lines(&again)[0]["seq"], 2);
+    assert_eq!(lines(&again)[0]["type"], "health.passed");
+    assert_eq!(seqs(&s.ok(&["replay"])), [1, 2]);
+}
+
+#[test]
+fn replay_prints_every_event_in_log_order() {
+    let s = seeded();
+    let out = s.ok(&["replay"]);
+    assert_eq!(seqs(&out), [1, 2, 3, 4, 5, 6]);
+    // The same lines `publish` printed.
+    let published = s.ok(&["publish", "deploy.started", "--tenant", "zeta"]);
+    let out = s.ok(&["replay", "--from-seq", "7"]);
+    assert_eq!(out, published);
+}
+
+#[test]
+fn replay_filters() {
+    let s = seeded();
+    assert_eq!(seqs(&s.ok(&["replay", "--type", "deploy.*"])), [1, 3, 5, 6]);
+    assert_eq!(seqs(&s.ok(&["replay", "--type", "deploy.failed"])), [3, 6]);
+    assert_eq!(
+        seqs(&s.ok(&["replay", "--type", "deploy.failed", "--type", "health.*"])),
+        [2, 3, 6]
+    );
+    assert_eq!(seqs(&s.ok(&["replay", "--tenant", "beta"])), [3]);
+    assert_eq!(
+        seqs(&s.ok(&["replay", "--type", "deploy.*", "--tenant", "acme"])),
+        [1, 5, 6]
+    );
+    assert_eq!(seqs(&s.ok(&["replay", "--instance", INSTANCE])), [4]);
+    assert_eq!(seqs(&s.ok(&["replay", "--from-seq", "4"])), [4, 5, 6]);
+    assert_eq!(
+        seqs(&s.ok(&["replay", "--from-seq", "4", "--limit", "2"])),
+        [4, 5]
+    );
+    assert_eq!(seqs(&s.ok(&["replay", "--limit", "0"])), Vec::<u64>::new());
+    assert_eq!(
+        seqs(&s.ok(&["replay", "--since", "15m"])),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(
+        seqs(&s.ok(&[
+            "replay", "--since", "15m", "--type", "deploy.*", "--tenant", "acme"
+        ])),
+        [1, 5, 6]
+    );
+    assert!(
+        s.ok(&["replay", "--since", "2999-01-01T00:00:00Z"])
+            .is_empty()
+    );
+    assert!(s.ok(&["replay", "--until", "1h"]).is_empty());
+    assert_eq!(
+        seqs(&s.ok(&[
+            "replay",
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--until",
+            "2999-01-01T00:00:00Z"
+        ])),
+        [1, 2, 3, 4, 5, 6]
+    );
+}
+
+#[test]
+fn replay_from_a_time_between_events() {
+    let s = Scratch::new();
+    s.ok(&["publish", "deploy.started", "--tenant", "acme"]);
+    std::thread::sleep(Duration::from_millis(50));
+    let mid = jiff::Timestamp::now().to_string();
+    std::thread::sleep(Duration::from_millis(50));
+    s.ok(&["publish", "deploy.succeeded", "--tenant", "acme"]);
+    assert_eq!(seqs(&s.ok(&["replay", "--since", &mid])), [2]);
+    assert_eq!(seqs(&s.ok(&["replay", "--until", &mid])), [1]);
+}
+
+#[test]
+fn table_format() {
+    let s = seeded();
+    let out = s.ok(&["--format", "table", "replay", "--tenant", "beta"]);
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows[0].starts_with("SEQ  TIMESTAMP"), "{out}");
+    assert!(rows[1].starts_with("3    "), "{out}");
+    assert!(rows[1].contains("deploy.failed") && rows[1].contains("beta"));
+    // Columns line up.
+    assert_eq!(rows[0].find("TYPE"), rows[1].find("deploy.failed"));
+    let stats = s.ok(&["stats", "--format", "table"]);
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["last_seq", "6"]),
+        "{stats}"
+    );
+}
+
+#[test]
+fn tail_prints_the_newest_events() {
+    let s = seeded();
+    assert_eq!(seqs(&s.ok(&["tail", "-n", "2"])), [5, 6]);
+    assert_eq!(seqs(&s.ok(&["tail"])), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        seqs(&s.ok(&["tail", "-n", "2", "--type", "deploy.*", "--tenant", "acme"])),
+        [5, 6]
+    );
+    assert_eq!(seqs(&s.ok(&["tail", "-n", "1", "--tenant", "beta"])), [3]);
+    assert_eq!(
+        seqs(&s.ok(&["tail", "-n", "100", "--type", "health.*"])),
+        [2]
+    );
+    assert!(s.ok(&["tail", "-n", "0"]).is_empty());
+}
+
+#[test]
+fn tail_follow_prints_new_events() {
+    let s = seeded();
+    let mut child = s
+        .cmd(&[
+            "tail",
+            "-n",
+            "1",
+            "--follow",
+            "--interval",
+            "20ms",
+            "--tenant",
+            "acme",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(seqs(&line), [6]);
+    // The follower holds the log read-only: a writer still gets in.
+    s.ok(&["publish", "deploy.started", "--tenant", "beta"]);
+    s.ok(&["publish", "deploy.rolled_back", "--tenant", "acme"]);
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = lines(&line);
+    assert_eq!(v[0]["seq"], 8);
+    assert_eq!(v[0]["type"], "deploy.rolled_back");
+}
+
+#[test]
+fn publish_file_reads_json_lines() {
+    let s = Scratch::new();
+    let file = s.path("events.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"type":"deploy.started","tenant_id":"acme"}"#,
+            "\n\n",
+            r#"{"id":"evt_01jddv1r7v0mzg0e3a8m0q0w4h","type":"deploy.failed","tenant_id":"acme","payload":{"k":1},"timestamp":"2026-01-02T03:04:05Z"}"#,
+            "\n",
+            r#"{"type":"health.passed","tenant_id":"beta","timestamp":"2026-01-02T03:04:06Z"}"#,
+        ),
+    )
+    .unwrap();
+    let out = s.ok(&["publish", "--file", file.to_str().unwrap()]);
+    let summary = &lines(&out)[0];
+    assert_eq!(summary["published"], 3);
+    assert_eq!(summary["duplicates"], 0);
+    assert_eq!(summary["first_seq"], 1);
+    assert_eq!(summary["last_seq"], 3);
+    let events = lines(&s.ok(&["replay"]));
+    assert_eq!(events[1]["id"], "evt_01jddv1r7v0mzg0e3a8m0q0w4h");
+    assert_eq!(events[1]["timestamp"], "2026-01-02T03:04:05Z");
+    assert_eq!(events[1]["payload"]["k"], 1);
+    assert!(events[0]["id"].as_str().unwrap().starts_with("evt_"));
+
+    // Again: every id is already there (the two with given ids), the
+    // first line gets a fresh id.
+    let again = lines(&s.ok(&["publish", "--file", file.to_str().unwrap()]))[0].clone();
+    assert_eq!(again["published"], 2);
+    assert_eq!(again["duplicates"], 1);
+}
+
+#[test]
+fn publish_file_from_stdin_round_trips_a_replay() {
+    let s = seeded();
+    let exported = s.ok(&["replay"]);
+    let copy = Scratch::new();
+    let out = copy.with_stdin(&["publish", "--file", "-"], exported.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        lines(&String::from_utf8(out.stdout).unwrap())[0]["published"],
+        6
+    );
+    assert_eq!(copy.ok(&["replay"]), exported);
+}
+
+#[test]
+fn publish_file_is_all_or_nothing() {
+    let s = Scratch::new();
+    let file = s.path("bad.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"type":"deploy.started","tenant_id":"acme"}"#,
+            "\n",
+            r#"{"type":"deploy.started","tenant_id":"acme"}"#,
+            "\n",
+            r#"{"type":"deploy.started","tenant_id":"acme","payload":[1]}"#,
+            "\n",
+            r#"{"type":"deploy.started","tenant_id":"acme"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let err = s.fails(&["publish", "--file", file.to_str().unwrap()], 1);
+    one_line_error(&err);
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("payload"), "{err}");
+    assert!(err.contains("nothing was published"), "{err}");
+    // Nothing from that file, not even the good lines before the bad one.
+    if s.db.exists() {
+        assert!(s.ok(&["replay"]).is_empty());
+    }
+
+    let out = s.run(&[
+        "publish",
+        "--file",
+        file.to_str().unwrap(),
+        "--skip-invalid",
+    ]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("skipped"),
+        "{stderr}"
+    );
+    let summary = &lines(&String::from_utf8(out.stdout).unwrap())[0];
+    assert_eq!(summary["published"], 3);
+    assert_eq!(summary["skipped"], 1);
+
+    // Invalid JSON names its line too.
+    std::fs::write(&file, "{\"type\":\"a.b\",\"tenant_id\":\"x\"}\n{not json\n").unwrap();
+    let err = s.fails(&["publish", "--file", file.to_str().unwrap()], 1);
+    assert!(
+        err.contains("line 2") && err.contains("invalid JSON"),
+        "{err}"
+    );
+    assert_eq!(seqs(&s.ok(&["replay"])), [1, 2, 3]);
+}
+
+#[test]
+fn bad_input_is_refused_with_one_line() {
+    let s = seeded();
+    // Bad flag values are usage errors: exit 2.
+    let err = s.fails(&["replay", "--since", "15x"], 2);
+    one_line_error(&err);
+    assert!(
+        err.contains("--since") && err.contains("invalid TIME \"15x\""),
+        "{err}"
+    );
+    let err = s.fails(&["replay", "--since", "yesterday"], 2);
+    assert!(err.contains("RFC 3339"), "{err}");
+    let err = s.fails(&["retain", "--max-age", "5"], 2);
+    assert!(err.contains("invalid DUR"), "{err}");
+    let err = s.fails(
+        &[
+            "publish",
+            "deploy.started",
+            "--tenant",
+            "a",
+            "--payload",
+            "{bad",
+        ],
+        2,
+    );
+    one_line_error(&err);
+    assert!(
+        err.contains("--payload") && err.contains("not valid JSON"),
+        "{err}"
+    );
+    let err = s.fails(
+        &[
+            "publish",
+            "deploy.started",
+            "--tenant",
+            "a",
+            "--payload",
+            "[1,2]",
+        ],
+        2,
+    );
+    assert!(err.contains("JSON object"), "{err}");
+    let err = s.fails(&["publish", "Deploy", "--tenant", "a"], 2);
+    assert!(err.contains("invalid event type"), "{err}");
+    let err = s.fails(&["replay", "--type", "de*ploy"], 2);
+    assert!(err.contains("pattern"), "{err}");
+    let err = s.fails(
+        &["replay", "--instance", "evt_01jddv1r7v0mzg0e3a8m0q0w4j"],
+        2,
+    );
+    assert!(err.contains("inst"), "{err}");
+    s.fails(&["replay", "--since", "15m", "--from-seq", "3"], 2);
+    s.fails(&["frobnicate"], 2);
+    s.fails(&["publish"], 2);
+    s.fails(&["cursors", "seek", "x"], 2);
+    // Runtime errors: exit 1.
+    let err = s.fails(&["cursors", "show", "nope"], 1);
+    one_line_error(&err);
+    assert!(err.contains("unknown cursor \"nope\""), "{err}");
+    let err = s.fails(&["cursors", "seek", "nope", "--beginning"], 1);
+    assert!(err.contains("unknown cursor"), "{err}");
+    let err = s.fails(&["cursors", "delete", "nope"], 1);
+    assert!(err.contains("unknown cursor"), "{err}");
+    let missing = s.path("missing.jsonl");
+    let err = s.fails(&["publish", "--file", missing.to_str().unwrap()], 1);
+    one_line_error(&err);
+    assert!(err.contains("missing.jsonl"), "{err}");
+    // Reading a log that does not exist.
+    let none = Scratch::new();
+    for cmd in [
+        &["replay"][..],
+        &["tail"],
+        &["stats"],
+        &["check"],
+        &["cursors", "list"],
+    ] {
+        let err = none.fails(cmd, 1);
+        one_line_error(&err);
+        assert!(err.contains("no log at"), "{cmd:?}: {err}");
+        assert!(!none.db.exists(), "a reading command created the log");
+    }
+    // A file that is not a log is left alone.
+    let junk = s.path("junk.redb");
+    std::fs::write(&junk, b"hello, not a database").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "--db",
+            junk.to_str().unwrap(),
+            "publish",
+            "a.b",
+            "--tenant",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a ctrlbus log"));
+    assert_eq!(std::fs::read(&junk).unwrap(), b"hello, not a database");
+}
+
+#[test]
+fn db_defaults_to_the_environment() {
+    let s = seeded();
+    let out = Command::new(BIN)
+        .env("CTRLBUS_DB", &s.db)
+        .arg("stats")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        lines(&String::from_utf8(out.stdout).unwrap())[0]["events"],
+        6
+    );
+    // Without either, ./ctrlbus.redb.
+    let out = Command::new(BIN)
+        .env_remove("CTRLBUS_DB")
+        .current_dir(s.dir.path())
+        .args(["publish", "a.b", "--tenant", "x"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(s.path("ctrlbus.redb").exists());
+}
+
+/// Creates a durable cursor through the library (the CLI only manages them).
+fn make_cursor(db: &Path, name: &str) {
+    use ctrlbus::{Event, Filter, HandlerError, Position};
+    let bus = ctrlbus::DurableBus::open(db).unwrap();
+    let sub = bus
+        .subscribe_durable(
+            name,
+            Filter::types(["deploy.*"]).unwrap(),
+            Position::Beginning,
+            |_: &Event| -> Result<(), HandlerError> { Ok(()) },
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sub.position() < bus.last_seq() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(sub);
+    ctrlbus::Bus::close(&bus);
+}
+
+#[test]
+fn cursors_list_show_seek_delete() {
+    let s = seeded();
+    assert!(s.ok(&["cursors", "list"]).is_empty());
+    make_cursor(&s.db, "billing");
+    let list = lines(&s.ok(&["cursors", "list"]));
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["name"], "billing");
+    assert_eq!(list[0]["delivered_seq"], 6);
+    assert_eq!(list[0]["lag"], 0);
+    assert_eq!(list[0]["filter"]["types"][0], "deploy.*");
+
+    let shown = &lines(&s.ok(&["cursors", "show", "billing"]))[0];
+    assert_eq!(shown["name"], "billing");
+    assert!(shown["dead_letter_events"].as_array().unwrap().is_empty());
+
+    let sought = &lines(&s.ok(&["cursors", "seek", "billing", "--to-seq", "3"]))[0];
+    assert_eq!(sought["next_seq"], 3);
+    let sought = &lines(&s.ok(&["cursors", "seek", "billing", "--beginning"]))[0];
+    assert_eq!(sought["next_seq"], 1);
+    let sought = &lines(&s.ok(&["cursors", "seek", "billing", "--end"]))[0];
+    assert_eq!(sought["next_seq"], 7);
+    let sought = &lines(&s.ok(&["cursors", "seek", "billing", "--to", "1h"]))[0];
+    assert_eq!(sought["next_seq"], 1);
+    let sought = &lines(&s.ok(&["cursors", "seek", "billing", "--to", "2999-01-01T00:00:00Z"]))[0];
+    assert_eq!(sought["next_seq"], 7);
+
+    let table = s.ok(&["--format", "table", "cursors", "list"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("billing"));
+
+    let deleted = &lines(&s.ok(&["cursors", "delete", "billing"]))[0];
+    assert_eq!(deleted["deleted"], "billing");
+    assert!(s.ok(&["cursors", "list"]).is_empty());
+    s.fails(&["cursors", "show", "billing"], 1);
+}
+
+#[test]
+fn stats_check_retain_compact() {
+    let s = seeded();
+    let stats = &lines(&s.ok(&["stats"]))[0];
+    assert_eq!(stats["events"], 6);
+    assert_eq!(stats["first_seq"], 1);
+    assert_eq!(stats["last_seq"], 6);
+    assert!(stats["file_bytes"].as_u64().unwrap() > 0);
+    assert!(stats["last_appended_at"].is_string());
+
+    let report = &lines(&s.ok(&["check"]))[0];
+    assert_eq!(report["events_checked"], 6);
+    assert_eq!(report["problems"].as_array().unwrap().len(), 0);
+
+    let retained = &lines(&s.ok(&["retain", "--max-events", "2"]))[0];
+    assert_eq!(retained["removed"], 4);
+    assert_eq!(retained["first_seq"], 5);
+    assert_eq!(seqs(&s.ok(&["replay"])), [5, 6]);
+    let retained = &lines(&s.ok(&["retain", "--max-age", "1h"]))[0];
+    assert_eq!(retained["removed"], 0);
+    s.fails(&["retain"], 2);
+
+    let compacted = &lines(&s.ok(&["compact"]))[0];
+    assert!(
+        compacted["bytes_after"].as_u64().unwrap() <= compacted["bytes_before"].as_u64().unwrap()
+    );
+    assert_eq!(seqs(&s.ok(&["replay"])), [5, 6]);
+    // seq numbers are never reused.
+    assert_eq!(seqs(&s.ok(&["publish", "a.b", "--tenant", "x"])), [7]);
+    s.ok(&["check"]);
+}
+
+#[test]
+fn completions_and_help() {
+    let s = Scratch::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = s.ok(&["completions", shell]);
+        assert!(out.contains("replay"), "{shell}");
+    }
+    s.fails(&["completions", "tcsh"], 2);
+    let help = s.ok(&["--help"]);
+    assert!(help.contains("Examples:"));
+    for cmd in [
+        &["publish"][..],
+        &["replay"],
+        &["tail"],
+        &["cursors", "list"],
+        &["cursors", "show"],
+        &["cursors", "seek"],
+        &["cursors", "delete"],
+        &["stats"],
+        &["check"],
+        &["compact"],
+        &["retain"],
+        &["bench", "publish"],
+        &["completions"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let help = s.ok(&args);
+        assert!(help.contains("Example"), "no example in {cmd:?} --help");
+        assert!(help.contains("ctrlbus "), "{cmd:?}");
+    }
+    assert!(s.ok(&["--version"]).starts_with("ctrlbus "));
+}
+
+#[test]
+fn bench_publish_prints_one_json_line() {
+    let s = Scratch::new();
+    let acks = s.path("acks.txt");
+    let out = s.ok(&[
+        "bench",
+        "publish",
+        "--events",
+        "200",
+        "--publishers",
+        "4",
+        "--payload-bytes",
+        "100",
+        "--acks",
+        acks.to_str().unwrap(),
+    ]);
+    let v = lines(&out);
+    assert_eq!(v.len(), 1);
+    let r = &v[0];
+    assert_eq!(r["system"], "ctrlbus");
+    assert_eq!(r["publishers"], 4);
+    assert_eq!(r["events"], 200);
+    assert_eq!(r["payload_bytes"], 100);
+    assert!(r["events_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(r["p50_us"].as_u64().unwrap() <= r["p99_us"].as_u64().unwrap());
+    let ids: Vec<String> = std::fs::read_to_string(&acks)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), 200);
+    let replayed: HashSet<String> = lines(&s.ok(&["replay"]))
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(replayed.len(), 200);
+    assert!(ids.iter().all(|id| replayed.contains(id)));
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn reading_commands_work_while_another_process_writes() {
+    let s = Scratch::new();
+    s.ok(&["publish", "deploy.started", "--tenant", "acme"]);
+    make_cursor(&s.db, "audit");
+    let mut writer = s
+        .cmd(&[
+            "bench",
+            "publish",
+            "--events",
+            "1000000",
+            "--publishers",
+            "4",
+            "--payload-bytes",
+            "50",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let last_seq = |s: &Scratch| lines(&s.ok(&["stats"]))[0]["last_seq"].as_u64().unwrap();
+    wait_for("the writer to publish", || last_seq(&s) > 50);
+
+    // Every reading command works, and sees the writer's commits.
+    let first = last_seq(&s);
+    let replayed = seqs(&s.ok(&["replay"]));
+    assert!(replayed.len() as u64 >= first);
+    assert_eq!(
+        replayed,
+        (1..=replayed.len() as u64).collect::<Vec<_>>(),
+        "no gap"
+    );
+    assert_eq!(seqs(&s.ok(&["tail", "-n", "3"])).len(), 3);
+    assert_eq!(lines(&s.ok(&["cursors", "list"]))[0]["name"], "audit");
+    s.ok(&["cursors", "show", "audit"]);
+    assert_eq!(
+        lines(&s.ok(&["check"]))[0]["problems"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    wait_for("more events", || last_seq(&s) > first);
+
+    // A writing command is refused, clearly, and the writer keeps going.
+    let still_running = writer.try_wait().unwrap().is_none();
+    if still_running {
+        let err = s.fails(&["publish", "a.b", "--tenant", "x"], 1);
+        one_line_error(&err);
+        assert!(err.contains("in use by another process"), "{err}");
+        let err = s.fails(&["cursors", "delete", "audit"], 1);
+        assert!(err.contains("in use"), "{err}");
+        let err = s.fails(&["compact"], 1);
+        assert!(err.contains("in use"), "{err}");
+    }
+    kill(&mut writer);
+}
+
+#[cfg(unix)]
+#[test]
+fn kill_9_during_bench_loses_no_acknowledged_event() {
+    let s = Scratch::new();
+    let acks = s.path("acks.txt");
+    for round in 0..2 {
+        let mut child = s
+            .cmd(&[
+                "bench",
+                "publish",
+                "--events",
+                "1000000",
+                "--publishers",
+                "8",
+                "--payload-bytes",
+                "200",
+                "--acks",
+                acks.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let want = 300 * (round + 1);
+        wait_for("acknowledged events", || {
+            std::fs::read_to_string(&acks)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+                > want
+        });
+        std::thread::sleep(Duration::from_millis(30 * round as u64 + 10));
+        // SIGKILL: no destructor, no flush, no close.
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let acked: Vec<String> = std::fs::read_to_string(&acks)
+        .unwrap()
+        .lines()
+        // The last line may be cut short by the kill.
+        .filter(|l| l.len() == 30)
+        .map(str::to_owned)
+        .collect();
+    assert!(acked.len() > 600);
+    let out = s.run(&["replay"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed = lines(&String::from_utf8(out.stdout).unwrap());
+    let ids: HashSet<&str> = replayed.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let missing: Vec<&String> = acked
+        .iter()
+        .filter(|id| !ids.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged ids lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)]
+    );
+    let seqs: Vec<u64> = replayed
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap");
+    s.ok(&["check"]);
+}
+
+#[test]
+fn a_closed_pipe_exits_zero_quietly() {
+    let s = Scratch::new();
+    s.ok(&[
+        "bench",
+        "publish",
+        "--events",
+        "20000",
+        "--publishers",
+        "8",
+        "--payload-bytes",
+        "200",
+    ]);
+    for args in [
+        &["replay"][..],
+        &["tail", "-n", "20000"],
+        &["--format", "table", "replay"],
+    ] {
+        let mut child = s
+            .cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 1];
+        stdout.read_exact(&mut first).unwrap();
+        drop(stdout); // like `| head -c 1`
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}
