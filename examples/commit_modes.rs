@@ -40,16 +40,26 @@ fn main() {
     ] {
         let path = dir.join(format!("commit_modes_{name}.redb"));
         let _ = std::fs::remove_file(&path);
-        let bus = DurableBus::builder().shared_reads(shared).quick_repair(quick).write_ahead_log(wal).open(&path).unwrap();
+        let bus = DurableBus::builder()
+            .shared_reads(shared)
+            .quick_repair(quick)
+            .write_ahead_log(wal)
+            .open(&path)
+            .unwrap();
         for _ in 0..20 {
-            bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone())).unwrap();
+            bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
+                .unwrap();
         }
         let start = Instant::now();
         for _ in 0..n {
-            bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone())).unwrap();
+            bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
+                .unwrap();
         }
         let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
-        println!("{{\"mode\":\"{name}\",\"us_per_op\":{us:.0},\"vs_fdatasync\":{:.2}}}", us / fsync_us);
+        println!(
+            "{{\"mode\":\"{name}\",\"us_per_op\":{us:.0},\"vs_fdatasync\":{:.2}}}",
+            us / fsync_us
+        );
         drop(bus);
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(path.with_extension("redb.wal"));

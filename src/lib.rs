@@ -37,12 +37,18 @@ mod error;
 mod event;
 mod fanout;
 mod filter;
+mod fuzzing;
 mod id;
 mod memory;
 mod sync;
 mod time;
 pub mod webhook;
 
+#[doc(hidden)]
+pub mod __fuzz {
+    //! Fuzz entry points; not part of the API.
+    pub use crate::fuzzing::*;
+}
 pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};
 pub use durable::{
     CheckReport, CursorInfo, CursorState, DeadLetter, DurableBus, DurableBusBuilder,

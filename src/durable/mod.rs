@@ -44,6 +44,24 @@ pub use subscription::{CursorInfo, CursorState, DeadLetter, DurableSubscription,
 pub use upkeep::{CheckReport, RetainReport, Retention, Stats};
 
 pub(crate) use commit::AppendHook;
+
+/// Decodes a stored record into its append time and event (for fuzzing).
+pub(crate) fn codec_decode_to_event(bytes: &[u8]) -> Result<(i64, Event), String> {
+    let (append, rec) = codec::decode_ref(bytes)?;
+    Ok((append, rec.to_event()?))
+}
+
+/// Encodes an event as a stored record (for fuzzing).
+pub(crate) fn codec_encode(event: &Event, append_ns: i64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let payload = if event.payload.is_empty() {
+        Vec::new()
+    } else {
+        event.payload_json()
+    };
+    codec::encode(event, append_ns, &payload, &mut out);
+    out
+}
 pub(crate) use tables::{from_bytes as decode_record, to_bytes as encode_record};
 
 use crate::bus::{Bus, Detach, Handler, Receipt, Subscription};
