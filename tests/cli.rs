@@ -890,3 +890,222 @@ fn a_closed_pipe_exits_zero_quietly() {
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
 }
+
+/// One received webhook request: lowercase header names and values, body.
+type Request = (Vec<(String, String)>, Vec<u8>);
+
+/// A webhook receiver on 127.0.0.1 that answers 200 and hands over each
+/// request's headers and body.
+struct Receiver {
+    url: String,
+    rx: std::sync::mpsc::Receiver<Request>,
+}
+
+fn receiver() -> Receiver {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut req in server.incoming_requests() {
+            let headers = req
+                .headers()
+                .iter()
+                .map(|h| {
+                    (
+                        h.field.as_str().as_str().to_ascii_lowercase(),
+                        h.value.as_str().to_owned(),
+                    )
+                })
+                .collect();
+            let mut body = Vec::new();
+            let _ = req.as_reader().read_to_end(&mut body);
+            let _ = req.respond(tiny_http::Response::empty(200));
+            if tx.send((headers, body)).is_err() {
+                return;
+            }
+        }
+    });
+    Receiver { url, rx }
+}
+
+#[test]
+fn webhooks_and_deliveries() {
+    let s = Scratch::new();
+    let recv = receiver();
+    // A loopback target needs --allow-private-targets.
+    let err = s.fails(
+        &["webhooks", "add", "--tenant", "acme", "--url", &recv.url],
+        1,
+    );
+    one_line_error(&err);
+    assert!(err.contains("private"), "{err}");
+    let added = &lines(&s.ok(&[
+        "webhooks",
+        "add",
+        "--tenant",
+        "acme",
+        "--url",
+        &recv.url,
+        "--event",
+        "deploy.*",
+        "--allow-private-targets",
+    ]))[0];
+    let hook = added["id"].as_str().unwrap().to_owned();
+    let secret = added["secret"].as_str().unwrap().to_owned();
+    assert!(hook.starts_with("hook_"));
+    assert!(secret.starts_with("whsec_"));
+    assert_eq!(added["tenant_id"], "acme");
+    assert_eq!(added["events"][0], "deploy.*");
+    assert_eq!(added["active"], true);
+
+    // The secret is never shown again.
+    let listed = s.ok(&["webhooks", "list"]);
+    assert_eq!(lines(&listed).len(), 1);
+    assert!(!listed.contains("whsec_"), "{listed}");
+    assert!(s.ok(&["webhooks", "list", "--tenant", "beta"]).is_empty());
+    let shown = s.ok(&["webhooks", "show", &hook]);
+    assert!(!shown.contains("whsec_"));
+    assert_eq!(lines(&shown)[0]["id"], hook.as_str());
+    assert!(
+        s.ok(&["--format", "table", "webhooks", "list"])
+            .starts_with("ID")
+    );
+
+    let event = lines(&s.ok(&["publish", "deploy.started", "--tenant", "acme"]))[0].clone();
+    s.ok(&["publish", "deploy.started", "--tenant", "beta"]);
+    s.ok(&["publish", "health.passed", "--tenant", "acme"]);
+    let pending = lines(&s.ok(&["deliveries", "list", "--status", "pending"]));
+    assert_eq!(pending.len(), 1, "one matching event of the hook's tenant");
+    assert_eq!(pending[0]["seq"], 1);
+    assert_eq!(pending[0]["event_id"], event["id"]);
+    let delivery = pending[0]["id"].as_str().unwrap().to_owned();
+
+    let summary = &lines(&s.ok(&[
+        "deliver",
+        "--until-idle",
+        "--allow-private-targets",
+        "--retry-schedule",
+        "100ms,100ms",
+        "--timeout",
+        "5s",
+    ]))[0];
+    assert_eq!(summary["stopped_by"], "idle");
+    assert_eq!(summary["succeeded"], 1);
+    assert_eq!(summary["pending"], 0);
+    let (headers, body) = recv.rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let body_json: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body_json["id"], event["id"]);
+    assert!(
+        body_json.get("seq").is_none(),
+        "the body is the bare envelope"
+    );
+    let secret_key = ctrlbus::Secret::parse(&secret).unwrap();
+    ctrlbus::webhook::verify(&secret_key, &headers, &body, Duration::from_secs(300)).unwrap();
+
+    let shown = &lines(&s.ok(&["deliveries", "show", &delivery]))[0];
+    assert_eq!(shown["status"], "succeeded");
+    assert_eq!(shown["attempts"], 1);
+    assert_eq!(shown["attempt_log"][0]["status_code"], 200);
+    assert!(
+        s.ok(&["deliveries", "list", "--status", "pending"])
+            .is_empty()
+    );
+    assert_eq!(
+        lines(&s.ok(&["deliveries", "list", "--webhook", &hook])).len(),
+        1
+    );
+
+    // Retry sends it again, with the same webhook-id.
+    let retried = &lines(&s.ok(&["deliveries", "retry", &delivery]))[0];
+    assert_eq!(retried["status"], "pending");
+    s.ok(&["deliver", "--until-idle", "--allow-private-targets"]);
+    let (headers, _) = recv.rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let id_header = headers.iter().find(|(k, _)| k == "webhook-id").unwrap();
+    assert_eq!(id_header.1, event["id"].as_str().unwrap());
+
+    // Admin.
+    let rotated = &lines(&s.ok(&["webhooks", "rotate-secret", &hook]))[0];
+    let new_secret = rotated["secret"].as_str().unwrap();
+    assert!(new_secret.starts_with("whsec_") && new_secret != secret);
+    let updated = &lines(&s.ok(&["webhooks", "update", &hook, "--event", "health.*"]))[0];
+    assert_eq!(updated["events"][0], "health.*");
+    assert!(updated.get("secret").is_none());
+    let disabled = &lines(&s.ok(&["webhooks", "disable", &hook]))[0];
+    assert_eq!(disabled["active"], false);
+    let err = s.fails(&["webhooks", "replay", &hook, "--since", "1h"], 1);
+    one_line_error(&err);
+    let enabled = &lines(&s.ok(&["webhooks", "enable", &hook]))[0];
+    assert_eq!(enabled["active"], true);
+    let replayed = &lines(&s.ok(&["webhooks", "replay", &hook, "--since", "1h"]))[0];
+    assert_eq!(replayed["deliveries_created"], 1, "health.passed of acme");
+    s.fails(&["webhooks", "update", &hook], 2);
+
+    let deleted = &lines(&s.ok(&["webhooks", "rm", &hook]))[0];
+    assert_eq!(deleted["deleted"], hook.as_str());
+    for cmd in ["show", "rm", "enable", "disable", "rotate-secret"] {
+        let err = s.fails(&["webhooks", cmd, &hook], 1);
+        one_line_error(&err);
+        assert!(err.contains(&format!("no webhook {hook}")), "{cmd}: {err}");
+    }
+    let err = s.fails(&["webhooks", "show", "hook_nope"], 2);
+    assert!(err.contains("invalid webhook id"), "{err}");
+    let err = s.fails(
+        &["deliveries", "show", "deli_01jddv1r7v0mzg0e3a8m0q0w4h"],
+        1,
+    );
+    assert!(err.contains("no webhook delivery"), "{err}");
+    s.fails(&["deliveries", "list", "--status", "lost"], 2);
+    s.fails(&["deliver", "--retry-schedule", "1s,x"], 2);
+    // Delivery records stay for audit.
+    assert_eq!(
+        lines(&s.ok(&["deliveries", "list", "--webhook", &hook])).len(),
+        2
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn deliver_runs_until_a_signal_and_reading_works_meanwhile() {
+    let s = Scratch::new();
+    let recv = receiver();
+    s.ok(&[
+        "webhooks",
+        "add",
+        "--tenant",
+        "acme",
+        "--url",
+        &recv.url,
+        "--allow-private-targets",
+    ]);
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        let mut child = s
+            .cmd(&["deliver", "--allow-private-targets", "--workers", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Give it time to open the log (a publish racing its open would
+        // make it exit with "in use" instead).
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(child.try_wait().unwrap().is_none(), "deliver exited early");
+        // The log is held: writers are refused, readers are not.
+        let err = s.fails(&["publish", "deploy.started", "--tenant", "acme"], 1);
+        assert!(err.contains("in use by another process"), "{err}");
+        s.ok(&["webhooks", "list"]);
+        s.ok(&["deliveries", "list"]);
+        s.ok(&["stats"]);
+        assert!(child.try_wait().unwrap().is_none(), "deliver exited early");
+        let pid = child.id() as libc::pid_t;
+        // The test crate may use unsafe: libc::kill has no safe wrapper here.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary = &lines(&String::from_utf8(out.stdout).unwrap())[0];
+        assert_eq!(summary["stopped_by"], "signal", "{name}");
+    }
+}

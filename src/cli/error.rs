@@ -66,6 +66,8 @@ runtime_from!(
     ctrlbus::CursorError,
     ctrlbus::PublishError,
     ctrlbus::SubscribeError,
+    ctrlbus::WebhookError,
+    ctrlbus::DeliveryError,
 );
 
 /// The result of a command.

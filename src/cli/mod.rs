@@ -8,6 +8,7 @@
 
 mod bench;
 mod cursors;
+mod deliveries;
 mod error;
 mod filter_args;
 mod open;
@@ -17,6 +18,7 @@ mod progress;
 mod publish;
 mod replay;
 mod values;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,6 +76,16 @@ enum Command {
     /// Named durable subscriptions: list, show, seek, delete.
     #[command(subcommand)]
     Cursors(cursors::Command),
+    /// Webhooks: add, list, show, update, enable, disable, rotate-secret,
+    /// rm, replay.
+    #[command(subcommand)]
+    Webhooks(webhooks::Command),
+    /// Webhook delivery records and attempt logs: list, show, retry.
+    #[command(subcommand)]
+    Deliveries(deliveries::Command),
+    /// Run the webhook delivery workers until SIGINT/SIGTERM (or
+    /// --until-idle).
+    Deliver(deliveries::DeliverArgs),
     /// Counts and bounds of the log.
     #[command(after_help = "Example:\n  ctrlbus stats --format table")]
     Stats,
@@ -155,6 +167,9 @@ fn run(cli: Cli, out: &mut Out) -> Result {
         Command::Replay(args) => replay::replay(db, args, out),
         Command::Tail(args) => replay::tail(db, args, out),
         Command::Cursors(cmd) => cursors::run(db, cmd, out),
+        Command::Webhooks(cmd) => webhooks::run(db, cmd, out),
+        Command::Deliveries(cmd) => deliveries::run(db, cmd, out),
+        Command::Deliver(args) => deliveries::deliver(db, args, out),
         Command::Stats => operations::stats(db, out),
         Command::Check => operations::check(db, out),
         Command::Compact => operations::compact(db, out),

@@ -17,13 +17,20 @@ pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     ctrlbus::parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// `DUR,DUR,…` (a retry schedule).
-#[allow(dead_code)]
-pub(crate) fn durations(s: &str) -> Result<Vec<Duration>, String> {
+/// A list of DURs (a retry schedule). A newtype, so clap takes it as one
+/// value rather than many.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Durations(pub(crate) Vec<Duration>);
+
+/// `DUR,DUR,…` (empty: none).
+pub(crate) fn durations(s: &str) -> Result<Durations, String> {
     if s.trim().is_empty() {
-        return Ok(Vec::new());
+        return Ok(Durations(Vec::new()));
     }
-    s.split(',').map(|p| duration(p.trim())).collect()
+    s.split(',')
+        .map(|p| duration(p.trim()))
+        .collect::<Result<_, _>>()
+        .map(Durations)
 }
 
 /// An event type.
@@ -47,7 +54,6 @@ pub(crate) fn event_id(s: &str) -> Result<EventId, String> {
 }
 
 /// A webhook id (`hook_…`).
-#[allow(dead_code)]
 pub(crate) fn webhook_id(s: &str) -> Result<WebhookId, String> {
     WebhookId::parse(s).map_err(|e| e.to_string())
 }
