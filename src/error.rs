@@ -659,7 +659,7 @@ pub enum UrlError {
         /// The resolver's message.
         message: String,
     },
-    /// The host resolves to an address that [`is_forbidden`](crate::webhook::url_policy::is_forbidden) refuses
+    /// The host resolves to an address that [`is_forbidden`](crate::webhook::is_forbidden) refuses
     /// (loopback, private, link-local, …) and private targets are not allowed.
     ForbiddenAddress {
         /// The host that was looked up.

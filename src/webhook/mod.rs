@@ -18,14 +18,17 @@ pub(crate) mod url_policy;
 pub(crate) mod worker;
 
 pub use signing::{
-    DEFAULT_TOLERANCE, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Headers, Secret, sign,
-    signature_header, verify, verify_at,
+    DEFAULT_TOLERANCE, GENERATED_SECRET_LEN, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    Headers, MAX_SECRET_LEN, MIN_SECRET_LEN, SECRET_PREFIX, Secret, sign, signature_header, verify,
+    verify_at,
 };
 pub use store::{
     CreatedWebhook, DEFAULT_ROTATION_GRACE, DeliveryAttempt, DeliveryQuery, DeliveryStatus,
     NewWebhook, Webhook, WebhookDelivery, WebhookUpdate, Webhooks,
 };
-pub use url_policy::{UrlPolicy, validate_url};
+pub use url_policy::{
+    MAX_URL_LEN, ParsedTarget, Scheme, UrlPolicy, check_addresses, is_forbidden, validate_url,
+};
 pub use worker::{
     DEFAULT_RETRY_SCHEDULE, DeliveryOptions, DeliveryWorker, RESPONSE_LOG_BYTES, USER_AGENT,
     http_agent,

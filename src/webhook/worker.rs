@@ -510,7 +510,9 @@ fn storage_err(e: impl Into<StorageError>) -> StorageError {
 fn scheduler_loop(inner: &Inner, jobs: Sender<Job>, outcomes: Receiver<Outcome>) {
     let mut in_flight: HashSet<[u8; 16]> = HashSet::new();
     let mut circuits: HashMap<[u8; 16], Circuit> = HashMap::new();
-    let max_in_flight = inner.opts.workers * 2;
+    // Jobs queued ahead of the senders, so that outcomes arrive while the
+    // previous batch commits and are recorded together.
+    let max_in_flight = (inner.opts.workers * 8).max(16);
     loop {
         let stopping = inner.stop.load(Ordering::Acquire);
         let pass = {
@@ -567,14 +569,18 @@ fn scheduler_loop(inner: &Inner, jobs: Sender<Job>, outcomes: Receiver<Outcome>)
         crossbeam_channel::select! {
             recv(outcomes) -> o => {
                 if let Ok(o) = o {
-                    // Put it back in front: handled at the top of the loop.
-                    let r = record(inner, std::slice::from_ref(&o), &mut circuits);
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "recording a webhook attempt failed");
+                    // Record it with every other outcome already waiting:
+                    // one transaction (one fsync) for the lot.
+                    let mut batch = vec![o];
+                    batch.extend(outcomes.try_iter());
+                    if let Err(e) = record(inner, &batch, &mut circuits) {
+                        tracing::error!(error = %e, "recording webhook attempts failed; the deliveries stay pending");
                     }
-                    in_flight.remove(&o.delivery);
-                    if let Some(c) = circuits.get_mut(&o.hook) {
-                        c.in_flight = c.in_flight.saturating_sub(1);
+                    for o in &batch {
+                        in_flight.remove(&o.delivery);
+                        if let Some(c) = circuits.get_mut(&o.hook) {
+                            c.in_flight = c.in_flight.saturating_sub(1);
+                        }
                     }
                 }
             }
