@@ -662,6 +662,20 @@ fn completions_and_help() {
         &["retain"],
         &["bench", "publish"],
         &["completions"],
+        &["webhooks", "add"],
+        &["webhooks", "list"],
+        &["webhooks", "show"],
+        &["webhooks", "update"],
+        &["webhooks", "enable"],
+        &["webhooks", "disable"],
+        &["webhooks", "rotate-secret"],
+        &["webhooks", "rm"],
+        &["webhooks", "replay"],
+        &["deliveries", "list"],
+        &["deliveries", "show"],
+        &["deliveries", "retry"],
+        &["deliver"],
+        &["demo"],
     ] {
         let mut args = cmd.to_vec();
         args.push("--help");
@@ -1108,4 +1122,35 @@ fn deliver_runs_until_a_signal_and_reading_works_meanwhile() {
         let summary = &lines(&String::from_utf8(out.stdout).unwrap())[0];
         assert_eq!(summary["stopped_by"], "signal", "{name}");
     }
+}
+
+#[test]
+fn demo_runs_the_guided_scenario() {
+    let s = Scratch::new();
+    let started = Instant::now();
+    let out = s.run(&["demo"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    for step in [
+        "published seq  1  instance.created (acme)",
+        "(beta)",
+        "subscriber billing <-",
+        "signature verified",
+        "killed with SIGKILL",
+        "acknowledged events survived the kill",
+        "catches up",
+        "more deliveries after the restart",
+        "Replay from a timestamp",
+        "\"seq\":",
+    ] {
+        assert!(stdout.contains(step), "missing {step:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("REJECTED"), "{stdout}");
+    // The scratch log is gone, --db untouched.
+    assert!(!s.db.exists());
 }

@@ -9,6 +9,7 @@
 mod bench;
 mod cursors;
 mod deliveries;
+mod demo;
 mod error;
 mod filter_args;
 mod open;
@@ -102,6 +103,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Command),
+    /// A guided run on a scratch log: a simulated control plane, a durable
+    /// subscriber, a local webhook receiver, a crash and the resume.
+    Demo(demo::DemoArgs),
     /// Print a shell completion script.
     #[command(after_help = "\
 Examples:
@@ -175,6 +179,7 @@ fn run(cli: Cli, out: &mut Out) -> Result {
         Command::Compact => operations::compact(db, out),
         Command::Retain(args) => operations::retain(db, args, out),
         Command::Bench(cmd) => bench::run(db, cmd, out),
+        Command::Demo(args) => demo::run(db, args),
         Command::Completions { shell } => {
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "ctrlbus", &mut buf);
