@@ -645,6 +645,8 @@ pub(crate) fn disable_in(
 /// dispatched by the new registry state (G8). On error nothing is written.
 #[derive(Clone)]
 pub struct Webhooks {
+    /// Held for read-your-writes (`sync_reads`) and the shared state.
+    bus: DurableBus,
     shared: Arc<Shared>,
     policy: UrlPolicy,
     grace: Duration,
@@ -665,6 +667,7 @@ impl DurableBus {
     /// [`Webhooks::allow_private_targets`] is set.
     pub fn webhooks(&self) -> Webhooks {
         Webhooks {
+            bus: self.clone(),
             shared: self.shared().clone(),
             policy: UrlPolicy::default(),
             grace: DEFAULT_ROTATION_GRACE,
@@ -756,10 +759,21 @@ impl Webhooks {
         Ok(())
     }
 
+    /// Read-your-writes: waits until every acknowledged event is in the
+    /// redb file (with a write-ahead log, events are applied to it, and
+    /// their deliveries created, a little after `publish` returns). Best
+    /// effort: a closed or poisoned bus still serves what is in the file.
+    fn sync(&self) {
+        let _ = self.bus.sync_reads();
+    }
+
+    /// A write transaction, after every acknowledged event was applied with
+    /// the registry as it was when it was published.
     fn open(&self) -> Result<redb::WriteTransaction, WebhookError> {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(WebhookError::Closed);
         }
+        self.sync();
         Ok(write_txn(&self.shared)?)
     }
 
@@ -819,6 +833,7 @@ impl Webhooks {
     /// # Errors
     /// [`WebhookError::UnknownWebhook`], [`WebhookError::Storage`].
     pub fn get(&self, id: WebhookId) -> Result<Webhook, WebhookError> {
+        self.sync();
         get_webhook(&self.shared.db, id)
     }
 
@@ -827,6 +842,7 @@ impl Webhooks {
     /// # Errors
     /// [`StorageError`] when storage fails or a record is corrupted.
     pub fn list(&self, tenant: Option<&str>) -> Result<Vec<Webhook>, StorageError> {
+        self.sync();
         list_webhooks(&self.shared.db, tenant)
     }
 
@@ -975,6 +991,7 @@ impl Webhooks {
     /// # Errors
     /// [`StorageError`] when storage fails or a record is corrupted.
     pub fn deliveries(&self, q: &DeliveryQuery) -> Result<Vec<WebhookDelivery>, StorageError> {
+        self.sync();
         list_deliveries(&self.shared.db, q)
     }
 
@@ -983,6 +1000,7 @@ impl Webhooks {
     /// # Errors
     /// [`WebhookError::UnknownDelivery`], [`WebhookError::Storage`].
     pub fn delivery(&self, id: DeliveryId) -> Result<WebhookDelivery, WebhookError> {
+        self.sync();
         get_delivery(&self.shared.db, id)
     }
 
@@ -991,6 +1009,7 @@ impl Webhooks {
     /// # Errors
     /// [`WebhookError::UnknownDelivery`], [`WebhookError::Storage`].
     pub fn attempts(&self, id: DeliveryId) -> Result<Vec<DeliveryAttempt>, WebhookError> {
+        self.sync();
         list_attempts(&self.shared.db, id)
     }
 

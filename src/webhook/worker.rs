@@ -232,7 +232,7 @@ struct Inner {
 pub struct DeliveryWorker {
     inner: Arc<Inner>,
     threads: Vec<JoinHandle<()>>,
-    _bus: DurableBus,
+    bus: DurableBus,
 }
 
 impl std::fmt::Debug for DeliveryWorker {
@@ -313,7 +313,7 @@ impl DeliveryWorker {
         let worker = DeliveryWorker {
             inner,
             threads,
-            _bus: bus,
+            bus,
         };
         match result {
             Ok(()) => Ok(worker),
@@ -337,11 +337,15 @@ impl DeliveryWorker {
         Ok(())
     }
 
-    /// Waits until a scheduling pass that started after this call found no
-    /// pending delivery and none in flight. Returns false on timeout or if
+    /// Waits until every event acknowledged before this call is in the file
+    /// and a scheduling pass that started after that found no pending
+    /// delivery and none in flight. Returns false on timeout or if
     /// the worker stopped.
     pub fn wait_idle(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
+        // Events acknowledged before this call must be in the redb file,
+        // with their deliveries, before a pass can call itself idle.
+        let _ = self.bus.sync_reads();
         let mut idle = self.inner.idle.lock();
         let target = idle.started + 1;
         self.inner.dispatcher.wake();
