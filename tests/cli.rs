@@ -1154,3 +1154,43 @@ fn demo_runs_the_guided_scenario() {
     // The scratch log is gone, --db untouched.
     assert!(!s.db.exists());
 }
+
+#[test]
+fn check_exits_1_with_a_report_when_a_record_is_unsound() {
+    let s = seeded();
+    s.ok(&["check"]);
+    // Damage one record behind ctrlbus's back, through redb itself.
+    {
+        const EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
+        let db = redb::Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+            .open(&s.db)
+            .unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(EVENTS)
+            .unwrap()
+            .insert(3u64, b"\x01garbage".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let out = s.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = &lines(&String::from_utf8(out.stdout).unwrap())[0];
+    let problems = report["problems"].as_array().unwrap();
+    assert!(!problems.is_empty());
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("seq 3")),
+        "{problems:?}"
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    one_line_error(&err);
+    assert!(err.contains("check found"), "{err}");
+    // Reading up to the damage still works; the damaged record is an error
+    // naming its seq.
+    let out = s.run(&["replay"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(seqs(&String::from_utf8(out.stdout).unwrap()), [1, 2]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains('3'));
+}
