@@ -13,13 +13,16 @@
 //!
 //! Invariant: `delivered` only grows while the subscription is active, and
 //! every event with `seq <= delivered` has been handled (acknowledged or
-//! dead-lettered). `stored <= delivered` is the position durably in the
-//! `cursors` table; it is written with every group commit, every
-//! `ack_flush_interval` when idle, and as soon as `ack_flush_events`
-//! acknowledgements are pending. So after a crash a subscription sees again
-//! at most the events it handled after the last stored position: under
-//! `ack_flush_events` plus one commit group, and at most one flush interval's
-//! worth.
+//! dead-lettered). `durable_at <= stored <= delivered`: `stored` is the
+//! position last written to the `cursors` table, `durable_at` the one last
+//! made durable. Positions are written whenever the writer applies to the
+//! redb file (every `apply_interval` while events arrive), every
+//! `ack_flush_interval` when idle, and as soon as a subscription's position
+//! is `ack_flush_events` past `durable_at`, in which case the delivering
+//! thread (the catch-up worker, or the fan-out dispatcher after a live
+//! group) waits until it is durable. So after a crash a subscription sees
+//! again at most the events it handled after its last durable position:
+//! fewer than `ack_flush_events` plus one commit group.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -78,8 +81,6 @@ pub(crate) struct DurableSub {
     stored: AtomicU64,
     /// The position last made durable.
     durable_at: AtomicU64,
-    /// A durable flush was requested and has not happened yet.
-    flush_requested: AtomicBool,
     /// The stored record, but for `delivered` (taken from the atomic).
     record: Mutex<CursorRecord>,
     live: AtomicBool,
@@ -129,11 +130,14 @@ impl DurableSub {
     pub(crate) fn finish_live_group(&self, shared: &Shared, last: u64) {
         if self.live.load(Ordering::Acquire) {
             self.delivered.store(last, Ordering::Release);
+            // Wait until the position is durable, as catch-up does. Only
+            // asking for a flush let the dispatcher run further groups
+            // before the writer stored the position, so a crash could
+            // redeliver more than the documented window.
             if last.saturating_sub(self.durable_at.load(Ordering::Acquire))
                 >= shared.opts.ack_flush_events
-                && !self.flush_requested.swap(true, Ordering::AcqRel)
             {
-                let _ = shared.tx.send(WriteReq::FlushAcks(None));
+                let _ = commit::flush_acks(shared, Duration::from_secs(30));
             }
         }
     }
@@ -169,7 +173,6 @@ impl DurableSub {
     pub(crate) fn mark_durable(&self) {
         self.durable_at
             .fetch_max(self.stored.load(Ordering::Acquire), Ordering::AcqRel);
-        self.flush_requested.store(false, Ordering::Release);
     }
 
     pub(crate) fn stop(&self) {
@@ -180,10 +183,10 @@ impl DurableSub {
 
     pub(crate) fn join(&self) {
         let worker = self.worker.lock().take();
-        if let Some(w) = worker {
-            if w.thread().id() != std::thread::current().id() {
-                let _ = w.join();
-            }
+        if let Some(w) = worker
+            && w.thread().id() != std::thread::current().id()
+        {
+            let _ = w.join();
         }
     }
 
@@ -736,7 +739,6 @@ pub(crate) fn subscribe(
         delivered: AtomicU64::new(record.delivered),
         stored: AtomicU64::new(record.delivered),
         durable_at: AtomicU64::new(record.delivered),
-        flush_requested: AtomicBool::new(false),
         record: Mutex::new(record),
         live: AtomicBool::new(false),
         stop: AtomicBool::new(false),
