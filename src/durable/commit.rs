@@ -400,13 +400,13 @@ impl Writer {
     }
 
     fn maybe_retain(&mut self) {
-        if let Some(policy) = self.shared.opts.retention.clone() {
-            if self.last_retention.elapsed() >= self.shared.opts.retention_interval {
-                self.last_retention = Instant::now();
-                self.apply(Vec::new());
-                if let Err(e) = upkeep::retain(&self.shared, &policy) {
-                    tracing::warn!(error = %e, "retention failed");
-                }
+        if let Some(policy) = self.shared.opts.retention.clone()
+            && self.last_retention.elapsed() >= self.shared.opts.retention_interval
+        {
+            self.last_retention = Instant::now();
+            self.apply(Vec::new());
+            if let Err(e) = upkeep::retain(&self.shared, &policy) {
+                tracing::warn!(error = %e, "retention failed");
             }
         }
     }
@@ -471,17 +471,17 @@ impl Writer {
             reply_all(publishes, outcomes, None);
             return;
         };
-        if let Some(wal) = &mut self.wal {
-            if let Err(e) = wal.append(start_seq, records.iter().map(|r| r.as_slice())) {
-                tracing::error!(error = %e, "write-ahead log append failed; the log refuses writes until reopened");
-                // After a failed fsync the page cache cannot be trusted.
-                shared.poisoned.store(true, Ordering::Release);
-                let msg = e.to_string();
-                fail_all(publishes, Vec::new(), || {
-                    StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
-                });
-                return;
-            }
+        if let Some(wal) = &mut self.wal
+            && let Err(e) = wal.append(start_seq, records.iter().map(|r| r.as_slice()))
+        {
+            tracing::error!(error = %e, "write-ahead log append failed; the log refuses writes until reopened");
+            // After a failed fsync the page cache cannot be trusted.
+            shared.poisoned.store(true, Ordering::Release);
+            let msg = e.to_string();
+            fail_all(publishes, Vec::new(), || {
+                StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+            });
+            return;
         }
         let group = Arc::new(Group {
             last,
@@ -623,13 +623,12 @@ impl Writer {
                         hook.after_commit();
                     }
                 }
-                if let Some(wal) = &mut self.wal {
-                    if wal.used() >= WAL_RESTART_BYTES {
-                        if let Err(e) = wal.reset() {
-                            tracing::error!(error = %e, "cannot restart the write-ahead log");
-                            shared.poisoned.store(true, Ordering::Release);
-                        }
-                    }
+                if let Some(wal) = &mut self.wal
+                    && wal.used() >= WAL_RESTART_BYTES
+                    && let Err(e) = wal.reset()
+                {
+                    tracing::error!(error = %e, "cannot restart the write-ahead log");
+                    shared.poisoned.store(true, Ordering::Release);
                 }
                 for req in others {
                     match req {

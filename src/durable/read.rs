@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 use jiff::Timestamp;
-use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
 
 use super::codec::{self, RecordRef};
 use super::tables::{BY_ID, EVENTS, META, META_RETAINED};
@@ -315,7 +315,7 @@ fn write_json_line(seq: u64, rec: &RecordRef<'_>, out: &mut Vec<u8>) -> Result<(
         out.extend_from_slice(b",\"payload\":");
         out.extend_from_slice(rec.payload.0);
     }
-    write!(out, ",\"timestamp\":\"{ts}\"}}\n").map_err(|e| e.to_string())?;
+    writeln!(out, ",\"timestamp\":\"{ts}\"}}").map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -162,13 +162,13 @@ pub(crate) fn check<D: ReadableDatabase>(
                 ),
             ),
             Some(rec) => {
-                if let Ok((_, r)) = codec::decode_ref(rec.value()) {
-                    if r.id != k.value() {
-                        problem(
-                            &mut report,
-                            format!("id index entry for seq {seq} names another event"),
-                        );
-                    }
+                if let Ok((_, r)) = codec::decode_ref(rec.value())
+                    && r.id != k.value()
+                {
+                    problem(
+                        &mut report,
+                        format!("id index entry for seq {seq} names another event"),
+                    );
                 }
             }
         }
