@@ -84,6 +84,11 @@ pub(crate) struct DurableSub {
     /// The stored record, but for `delivered` (taken from the atomic).
     record: Mutex<CursorRecord>,
     live: AtomicBool,
+    /// The first `seq` of the current live period (set under the fan-out
+    /// lock when switching to live). A group the dispatcher took before the
+    /// switch may still list this subscription; its events below this
+    /// `seq` were delivered by catch-up and must not be delivered again.
+    live_from: AtomicU64,
     stop: AtomicBool,
     /// Deliveries already made of event `delivered + 1` (a failed live one).
     pending_attempts: AtomicU32,
@@ -102,7 +107,10 @@ impl DurableSub {
         event: &Event,
         failures: &mut Vec<HandlerFailure>,
     ) {
-        if !self.live.load(Ordering::Acquire) || !self.filter.matches(event) {
+        if !self.live.load(Ordering::Acquire)
+            || seq < self.live_from.load(Ordering::Acquire)
+            || !self.filter.matches(event)
+        {
             return;
         }
         let started = Instant::now();
@@ -128,7 +136,7 @@ impl DurableSub {
     /// After a group: a live subscription has handled (or skipped) every
     /// event of it.
     pub(crate) fn finish_live_group(&self, shared: &Shared, last: u64) {
-        if self.live.load(Ordering::Acquire) {
+        if self.live.load(Ordering::Acquire) && last >= self.live_from.load(Ordering::Acquire) {
             self.delivered.store(last, Ordering::Release);
             // Wait until the position is durable, as catch-up does. Only
             // asking for a flush let the dispatcher run further groups
@@ -220,6 +228,7 @@ impl DurableSub {
                     let mut fan = shared.fan.lock();
                     if self.delivered.load(Ordering::Acquire) + 1 == fan.next_seq && !self.stopped()
                     {
+                        self.live_from.store(fan.next_seq, Ordering::Release);
                         self.live.store(true, Ordering::Release);
                         fan.live_durable.push(self.clone());
                     }
@@ -741,6 +750,7 @@ pub(crate) fn subscribe(
         durable_at: AtomicU64::new(record.delivered),
         record: Mutex::new(record),
         live: AtomicBool::new(false),
+        live_from: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         pending_attempts: AtomicU32::new(0),
         last_error: Mutex::new(None),

@@ -1,0 +1,405 @@
+//! Concurrency (G4, G5, G6): 8 publishers, 4 durable subscribers — one plain,
+//! one filtered, one failing at random, one slow — and the switch between
+//! catch-up and live delivery under load.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, HandlerError, Position, Type};
+
+const PUBLISHERS: usize = 8;
+const PER_PUBLISHER: usize = 150;
+
+const TYPES: [Type; 5] = [
+    Type::DEPLOY_STARTED,
+    Type::DEPLOY_FAILED,
+    Type::HEALTH_PASSED,
+    Type::INSTANCE_CREATED,
+    Type::INSTANCE_STOPPED,
+];
+
+/// A deterministic coin: does attempt `n` at event `id` fail?
+fn coin(id: EventId, n: u64, one_in: u64) -> bool {
+    let b = id.to_bytes();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in b.iter().chain(n.to_le_bytes().iter()) {
+        h ^= u64::from(*x);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h % one_in == 0
+}
+
+type Log = Arc<Mutex<Vec<EventId>>>;
+
+fn recorder(log: &Log) -> impl Fn(&Event) -> Result<(), HandlerError> + Send + Sync + 'static {
+    let log = log.clone();
+    move |e: &Event| {
+        log.lock().unwrap().push(e.id);
+        Ok(())
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn eight_publishers_four_durable_subscribers() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::builder()
+        .sync(false)
+        .max_deliveries(1000)
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(4))
+        .slow_handler(Duration::from_millis(250))
+        .open(dir.path().join("log.redb"))
+        .unwrap();
+
+    let plain: Log = Arc::default();
+    let filtered: Log = Arc::default();
+    let failing: Log = Arc::default();
+    let slow: Log = Arc::default();
+    // Failures per event of the failing subscriber.
+    let failures: Arc<Mutex<HashMap<EventId, u64>>> = Arc::default();
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let timed_out = Arc::new(AtomicBool::new(false));
+
+    let subs = [
+        bus.subscribe_durable(
+            "plain",
+            Filter::all(),
+            Position::Beginning,
+            recorder(&plain),
+        )
+        .unwrap(),
+        bus.subscribe_durable(
+            "filtered",
+            Filter::types(["deploy.*"]).unwrap().tenant("t1"),
+            Position::Beginning,
+            recorder(&filtered),
+        )
+        .unwrap(),
+        {
+            let log = failing.clone();
+            let failures = failures.clone();
+            bus.subscribe_durable(
+                "failing",
+                Filter::all(),
+                Position::Beginning,
+                move |e: &Event| -> Result<(), HandlerError> {
+                    log.lock().unwrap().push(e.id);
+                    let mut f = failures.lock().unwrap();
+                    let n = f.entry(e.id).or_insert(0);
+                    if coin(e.id, *n, 6) {
+                        *n += 1;
+                        return Err(HandlerError::msg("random failure"));
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap()
+        },
+        {
+            // Sleeps past `slow_handler` on its 10th event (so it is
+            // detached), then blocks on its 11th until every publisher has
+            // finished: if it held back commits, the publishers could not.
+            let log = slow.clone();
+            let count = AtomicU64::new(0);
+            let gate2 = gate.clone();
+            let timed_out2 = timed_out.clone();
+            bus.subscribe_durable(
+                "slow",
+                Filter::all(),
+                Position::Beginning,
+                move |e: &Event| -> Result<(), HandlerError> {
+                    log.lock().unwrap().push(e.id);
+                    match count.fetch_add(1, Ordering::SeqCst) + 1 {
+                        10 => std::thread::sleep(Duration::from_millis(300)),
+                        11 => {
+                            let (open, cv) = &*gate2;
+                            let guard = open.lock().unwrap();
+                            let (_g, res) = cv
+                                .wait_timeout_while(guard, Duration::from_secs(60), |o| !*o)
+                                .unwrap();
+                            if res.timed_out() {
+                                timed_out2.store(true, Ordering::SeqCst);
+                            }
+                        }
+                        _ => {}
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap()
+        },
+    ];
+    for s in &subs {
+        assert!(
+            s.wait_live(Duration::from_secs(10)),
+            "{} did not go live",
+            s.name()
+        );
+    }
+
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let bus = bus.clone();
+        publishers.push(std::thread::spawn(move || {
+            let mut receipts = Vec::new();
+            for i in 0..PER_PUBLISHER {
+                let t = TYPES[(p * 7 + i * 3) % TYPES.len()].clone();
+                let tenant = if (p + i) % 3 == 0 { "t2" } else { "t1" };
+                let e = Event::new(t, tenant).with_payload_value("p", p as u64);
+                let r = if i % 10 == 9 {
+                    let e2 = Event::new(Type::DEPLOY_SUCCEEDED, "t1");
+                    let rs = bus.publish_batch(vec![e, e2]).unwrap();
+                    assert_eq!(rs[1].seq, rs[0].seq + 1, "a batch gets consecutive seqs");
+                    rs
+                } else {
+                    vec![bus.publish(e).unwrap()]
+                };
+                receipts.extend(r);
+            }
+            receipts
+        }));
+    }
+    let mut receipts = Vec::new();
+    for p in publishers {
+        receipts.extend(p.join().unwrap());
+    }
+    // Every publisher finished while the slow subscriber is still blocked
+    // behind its 11th event: it did not hold back anyone's commit (G6).
+    let last = bus.last_seq();
+    let slow_sub = &subs[3];
+    assert!(
+        slow_sub.position() < last && !slow_sub.is_live(),
+        "the slow subscriber should be detached and behind (position {}, last {last})",
+        slow_sub.position()
+    );
+    assert!(
+        !timed_out.load(Ordering::SeqCst),
+        "publishers waited for the slow subscriber"
+    );
+    {
+        let (open, cv) = &*gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+
+    // G3: the receipts are exactly 1..=last.
+    let mut seqs: Vec<u64> = receipts.iter().map(|r| r.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+
+    for s in &subs {
+        wait_until(
+            &format!("{} to catch up", s.name()),
+            Duration::from_secs(60),
+            || s.position() == last,
+        );
+        assert!(
+            s.wait_live(Duration::from_secs(10)),
+            "{} back to live",
+            s.name()
+        );
+    }
+    assert!(!timed_out.load(Ordering::SeqCst));
+
+    let log: Vec<_> = bus
+        .read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect();
+    let seq_of: HashMap<EventId, u64> = log.iter().map(|e| (e.event.id, e.seq)).collect();
+    let failures = failures.lock().unwrap().clone();
+    let checks: [(&str, &Log, Filter, bool); 4] = [
+        ("plain", &plain, Filter::all(), false),
+        (
+            "filtered",
+            &filtered,
+            Filter::types(["deploy.*"]).unwrap().tenant("t1"),
+            false,
+        ),
+        ("failing", &failing, Filter::all(), true),
+        ("slow", &slow, Filter::all(), false),
+    ];
+    for (name, got, filter, retries) in checks {
+        let got: Vec<u64> = got.lock().unwrap().iter().map(|id| seq_of[id]).collect();
+        let want: Vec<u64> = log
+            .iter()
+            .filter(|e| filter.matches(&e.event))
+            .map(|e| e.seq)
+            .collect();
+        // Order: deliveries never go back in seq (a retry repeats the same
+        // seq at once).
+        for w in got.windows(2) {
+            assert!(
+                w[0] <= w[1],
+                "{name}: seq {} delivered after {}",
+                w[1],
+                w[0]
+            );
+        }
+        // No gap, and duplicates only for retries after errors.
+        let mut first: Vec<u64> = got.clone();
+        first.dedup();
+        assert_eq!(
+            first, want,
+            "{name}: first deliveries are not the matching events"
+        );
+        let mut count: HashMap<u64, u64> = HashMap::new();
+        for s in &got {
+            *count.entry(*s).or_default() += 1;
+        }
+        for e in &log {
+            let n = count.get(&e.seq).copied().unwrap_or(0);
+            let errs = if retries {
+                failures.get(&e.event.id).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            if filter.matches(&e.event) {
+                assert_eq!(
+                    n,
+                    errs + 1,
+                    "{name}: seq {} delivered {n} times after {errs} errors",
+                    e.seq
+                );
+            }
+        }
+        if retries {
+            assert!(
+                failures.values().sum::<u64>() > 0,
+                "the failing subscriber never failed"
+            );
+        }
+    }
+    // Positions are stored on drop.
+    drop(subs);
+    for c in bus.cursors().unwrap() {
+        assert_eq!(c.delivered_seq, last, "{}", c.name);
+        assert_eq!(c.dead_letters, 0);
+    }
+}
+
+/// The switch from catch-up back to live must not deliver again what
+/// catch-up delivered, even when the dispatcher is still working on the
+/// group in which the subscriber was detached.
+#[test]
+fn rejoining_live_during_a_slow_group_gives_no_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::builder()
+        .sync(false)
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .open(dir.path().join("log.redb"))
+        .unwrap();
+    let got: Log = Arc::default();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let g2 = got.clone();
+    let f2 = failed_once.clone();
+    let sub = bus
+        .subscribe_durable(
+            "flaky",
+            Filter::all(),
+            Position::Beginning,
+            move |e: &Event| -> Result<(), HandlerError> {
+                g2.lock().unwrap().push(e.id);
+                if !f2.swap(true, Ordering::SeqCst) {
+                    return Err(HandlerError::msg("first delivery fails"));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert!(sub.wait_live(Duration::from_secs(5)));
+    // A plain subscriber, slow on the second event (plain subscribers are
+    // never detached): the dispatcher stays inside the group meanwhile.
+    let n = AtomicU64::new(0);
+    let _plain = bus
+        .subscribe(
+            Filter::all(),
+            move |_: &Event| -> Result<(), HandlerError> {
+                if n.fetch_add(1, Ordering::SeqCst) == 1 {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    let events: Vec<Event> = (0..10)
+        .map(|_| Event::new(Type::HEALTH_PASSED, "t"))
+        .collect();
+    let receipts = bus.publish_batch(events).unwrap();
+    assert_eq!(receipts.len(), 10);
+    wait_until("flaky to catch up", Duration::from_secs(10), || {
+        sub.position() == 10
+    });
+    assert!(sub.wait_live(Duration::from_secs(5)));
+    // One more event, delivered live.
+    bus.publish(Event::new(Type::HEALTH_PASSED, "t")).unwrap();
+    let seq_of: HashMap<EventId, u64> = bus
+        .read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.event.id, e.seq)
+        })
+        .collect();
+    let seqs: Vec<u64> = got.lock().unwrap().iter().map(|id| seq_of[id]).collect();
+    // Seq 1 twice (it failed once), then each once, in order.
+    let mut want = vec![1];
+    want.extend(1..=11);
+    assert_eq!(seqs, want);
+}
+
+/// A handler that publishes from inside delivery does not deadlock, and its
+/// event reaches the other subscribers in order.
+#[test]
+fn handler_may_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::builder()
+        .sync(false)
+        .open(dir.path().join("log.redb"))
+        .unwrap();
+    let got: Log = Arc::default();
+    let inner = bus.clone();
+    let sub = bus
+        .subscribe_durable(
+            "chain",
+            Filter::types(["deploy.started"]).unwrap(),
+            Position::Beginning,
+            move |e: &Event| -> Result<(), HandlerError> {
+                inner
+                    .publish(Event::new(Type::DEPLOY_SUCCEEDED, e.tenant_id.clone()))
+                    .map_err(|e| HandlerError::msg(e.to_string()))?;
+                Ok(())
+            },
+        )
+        .unwrap();
+    let all = bus
+        .subscribe_durable("all", Filter::all(), Position::Beginning, recorder(&got))
+        .unwrap();
+    assert!(sub.wait_live(Duration::from_secs(5)));
+    assert!(all.wait_live(Duration::from_secs(5)));
+    for _ in 0..20 {
+        bus.publish(Event::new(Type::DEPLOY_STARTED, "t")).unwrap();
+    }
+    wait_until("all", Duration::from_secs(10), || all.position() == 40);
+    let seqs: Vec<u64> = {
+        let seq_of: HashMap<EventId, u64> = bus
+            .read(Position::Beginning, &Filter::all())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.event.id, e.seq)
+            })
+            .collect();
+        got.lock().unwrap().iter().map(|id| seq_of[id]).collect()
+    };
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+}
