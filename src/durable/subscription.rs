@@ -317,7 +317,11 @@ impl DurableSub {
         let mut attempt = self.pending_attempts.swap(0, Ordering::AcqRel);
         let mut backoff = shared.opts.retry_backoff;
         loop {
-            if attempt > 0 {
+            // A failed live delivery counts as an attempt: once
+            // `max_deliveries` are used up, dead-letter without delivering
+            // again.
+            let exhausted = attempt >= shared.opts.max_deliveries;
+            if attempt > 0 && !exhausted {
                 self.sleep(backoff);
                 backoff = (backoff * 2).min(shared.opts.max_retry_backoff);
             }
@@ -325,10 +329,14 @@ impl DurableSub {
                 self.pending_attempts.store(attempt, Ordering::Release);
                 return false;
             }
-            attempt += 1;
-            let error = match fanout::call(self.id, self.handler.as_ref(), event) {
-                Ok(()) => return true,
-                Err(f) => f.error,
+            let error = if exhausted {
+                self.last_error.lock().clone().unwrap_or_default()
+            } else {
+                attempt += 1;
+                match fanout::call(self.id, self.handler.as_ref(), event) {
+                    Ok(()) => return true,
+                    Err(f) => f.error,
+                }
             };
             *self.last_error.lock() = Some(error.clone());
             if attempt >= shared.opts.max_deliveries {
