@@ -256,6 +256,8 @@ impl DurableBusBuilder {
     pub fn open(self, path: impl AsRef<Path>) -> Result<DurableBus, OpenError> {
         let path = path.as_ref();
         open::check_file(path, true)?;
+        // A writable open marks the file, so check its format first.
+        open::check_existing(path)?;
         let db = self
             .redb_builder()
             .create(path)
@@ -513,6 +515,8 @@ impl DurableBus {
         start: Position,
         handler: H,
     ) -> Result<DurableSubscription, SubscribeError> {
+        // The start position may name events acknowledged through the WAL.
+        let _ = self.sync_reads();
         subscription::subscribe(&self.handle.shared, name, filter, start, Box::new(handler))
     }
 
@@ -543,6 +547,7 @@ impl DurableBus {
     /// [`CursorError::UnknownEvent`], [`CursorError::Storage`]. Nothing is
     /// changed on error.
     pub fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError> {
+        let _ = self.sync_reads();
         subscription::seek(&self.handle.shared, name, position)
     }
 
@@ -589,6 +594,8 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`]; on error nothing was removed.
     pub fn retain(&self, policy: &Retention) -> Result<RetainReport, StorageError> {
+        // Count and age the events acknowledged through the WAL too.
+        let _ = self.sync_reads();
         upkeep::retain(&self.handle.shared, policy)
     }
 
@@ -607,6 +614,7 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails.
     pub fn last_append_time(&self) -> Result<Option<Timestamp>, StorageError> {
+        let _ = self.sync_reads();
         let txn = redb::ReadableDatabase::begin_read(&self.handle.shared.db)?;
         let ns = commit::last_append_ns(&txn)?;
         Ok((ns != i64::MIN)

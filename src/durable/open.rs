@@ -44,6 +44,33 @@ pub(crate) fn check_file(path: &Path, create: bool) -> Result<(), OpenError> {
     Ok(())
 }
 
+/// Checks the format of an existing, non-empty file through a read-only
+/// open, before any writable open: redb marks a file when opening it for
+/// writing, which must not happen to a file that is not a ctrlbus log or has
+/// a newer format. A file that needs recovery after a crash cannot be opened
+/// read-only; the writable open repairs it and `prepare` checks it then.
+pub(crate) fn check_existing(path: &Path) -> Result<(), OpenError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > 0 => {}
+        _ => return Ok(()),
+    }
+    let db = match redb::Builder::new()
+        .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+        .open_read_only(path)
+    {
+        Ok(db) => db,
+        Err(e) => {
+            return match map_open_error(path, e) {
+                OpenError::NeedsRecovery(_) => Ok(()),
+                other => Err(other),
+            };
+        }
+    };
+    let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;
+    check_format(&txn, path)?;
+    Ok(())
+}
+
 pub(crate) fn map_open_error(path: &Path, e: redb::DatabaseError) -> OpenError {
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse(path.to_path_buf()),

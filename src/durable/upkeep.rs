@@ -302,6 +302,7 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
 /// Compacts a closed log file; returns (bytes before, bytes after).
 pub(crate) fn compact(path: &Path) -> Result<(u64, u64), OpenError> {
     super::open::check_file(path, false)?;
+    super::open::check_existing(path)?;
     let before = std::fs::metadata(path)
         .map_err(|e| OpenError::Io(path.to_path_buf(), e))?
         .len();
