@@ -1,0 +1,438 @@
+//! Fault injection (G2, G10): a redb storage backend that fails writes or
+//! fsyncs at a chosen point. `publish` must return an error (never panic),
+//! no half-written event may ever be visible, and the file, reopened
+//! normally, must hold every acknowledged event, each whole, with `check`
+//! reporting it sound.
+//!
+//! What the contract allows for an event whose `publish` failed: G2 only
+//! requires acknowledged ⊆ durable. A failure that hits after redb's commit
+//! point (the final fsync, once the new header is written) leaves the event
+//! in the file although `publish` reported an error; that is allowed. Such an
+//! event must still be whole, have the next `seq`, and never be followed by
+//! an acknowledged event that reuses its `seq`.
+
+use std::fs::OpenOptions;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+
+use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, HandlerError, Position, Type};
+use redb::backends::FileBackend;
+use redb::{BackendError, StorageBackend};
+
+/// Which operation the countdown applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Write,
+    Sync,
+    /// Writes half the buffer, then fails (a torn write).
+    TornWrite,
+}
+
+/// Counts panics anywhere in this test binary.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            default(info);
+        }));
+    });
+}
+
+#[derive(Debug)]
+struct FaultyBackend {
+    inner: FileBackend,
+    target: Target,
+    /// Operations of `target` left before they start failing; `u64::MAX`
+    /// disables the fault.
+    countdown: Arc<AtomicU64>,
+    /// Fail only once (a transient fault) instead of from then on.
+    once: bool,
+    fired: Arc<AtomicBool>,
+}
+
+impl FaultyBackend {
+    /// True if this operation of `kind` must fail.
+    fn fault(&self, kind: Target) -> bool {
+        let matches =
+            kind == self.target || (kind == Target::Write && self.target == Target::TornWrite);
+        if !matches {
+            return false;
+        }
+        if self.once && self.fired.load(Ordering::SeqCst) {
+            return false;
+        }
+        let left = self.countdown.load(Ordering::SeqCst);
+        if left == u64::MAX {
+            return false;
+        }
+        if left > 0 {
+            self.countdown.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        self.fired.store(true, Ordering::SeqCst);
+        true
+    }
+}
+
+fn injected() -> std::io::Error {
+    std::io::Error::other("injected fault")
+}
+
+impl StorageBackend for FaultyBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.inner.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        self.inner.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        if self.fault(Target::Write) {
+            return Err(injected());
+        }
+        self.inner.set_len(len)
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        if self.fault(Target::Sync) {
+            return Err(injected());
+        }
+        self.inner.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        if self.fault(Target::Write) {
+            if self.target == Target::TornWrite && data.len() > 1 {
+                self.inner.write(offset, &data[..data.len() / 2])?;
+            }
+            return Err(injected());
+        }
+        self.inner.write(offset, data)
+    }
+
+    fn close(&self) -> Result<(), std::io::Error> {
+        self.inner.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.inner.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.query_lock_range(start, end)
+    }
+}
+
+fn backend(path: &Path, target: Target, countdown: &Arc<AtomicU64>, once: bool) -> FaultyBackend {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    FaultyBackend {
+        inner: FileBackend::new(file).unwrap(),
+        target,
+        countdown: countdown.clone(),
+        once,
+        fired: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+const BASE: usize = 3;
+const ATTEMPTS: usize = 12;
+
+fn event(i: usize) -> Event {
+    let t = if i % 2 == 0 {
+        Type::DEPLOY_STARTED
+    } else {
+        Type::HEALTH_FAILED
+    };
+    Event::new(t, "tenant-1")
+        .with_actor("tester")
+        .with_payload_value("i", i as u64)
+        .with_payload_value("pad", "x".repeat(200 + i * 37))
+}
+
+/// Reads the whole log; every record must decode.
+fn read_all(bus: &DurableBus) -> Vec<(u64, Event)> {
+    bus.read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(|r| {
+            let e = r.expect("a record in the log must decode");
+            (e.seq, e.event)
+        })
+        .collect()
+}
+
+/// One run: a log with `BASE` events, reopened on the faulty backend whose
+/// countdown starts at `k` once it is open; `ATTEMPTS` publishes (singles and
+/// a batch), then the checks.
+fn run_point(target: Target, k: u64, once: bool) -> Point {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let mut base = Vec::new();
+    {
+        let bus = DurableBus::open(&path).unwrap();
+        for i in 0..BASE {
+            let e = event(i);
+            let r = bus.publish(e.clone()).unwrap();
+            base.push((r.seq, e));
+        }
+    }
+    let countdown = Arc::new(AtomicU64::new(u64::MAX));
+    let be = backend(&path, target, &countdown, once);
+    let fired = be.fired.clone();
+    let bus = DurableBus::builder()
+        .open_backend(be)
+        .expect("open with the fault disabled");
+    let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let s2 = seen.clone();
+    let _sub = bus
+        .subscribe(
+            Filter::all(),
+            move |e: &Event| -> Result<(), HandlerError> {
+                s2.lock().unwrap().push(e.id);
+                Ok(())
+            },
+        )
+        .unwrap();
+    countdown.store(k, Ordering::SeqCst);
+
+    let mut acked: Vec<(u64, Event)> = base.clone();
+    let mut failed: Vec<Event> = Vec::new();
+    // The events of the first publish that failed.
+    let mut first_failed: Option<Vec<Event>> = None;
+    let mut ok_after_failure = 0;
+    let mut i = BASE;
+    while i < BASE + ATTEMPTS {
+        let ctx = format!("{target:?} k={k} once={once} publish {i}");
+        if i % 5 == 4 {
+            let batch: Vec<Event> = (i..i + 2).map(event).collect();
+            match bus.publish_batch(batch.clone()) {
+                Ok(rs) => {
+                    ok_after_failure += usize::from(first_failed.is_some());
+                    for (r, e) in rs.iter().zip(batch) {
+                        assert!(!r.duplicate, "{ctx}");
+                        acked.push((r.seq, e));
+                    }
+                }
+                Err(ctrlbus::PublishError::Storage(_)) => {
+                    first_failed.get_or_insert_with(|| batch.clone());
+                    failed.extend(batch);
+                }
+                Err(e) => panic!("{ctx}: unexpected error {e}"),
+            }
+            i += 2;
+        } else {
+            let e = event(i);
+            match bus.publish(e.clone()) {
+                Ok(r) => {
+                    ok_after_failure += usize::from(first_failed.is_some());
+                    assert!(!r.duplicate, "{ctx}");
+                    acked.push((r.seq, e));
+                }
+                Err(ctrlbus::PublishError::Storage(_)) => {
+                    first_failed.get_or_insert_with(|| vec![e.clone()]);
+                    failed.push(e);
+                }
+                Err(e) => panic!("{ctx}: unexpected error {e}"),
+            }
+            i += 1;
+        }
+        // Acknowledged seqs are consecutive from 1 (G3), even across failures.
+        let seqs: Vec<u64> = acked.iter().map(|a| a.0).collect();
+        let want: Vec<u64> = (1..=acked.len() as u64).collect();
+        assert_eq!(seqs, want, "{ctx}: acknowledged seqs");
+        // No half-written event is visible: whatever the bus still reads
+        // decodes and is exactly an event we published, at its seq.
+        if let Ok(reader) = bus.read(Position::Beginning, &Filter::all()) {
+            for entry in reader {
+                let Ok(entry) = entry else { break };
+                if let Some((_, e)) = acked.iter().find(|(s, _)| *s == entry.seq) {
+                    assert_eq!(&entry.event, e, "{ctx}: seq {}", entry.seq);
+                } else {
+                    panic!("{ctx}: unacknowledged event visible at seq {}", entry.seq);
+                }
+            }
+        }
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    drop(_sub);
+    drop(bus);
+
+    // Reopen normally: redb repairs, and the log holds every acknowledged
+    // event, whole, at its seq.
+    let bus = DurableBus::open(&path).unwrap_or_else(|e| panic!("{target:?} k={k}: reopen: {e}"));
+    let report = bus.check(&mut |_, _| {}).unwrap();
+    assert!(report.is_sound(), "{target:?} k={k}: {:?}", report.problems);
+    let present = read_all(&bus);
+    for (n, (seq, _)) in present.iter().enumerate() {
+        assert_eq!(*seq, n as u64 + 1, "{target:?} k={k}: seqs contiguous");
+    }
+    for (seq, e) in &acked {
+        let got = present.iter().find(|(s, _)| s == seq);
+        assert_eq!(
+            got.map(|g| &g.1),
+            Some(e),
+            "{target:?} k={k}: acknowledged seq {seq} lost or changed"
+        );
+    }
+    // Anything else present is the first failed publish, whose failure hit
+    // after the commit point: whole, right after the acknowledged ones.
+    // Nothing after it (the bus stops writing after a storage failure).
+    let extra: Vec<Event> = present
+        .iter()
+        .skip(acked.len())
+        .map(|p| p.1.clone())
+        .collect();
+    if !extra.is_empty() {
+        assert_eq!(
+            Some(&extra),
+            first_failed.as_ref(),
+            "{target:?} k={k}: unacknowledged events in the log other than the failed commit"
+        );
+    }
+    // G1: handlers saw only events that are durable.
+    for id in &seen {
+        assert!(
+            present.iter().any(|(_, e)| e.id == *id),
+            "{target:?} k={k}: a handler saw {id}, which is not in the log"
+        );
+    }
+    // The reopened log takes new events after everything present.
+    let r = bus.publish(event(999)).unwrap();
+    assert_eq!(r.seq, present.len() as u64 + 1);
+    Point {
+        ok_after_failure,
+        fired: fired.load(Ordering::SeqCst),
+        failed: failed.len(),
+        durable_despite_error: present.len() - acked.len(),
+    }
+}
+
+/// What one run saw.
+struct Point {
+    /// Publishes that succeeded after one had failed.
+    ok_after_failure: usize,
+    fired: bool,
+    /// Events whose publish failed.
+    failed: usize,
+    /// Of those, events found in the file after reopening.
+    durable_despite_error: usize,
+}
+
+fn sweep(target: Target, once: bool) {
+    count_panics();
+    let mut k = 0;
+    let mut not_fired = 0;
+    let (mut points, mut with_errors, mut durable_despite_error) = (0, 0, 0);
+    let mut ok_after_failure = 0;
+    // Step through every point until the fault no longer fires within the
+    // run (past the last operation of this kind).
+    while not_fired < 2 {
+        let p = run_point(target, k, once);
+        points += 1;
+        if p.fired {
+            not_fired = 0;
+        } else {
+            not_fired += 1;
+        }
+        with_errors += usize::from(p.failed > 0);
+        durable_despite_error += p.durable_despite_error;
+        ok_after_failure += p.ok_after_failure;
+        k += if k < 40 { 1 } else { 3 };
+        assert!(k < 2000, "the sweep does not end");
+    }
+    eprintln!(
+        "{target:?} once={once}: {points} points up to k={k}, {with_errors} with failed \
+         publishes, {durable_despite_error} failed events durable after all, \
+         {ok_after_failure} publishes succeeded after a failure"
+    );
+    // The fault must have made publishes fail somewhere, or the sweep tested
+    // nothing.
+    assert!(with_errors > 0, "no publish ever failed");
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+}
+
+#[test]
+fn failing_writes() {
+    sweep(Target::Write, false);
+}
+
+#[test]
+fn torn_writes() {
+    sweep(Target::TornWrite, false);
+}
+
+#[test]
+fn failing_fsyncs() {
+    sweep(Target::Sync, false);
+}
+
+#[test]
+fn transient_write_fault() {
+    sweep(Target::Write, true);
+}
+
+#[test]
+fn transient_fsync_fault() {
+    sweep(Target::Sync, true);
+}
+
+/// A fault while opening is an error, never a panic, and leaves the file
+/// reopenable at its last durable state.
+#[test]
+fn fault_during_open() {
+    count_panics();
+    for target in [Target::Write, Target::Sync] {
+        for k in 0..12 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("log.redb");
+            let first = event(0);
+            {
+                let bus = DurableBus::open(&path).unwrap();
+                bus.publish(first.clone()).unwrap();
+            }
+            let countdown = Arc::new(AtomicU64::new(k));
+            let be = backend(&path, target, &countdown, false);
+            if let Ok(bus) = DurableBus::builder().open_backend(be) {
+                let _ = bus.publish(event(1));
+            }
+            let bus = DurableBus::open(&path).unwrap();
+            assert!(bus.check(&mut |_, _| {}).unwrap().is_sound());
+            let all = read_all(&bus);
+            assert_eq!(all[0], (1, first), "{target:?} k={k}");
+            assert!(all.len() <= 2, "{target:?} k={k}");
+        }
+    }
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+}
