@@ -28,7 +28,7 @@ fn coin(id: EventId, n: u64, one_in: u64) -> bool {
         h ^= u64::from(*x);
         h = h.wrapping_mul(0x100_0000_01b3);
     }
-    h % one_in == 0
+    h.is_multiple_of(one_in)
 }
 
 type Log = Arc<Mutex<Vec<EventId>>>;

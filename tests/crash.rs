@@ -17,6 +17,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,9 @@ const TYPES: [Type; 6] = [
     Type::DEPLOY_FAILED,
     Type::HEALTH_DEGRADED,
 ];
+
+/// Never set: the child's publishers stop only when the child is killed.
+static STOP: AtomicBool = AtomicBool::new(false);
 
 /// xorshift64*: enough randomness for kill delays, no dependency.
 struct Rng(u64);
@@ -141,7 +145,8 @@ fn crash_child() {
         let acks = acks.clone();
         threads.push(std::thread::spawn(move || {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (round << 8) ^ p ^ 1);
-            loop {
+            // Nothing sets it: the publishers run until SIGKILL.
+            while !STOP.load(Ordering::Relaxed) {
                 let n = 1 + rng.below(MAX_BATCH);
                 let events: Vec<Event> = (0..n)
                     .map(|_| {
@@ -182,8 +187,8 @@ fn crash_child() {
             }
         });
     }
-    // The publishers run until SIGKILL; a failed publish panics its thread
-    // and ends the child early, which the parent reports.
+    // A failed publish panics its thread and ends the child early, which
+    // the parent reports.
     for t in threads {
         t.join().unwrap();
     }

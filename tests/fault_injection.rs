@@ -171,7 +171,7 @@ const BASE: usize = 3;
 const ATTEMPTS: usize = 12;
 
 fn event(i: usize) -> Event {
-    let t = if i % 2 == 0 {
+    let t = if i.is_multiple_of(2) {
         Type::DEPLOY_STARTED
     } else {
         Type::HEALTH_FAILED
