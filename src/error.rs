@@ -308,8 +308,13 @@ pub enum PublishError {
     Invalid(EventError),
     /// The bus is closed; nothing was written.
     Closed,
-    /// The commit failed; the event is not in the log (it was never
-    /// acknowledged), and no subscriber saw it.
+    /// Storing failed: the event was not acknowledged and no subscriber saw
+    /// it. It is usually not in the log; but when the failure came after the
+    /// commit point (an fsync error after the data reached the disk, or a
+    /// write-ahead-log frame that was written before the failure), it may
+    /// appear after the log is reopened. G2 holds either way: every event
+    /// whose publish returned `Ok` is in the log. The bus refuses further
+    /// writes after such a failure until it is reopened.
     Storage(StorageError),
     /// A batch holds the same event id twice; nothing was written.
     DuplicateInBatch(EventId),

@@ -646,6 +646,9 @@ fn retention_never_reuses_seqs_and_reports_missed() {
             })
             .unwrap();
         assert_eq!((r.removed, r.first_seq), (6, 7));
+        // An idle cursor behind the new oldest event is moved at once.
+        let c = bus.cursor("behind").unwrap();
+        assert_eq!((c.delivered_seq, c.missed), (6, 6), "{c:?}");
         let seqs: Vec<u64> = all(&bus).iter().map(|e| e.0).collect();
         assert_eq!(seqs, vec![7, 8, 9, 10]);
         assert!(bus.check(&mut |_, _| {}).unwrap().is_sound());

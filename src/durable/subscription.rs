@@ -638,6 +638,9 @@ pub(crate) fn get_cursor<D: ReadableDatabase>(
     shared: Option<&Shared>,
     name: &str,
 ) -> Result<CursorInfo, CursorError> {
+    if !valid_name(name) {
+        return Err(CursorError::InvalidName(name.to_owned()));
+    }
     let txn = db.begin_read().map_err(StorageError::from)?;
     let last = read::last_assigned(&txn)?;
     let cursors = txn.open_table(CURSORS).map_err(StorageError::from)?;

@@ -10,7 +10,9 @@ use serde::Serialize;
 use super::Shared;
 use super::codec;
 use super::read;
-use super::tables::{BY_ID, CURSORS, CursorRecord, EVENTS, META, META_RETAINED, from_bytes};
+use super::tables::{
+    BY_ID, CURSORS, CursorRecord, EVENTS, META, META_RETAINED, from_bytes, to_bytes,
+};
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
 use crate::filter::Filter;
@@ -269,6 +271,7 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
                 to_remove.push((seq, rec.id));
             }
             removed_now = to_remove.len() as u64;
+            let floor = to_remove.last().map(|&(seq, _)| seq);
             if let Some(&(last_removed, _)) = to_remove.last() {
                 for (seq, id) in &to_remove {
                     events.remove(*seq)?;
@@ -285,6 +288,26 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
                 )?;
             }
             report.first_seq = events.first()?.map(|(k, _)| k.value()).unwrap_or(0);
+            if let Some(floor) = floor {
+                // Idle cursors now behind the oldest event skip to it and
+                // count what they missed (running ones do so as they read).
+                let active: Vec<String> = shared.durable.lock().keys().cloned().collect();
+                let mut cursors = txn.open_table(CURSORS)?;
+                let mut moved = Vec::new();
+                for kv in cursors.iter()? {
+                    let (k, v) = kv?;
+                    let name = k.value().to_owned();
+                    let rec: CursorRecord = from_bytes(v.value(), "cursors", &name)?;
+                    if !active.contains(&name) && rec.delivered < floor {
+                        moved.push((name, rec, floor));
+                    }
+                }
+                for (name, mut rec, to) in moved {
+                    rec.missed += to - rec.delivered;
+                    rec.delivered = to;
+                    cursors.insert(name.as_str(), to_bytes(&rec).as_slice())?;
+                }
+            }
         }
         if removed_now == 0 {
             drop(txn);
