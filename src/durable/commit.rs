@@ -36,7 +36,7 @@ use crate::bus::{HandlerFailure, Receipt};
 use crate::error::{PublishError, StorageError};
 use crate::event::Event;
 use crate::id::EventId;
-use crate::sync::{Condvar, Mutex};
+use crate::sync::{Condvar, Mutex, OneshotSender, Waker, oneshot};
 
 /// Something that writes beside the events in their own transaction (the
 /// webhook dispatcher creates delivery records this way, so that no crash
@@ -72,7 +72,7 @@ pub(crate) enum WriteReq {
 
 pub(crate) struct PublishReq {
     items: Vec<Prepared>,
-    reply: Sender<Result<Outcome, PublishError>>,
+    reply: OneshotSender<Result<Outcome, PublishError>>,
 }
 
 struct Prepared {
@@ -85,6 +85,9 @@ struct Outcome {
     /// Per event of the request: its `seq` and whether it was a duplicate.
     seqs: Vec<(EventId, u64, bool)>,
     group: Option<Arc<Group>>,
+    /// The other publishers of this group, for this one to wake: the writer
+    /// wakes one publisher per group and goes on to the next group.
+    wake: Vec<Waker>,
 }
 
 /// Events committed together, waiting for or undergoing fan-out.
@@ -167,12 +170,15 @@ pub(crate) fn publish(
         codec::encode(&event, 0, &payload, &mut record);
         items.push(Prepared { event, record });
     }
-    let (reply, rx) = crossbeam_channel::bounded(1);
+    let (reply, rx) = oneshot();
     shared
         .tx
         .send(WriteReq::Publish(PublishReq { items, reply }))
         .map_err(|_| PublishError::Closed)?;
-    let outcome = rx.recv().map_err(|_| PublishError::Closed)??;
+    let mut outcome = rx.recv().ok_or(PublishError::Closed)??;
+    for w in outcome.wake.drain(..) {
+        w.wake();
+    }
     let mut failures: Vec<(u64, HandlerFailure)> = Vec::new();
     if let Some(group) = &outcome.group {
         fan_out(shared, group);
@@ -651,19 +657,28 @@ fn reply_all(
     outcomes: Vec<Vec<(EventId, u64, bool)>>,
     group: Option<Arc<Group>>,
 ) {
-    for (req, seqs) in publishes.into_iter().zip(outcomes) {
+    let mut replies = publishes.into_iter().zip(outcomes);
+    let first = replies.next();
+    let outcome = |seqs: Vec<(EventId, u64, bool)>, wake| {
         let has_new = seqs.iter().any(|s| !s.2);
-        let _ = req.reply.send(Ok(Outcome {
+        Ok(Outcome {
             seqs,
             group: if has_new { group.clone() } else { None },
-        }));
+            wake,
+        })
+    };
+    let wakers: Vec<Waker> = replies
+        .map(|(req, seqs)| req.reply.fill(outcome(seqs, Vec::new())))
+        .collect();
+    if let Some((req, seqs)) = first {
+        req.reply.send(outcome(seqs, wakers));
     }
 }
 
 fn refuse(req: WriteReq) {
     match req {
         WriteReq::Publish(p) => {
-            let _ = p.reply.send(Err(PublishError::Closed));
+            p.reply.send(Err(PublishError::Closed));
         }
         WriteReq::FlushAcks(Some(r))
         | WriteReq::DeadLetter { reply: r, .. }
@@ -680,7 +695,7 @@ fn acks_dirty(shared: &Shared) -> bool {
 
 fn fail_all(publishes: Vec<PublishReq>, others: Vec<WriteReq>, err: impl Fn() -> StorageError) {
     for req in publishes {
-        let _ = req.reply.send(Err(PublishError::Storage(err())));
+        req.reply.send(Err(PublishError::Storage(err())));
     }
     for req in others {
         match req {
