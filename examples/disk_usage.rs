@@ -16,7 +16,12 @@ fn main() {
     let mut lines = String::new();
     {
         let bus = DurableBus::builder().sync(false).open(&path).unwrap();
-        let types = [Type::DEPLOY_STARTED, Type::HEALTH_DEGRADED, Type::INSTANCE_CREATED, Type::DEPLOY_ROLLED_BACK];
+        let types = [
+            Type::DEPLOY_STARTED,
+            Type::HEALTH_DEGRADED,
+            Type::INSTANCE_CREATED,
+            Type::DEPLOY_ROLLED_BACK,
+        ];
         let mut i = 0;
         while i < n {
             let batch: Vec<Event> = (i..(i + 1000).min(n))

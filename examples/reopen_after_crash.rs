@@ -18,16 +18,26 @@ use ctrlbus::{Bus, DurableBus, Event, Filter, Position, Type};
 fn child(path: &str, mib: u64, quick: bool) {
     let payload = serde_json::json!({"data": "x".repeat(289)});
     let payload = payload.as_object().unwrap().clone();
-    let bus = DurableBus::builder().sync(false).quick_repair(quick).open(path).unwrap();
+    let bus = DurableBus::builder()
+        .sync(false)
+        .quick_repair(quick)
+        .open(path)
+        .unwrap();
     while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) < mib << 20 {
-        let batch = (0..10_000).map(|_| Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone())).collect();
+        let batch = (0..10_000)
+            .map(|_| Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
+            .collect();
         bus.publish_batch(batch).unwrap();
     }
     drop(bus);
-    let bus = DurableBus::builder().quick_repair(quick).open(path).unwrap();
+    let bus = DurableBus::builder()
+        .quick_repair(quick)
+        .open(path)
+        .unwrap();
     println!("ready");
     loop {
-        bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone())).unwrap();
+        bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
+            .unwrap();
     }
 }
 
@@ -40,7 +50,10 @@ fn main() {
         return;
     }
     let mib: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
-    let dir = args.get(2).cloned().unwrap_or_else(|| std::env::temp_dir().display().to_string());
+    let dir = args
+        .get(2)
+        .cloned()
+        .unwrap_or_else(|| std::env::temp_dir().display().to_string());
     for quick in [true, false] {
         let path = format!("{dir}/reopen-{mib}-{quick}.redb");
         let _ = std::fs::remove_file(&path);
@@ -51,17 +64,25 @@ fn main() {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(c.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(c.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         assert_eq!(line.trim(), "ready");
         std::thread::sleep(Duration::from_millis(300));
         c.kill().unwrap(); // SIGKILL
         c.wait().unwrap();
         let size = std::fs::metadata(&path).unwrap().len();
         let start = Instant::now();
-        let bus = DurableBus::builder().quick_repair(quick).open(&path).unwrap();
+        let bus = DurableBus::builder()
+            .quick_repair(quick)
+            .open(&path)
+            .unwrap();
         let open_ms = start.elapsed().as_secs_f64() * 1e3;
         let last = bus.last_seq();
-        let tail = bus.read(Position::Seq(last.saturating_sub(5)), &Filter::all()).unwrap().count();
+        let tail = bus
+            .read(Position::Seq(last.saturating_sub(5)), &Filter::all())
+            .unwrap()
+            .count();
         println!(
             "{{\"quick_repair\":{quick},\"file_mib\":{},\"events\":{last},\"reopen_ms\":{open_ms:.1},\"tail_readable\":{}}}",
             size >> 20,

@@ -303,10 +303,18 @@ impl Event {
     ///
     /// # Errors
     /// [`EventError::PayloadTooLarge`] when the payload is over `max_bytes`.
+    #[inline]
     pub fn check_payload_size(&self, max_bytes: usize) -> Result<(), EventError> {
         if self.payload.is_empty() {
             return Ok(());
         }
+        self.check_payload_size_slow(max_bytes)
+    }
+
+    /// [`Event::check_payload_size`] for a non-empty payload, out of line so
+    /// the common empty case costs a comparison at the call site.
+    #[inline(never)]
+    fn check_payload_size_slow(&self, max_bytes: usize) -> Result<(), EventError> {
         let mut counter = LimitedCounter {
             count: 0,
             limit: max_bytes,
@@ -330,7 +338,11 @@ impl Event {
     /// # Errors
     /// [`EventError`] naming the missing or bad field.
     pub fn from_json(json: &[u8]) -> Result<Event, EventError> {
-        serde_json::from_slice(json).map_err(|e| EventError::Json(e.to_string()))
+        // Through the wire form, so the checks' own variants come back
+        // (`serde(try_from)` would flatten them into a message).
+        let raw: RawEvent =
+            serde_json::from_slice(json).map_err(|e| EventError::Json(e.to_string()))?;
+        Event::try_from(raw)
     }
 }
 

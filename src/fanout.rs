@@ -65,25 +65,36 @@ impl Subscribers {
     }
 
     /// Removes exactly the subscriber with `id`.
+    ///
+    /// The old list is dropped after the lock is released: it may hold the
+    /// last reference to the handler, whose captured values may end other
+    /// subscriptions (and so take this lock) when dropped.
     pub(crate) fn remove(&self, id: SubscriptionId) -> bool {
-        let mut list = self.list.write();
-        let Some(pos) = list.iter().position(|e| e.id == id) else {
-            return false;
+        let old = {
+            let mut list = self.list.write();
+            let Some(pos) = list.iter().position(|e| e.id == id) else {
+                return false;
+            };
+            list[pos].active.store(false, Ordering::Release);
+            let mut next: Vec<Arc<Entry>> = list.as_ref().clone();
+            next.remove(pos);
+            std::mem::replace(&mut *list, Arc::new(next))
         };
-        list[pos].active.store(false, Ordering::Release);
-        let mut next: Vec<Arc<Entry>> = list.as_ref().clone();
-        next.remove(pos);
-        *list = Arc::new(next);
+        drop(old);
         true
     }
 
-    /// Removes every subscriber.
+    /// Removes every subscriber (handlers are dropped after the lock is
+    /// released, as in [`Subscribers::remove`]).
     pub(crate) fn clear(&self) {
-        let mut list = self.list.write();
-        for e in list.iter() {
-            e.active.store(false, Ordering::Release);
-        }
-        *list = Arc::new(Vec::new());
+        let old = {
+            let mut list = self.list.write();
+            for e in list.iter() {
+                e.active.store(false, Ordering::Release);
+            }
+            std::mem::replace(&mut *list, Arc::new(Vec::new()))
+        };
+        drop(old);
     }
 
     /// How many subscribers there are.
@@ -91,17 +102,38 @@ impl Subscribers {
         self.list.read().len()
     }
 
+    /// The subscriber list as it is now, for [`dispatch_to`]. A bus that
+    /// caches it must drop its copy whenever it adds or removes a
+    /// subscriber, or removed handlers stay alive (though never called).
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        Arc::clone(&self.list.read())
+    }
+
     /// Calls every matching handler, in subscription order; failures are
     /// appended to `failures`.
     #[inline]
     pub(crate) fn dispatch(&self, event: &Event, failures: &mut Vec<HandlerFailure>) {
-        let snapshot = Arc::clone(&self.list.read());
-        for entry in snapshot.iter() {
-            if entry.filter.matches(event) && entry.active.load(Ordering::Acquire) {
-                if let Err(f) = call(entry.id, entry.handler.as_ref(), event) {
-                    failures.push(f);
-                }
-            }
+        dispatch_to(&self.snapshot(), event, failures);
+    }
+}
+
+/// The subscriber list at one moment, shared with the dispatches using it.
+pub(crate) type Snapshot = Arc<Vec<Arc<Entry>>>;
+
+/// Calls every matching handler of `snapshot` that is still subscribed, in
+/// subscription order; failures are appended to `failures`.
+#[inline]
+pub(crate) fn dispatch_to(
+    snapshot: &[Arc<Entry>],
+    event: &Event,
+    failures: &mut Vec<HandlerFailure>,
+) {
+    for entry in snapshot {
+        if entry.filter.matches(event)
+            && entry.active.load(Ordering::Acquire)
+            && let Err(f) = call(entry.id, entry.handler.as_ref(), event)
+        {
+            failures.push(f);
         }
     }
 }

@@ -172,15 +172,15 @@ impl Filter {
         tenant_id: &str,
         instance: Option<InstanceId>,
     ) -> bool {
-        if let Some(t) = &self.tenant_id {
-            if t != tenant_id {
-                return false;
-            }
+        if let Some(t) = &self.tenant_id
+            && t != tenant_id
+        {
+            return false;
         }
-        if let Some(i) = self.instance_id {
-            if Some(i) != instance {
-                return false;
-            }
+        if let Some(i) = self.instance_id
+            && Some(i) != instance
+        {
+            return false;
         }
         self.types.is_empty() || self.types.iter().any(|p| p.matches(event_type))
     }
