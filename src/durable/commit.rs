@@ -283,78 +283,97 @@ struct Unapplied {
     append_ns: i64,
 }
 
+/// What the writer tells the applier (groups go through the shared queue,
+/// which does not wake it: the applier works on its own cadence).
+enum ApplyMsg {
+    /// `FlushAcks`, `DeadLetter` or `Apply`: apply now, then answer.
+    Now(WriteReq),
+    Shutdown,
+}
+
+/// Groups handed from the writer to the applier, in `seq` order.
+type ApplyQueue = Arc<Mutex<Vec<Unapplied>>>;
+
+/// Where acknowledged groups go to reach the redb file.
+enum ApplyTarget {
+    /// Without a WAL: applied on the writer thread before acknowledging.
+    Inline(Applier),
+    /// With a WAL: the applier thread.
+    Thread(
+        ApplyQueue,
+        Sender<ApplyMsg>,
+        Option<std::thread::JoinHandle<()>>,
+    ),
+}
+
 /// The writer thread's state.
 ///
 /// With a WAL (a log opened from a path), a group is acknowledged once its
-/// records are in the WAL and fsync'd; the writer then applies the
-/// accumulated groups to redb in one durable commit every
-/// `apply_interval`, or sooner when a reader needs them (`ensure_applied`),
-/// when acknowledgements or dead letters must be stored, or when many
-/// events wait. Without a WAL each group is applied, durably, before it is
-/// acknowledged.
+/// records are in the WAL and fsync'd, and handed to the applier thread,
+/// which applies the accumulated groups to redb in one durable commit every
+/// `apply_interval` (or sooner when a reader needs them, when
+/// acknowledgements or dead letters must be stored, or when many events
+/// wait). The writer meanwhile goes on appending to the WAL, so redb's
+/// commit cost is off the publish path. Without a WAL each group is applied,
+/// durably, on the writer thread before it is acknowledged.
 pub(crate) struct Writer {
     shared: Arc<Shared>,
     wal: Option<Wal>,
     last_append: i64,
-    /// Groups acknowledged through the WAL, not yet applied; in `seq` order.
-    unapplied: Vec<Unapplied>,
-    unapplied_events: usize,
-    /// Ids of unapplied events, for idempotency by id.
+    /// Ids of acknowledged events that may not be in the redb file yet, for
+    /// idempotency by id; entries at or below `applied_seq` are pruned.
     unapplied_ids: HashMap<[u8; 16], u64>,
-    oldest_unapplied: Option<Instant>,
-    last_flush: Instant,
-    last_retention: Instant,
+    apply: ApplyTarget,
 }
 
 /// WAL bytes after which the WAL restarts (once everything is applied).
 const WAL_RESTART_BYTES: u64 = 16 << 20;
-/// Unapplied events after which the writer applies at once.
+/// WAL bytes after which the writer waits for the applier to restart it.
+const WAL_MAX_BYTES: u64 = 64 << 20;
+/// Unapplied events after which the applier applies at once.
 const MAX_UNAPPLIED: usize = 20_000;
 
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, wal: Option<Wal>, last_append: i64) -> Writer {
+        let applier = Applier::new(shared.clone());
+        let apply = if wal.is_some() {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let queue: ApplyQueue = Arc::default();
+            let q = queue.clone();
+            let handle = std::thread::Builder::new()
+                .name("ctrlbus-apply".into())
+                .spawn(move || applier.run(rx, q))
+                .ok();
+            match handle {
+                Some(h) => ApplyTarget::Thread(queue, tx, Some(h)),
+                None => ApplyTarget::Inline(Applier::new(shared.clone())),
+            }
+        } else {
+            ApplyTarget::Inline(applier)
+        };
         Writer {
             shared,
             wal,
             last_append,
-            unapplied: Vec::new(),
-            unapplied_events: 0,
             unapplied_ids: HashMap::new(),
-            oldest_unapplied: None,
-            last_flush: Instant::now(),
-            last_retention: Instant::now(),
+            apply,
         }
-    }
-
-    fn timeout(&self) -> Duration {
-        let mut t = self.shared.opts.ack_flush_interval;
-        if let Some(oldest) = self.oldest_unapplied {
-            t = t.min(
-                self.shared
-                    .opts
-                    .apply_interval
-                    .saturating_sub(oldest.elapsed()),
-            );
-        }
-        t.max(Duration::from_micros(100))
     }
 
     /// The writer thread's loop.
     pub(crate) fn run(mut self, rx: Receiver<WriteReq>) {
         let max = self.shared.opts.max_group_events;
         loop {
-            let first = match rx.recv_timeout(self.timeout()) {
+            let timeout = match &self.apply {
+                ApplyTarget::Inline(a) => a.timeout(),
+                ApplyTarget::Thread(..) => Duration::from_secs(3600),
+            };
+            let first = match rx.recv_timeout(timeout) {
                 Ok(r) => r,
                 Err(RecvTimeoutError::Timeout) => {
-                    let due = self
-                        .oldest_unapplied
-                        .is_some_and(|t| t.elapsed() >= self.shared.opts.apply_interval);
-                    let acks = self.last_flush.elapsed() >= self.shared.opts.ack_flush_interval
-                        && acks_dirty(&self.shared);
-                    if due || acks {
-                        self.apply(Vec::new());
+                    if let ApplyTarget::Inline(a) = &mut self.apply {
+                        a.tick(Vec::new(), false);
                     }
-                    self.maybe_retain();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -385,53 +404,82 @@ impl Writer {
             if !publishes.is_empty() {
                 self.append(publishes);
             }
-            let due = self
-                .oldest_unapplied
-                .is_some_and(|t| t.elapsed() >= self.shared.opts.apply_interval)
-                || self.unapplied_events >= MAX_UNAPPLIED;
-            let acks = self.last_flush.elapsed() >= self.shared.opts.ack_flush_interval
-                && acks_dirty(&self.shared);
-            if shutdown || !others.is_empty() || due || acks {
-                self.apply(others);
+            match &mut self.apply {
+                ApplyTarget::Inline(a) => a.tick(others, shutdown),
+                ApplyTarget::Thread(_, tx, _) => {
+                    for req in others {
+                        if let Err(e) = tx.send(ApplyMsg::Now(req)) {
+                            if let ApplyMsg::Now(req) = e.0 {
+                                refuse(req);
+                            }
+                        }
+                    }
+                }
             }
             if shutdown {
+                if let ApplyTarget::Thread(_, tx, handle) = &mut self.apply {
+                    let _ = tx.send(ApplyMsg::Shutdown);
+                    if let Some(h) = handle.take() {
+                        let _ = h.join();
+                    }
+                }
                 // Refuse whatever is still queued.
                 while let Ok(req) = rx.try_recv() {
                     refuse(req);
                 }
                 break;
             }
-            self.maybe_retain();
         }
     }
 
-    fn maybe_retain(&mut self) {
-        if let Some(policy) = self.shared.opts.retention.clone()
-            && self.last_retention.elapsed() >= self.shared.opts.retention_interval
-        {
-            self.last_retention = Instant::now();
-            self.apply(Vec::new());
-            if let Err(e) = upkeep::retain(&self.shared, &policy) {
-                tracing::warn!(error = %e, "retention failed");
+    /// Restarts the WAL once it is big and everything in it is applied;
+    /// past `WAL_MAX_BYTES`, waits for the applier first.
+    fn maybe_restart_wal(&mut self) {
+        let Some(wal) = &mut self.wal else { return };
+        if wal.used() < WAL_RESTART_BYTES {
+            return;
+        }
+        let shared = &self.shared;
+        let last = shared.last_seq.load(Ordering::Acquire);
+        if shared.applied_seq.load(Ordering::Acquire) < last && wal.used() >= WAL_MAX_BYTES {
+            if let ApplyTarget::Thread(_, tx, _) = &self.apply {
+                let (reply, rx) = crossbeam_channel::bounded(1);
+                if tx.send(ApplyMsg::Now(WriteReq::Apply(reply))).is_ok() {
+                    let _ = rx.recv();
+                }
             }
+        }
+        if shared.applied_seq.load(Ordering::Acquire) >= last {
+            if let Err(e) = wal.reset() {
+                tracing::error!(error = %e, "cannot restart the write-ahead log");
+                shared.poisoned.store(true, Ordering::Release);
+            }
+            self.unapplied_ids.clear();
         }
     }
 
     /// Assigns `seq`s to a group of publishes and makes them durable: in the
-    /// WAL (then acknowledges; applied later), or without a WAL by applying
-    /// them to redb at once. Answers every request.
+    /// WAL (then acknowledges; the applier applies it later), or without a
+    /// WAL by applying it to redb at once. Answers every request.
     fn append(&mut self, mut publishes: Vec<PublishReq>) {
         let shared = self.shared.clone();
         if shared.poisoned.load(Ordering::Acquire) {
             fail_all(publishes, Vec::new(), || StorageError::Poisoned);
             return;
         }
+        self.maybe_restart_wal();
         let start_seq = shared.last_seq.load(Ordering::Acquire) + 1;
         let append_ns = now_ns().max(self.last_append);
         // Idempotency: ids already applied (redb) or waiting (in memory).
+        // The read transaction begins before the pruning below, so an id
+        // pruned from memory is visible to it.
         let mut outcomes: Vec<Vec<(EventId, u64, bool)>> = Vec::with_capacity(publishes.len());
         let lookup = (|| -> Result<(), StorageError> {
             let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
+            if self.unapplied_ids.len() > 4096 {
+                let applied = shared.applied_seq.load(Ordering::Acquire);
+                self.unapplied_ids.retain(|_, s| *s > applied);
+            }
             let by_id = txn.open_table(BY_ID)?;
             let mut next = start_seq;
             let mut fresh: HashMap<[u8; 16], u64> = HashMap::new();
@@ -496,39 +544,150 @@ impl Writer {
             done: Mutex::new(false),
             done_cv: Condvar::new(),
         });
-        for (i, r) in records.iter().enumerate() {
-            let mut id = [0u8; 16];
-            if let Ok((_, rec)) = codec::decode_ref(r) {
-                id = rec.id;
-            }
-            self.unapplied_ids.insert(id, start_seq + i as u64);
-        }
-        self.unapplied_events += records.len();
-        self.oldest_unapplied.get_or_insert_with(Instant::now);
-        self.unapplied.push(Unapplied {
+        let unapplied = Unapplied {
             group: group.clone(),
             records,
             append_ns,
-        });
+        };
         self.last_append = append_ns;
-        if self.wal.is_none() && !self.apply(Vec::new()) {
-            // Not durable: nobody may see it.
-            self.last_append = append_ns;
-            let msg = "commit failed".to_string();
-            fail_all(publishes, Vec::new(), || {
-                StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
-            });
-            return;
+        match &mut self.apply {
+            ApplyTarget::Inline(a) => {
+                a.push(unapplied);
+                if !a.apply(Vec::new()) {
+                    // Not durable: nobody may see it.
+                    let msg = "commit failed".to_string();
+                    fail_all(publishes, Vec::new(), || {
+                        StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+                    });
+                    return;
+                }
+            }
+            ApplyTarget::Thread(queue, ..) => {
+                for (seq, event) in &group.events {
+                    self.unapplied_ids.insert(event.id.to_bytes(), *seq);
+                }
+                queue.lock().push(unapplied);
+            }
         }
         shared.last_seq.store(last, Ordering::Release);
         shared.fan.lock().pending.insert(start_seq, group.clone());
         reply_all(publishes, outcomes, Some(group));
     }
+}
+
+/// Applies acknowledged groups, dead letters and subscription positions to
+/// the redb file, in durable commits; runs retention.
+struct Applier {
+    shared: Arc<Shared>,
+    /// Groups acknowledged, not yet applied; in `seq` order.
+    unapplied: Vec<Unapplied>,
+    unapplied_events: usize,
+    oldest_unapplied: Option<Instant>,
+    last_flush: Instant,
+    last_retention: Instant,
+}
+
+impl Applier {
+    fn new(shared: Arc<Shared>) -> Applier {
+        Applier {
+            shared,
+            unapplied: Vec::new(),
+            unapplied_events: 0,
+            oldest_unapplied: None,
+            last_flush: Instant::now(),
+            last_retention: Instant::now(),
+        }
+    }
+
+    fn push(&mut self, u: Unapplied) {
+        self.unapplied_events += u.records.len();
+        self.oldest_unapplied.get_or_insert_with(Instant::now);
+        self.unapplied.push(u);
+    }
+
+    /// How long to wait for work before the next timed apply or flush.
+    fn timeout(&self) -> Duration {
+        let mut t = self.shared.opts.ack_flush_interval;
+        if let Some(oldest) = self.oldest_unapplied {
+            t = t.min(
+                self.shared
+                    .opts
+                    .apply_interval
+                    .saturating_sub(oldest.elapsed()),
+            );
+        }
+        t.max(Duration::from_micros(100))
+    }
+
+    /// Applies when due (or when `others` or `force` ask), then retention.
+    fn tick(&mut self, others: Vec<WriteReq>, force: bool) {
+        let due = self
+            .oldest_unapplied
+            .is_some_and(|t| t.elapsed() >= self.shared.opts.apply_interval)
+            || self.unapplied_events >= MAX_UNAPPLIED;
+        let acks = self.last_flush.elapsed() >= self.shared.opts.ack_flush_interval
+            && acks_dirty(&self.shared);
+        if force || !others.is_empty() || due || acks {
+            self.apply(others);
+        }
+        self.maybe_retain();
+    }
+
+    /// The applier thread's loop (with a WAL): wakes every
+    /// `apply_interval` (or `ack_flush_interval`, if shorter), or when asked.
+    fn run(mut self, rx: Receiver<ApplyMsg>, queue: ApplyQueue) {
+        let cadence = self
+            .shared
+            .opts
+            .apply_interval
+            .min(self.shared.opts.ack_flush_interval);
+        loop {
+            let mut others = Vec::new();
+            let mut shutdown = false;
+            let mut take = |msg: ApplyMsg| match msg {
+                ApplyMsg::Now(req) => {
+                    others.push(req);
+                    false
+                }
+                ApplyMsg::Shutdown => true,
+            };
+            match rx.recv_timeout(cadence) {
+                Ok(msg) => shutdown |= take(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => shutdown = true,
+            }
+            while let Ok(msg) = rx.try_recv() {
+                shutdown |= take(msg);
+            }
+            // Groups in the queue were acknowledged before any request
+            // that follows them in time: take them after the requests.
+            let groups = std::mem::take(&mut *queue.lock());
+            for u in groups {
+                self.push(u);
+            }
+            self.tick(others, shutdown);
+            if shutdown {
+                break;
+            }
+        }
+    }
+
+    fn maybe_retain(&mut self) {
+        if let Some(policy) = self.shared.opts.retention.clone()
+            && self.last_retention.elapsed() >= self.shared.opts.retention_interval
+        {
+            self.last_retention = Instant::now();
+            self.apply(Vec::new());
+            if let Err(e) = upkeep::retain(&self.shared, &policy) {
+                tracing::warn!(error = %e, "retention failed");
+            }
+        }
+    }
 
     /// Applies every unapplied group to redb, with the hooks, the dead letters
     /// in `others` and the subscriptions' positions, in one durable commit.
-    /// True on success. A failure poisons the bus (with a WAL, the events are
-    /// safe in it and reopening recovers them).
+    /// True on success. A failure poisons the bus when a WAL holds the
+    /// events (reopening recovers them from it).
     fn apply(&mut self, others: Vec<WriteReq>) -> bool {
         let shared = self.shared.clone();
         if shared.poisoned.load(Ordering::Acquire) {
@@ -592,14 +751,15 @@ impl Writer {
         match result {
             Err(e) => {
                 tracing::error!(error = %e, "commit failed");
-                if self.wal.is_some() || matches!(&e, StorageError::Redb(redb::Error::PreviousIo)) {
+                if shared.opts.wal && shared.path.is_some()
+                    || matches!(&e, StorageError::Redb(redb::Error::PreviousIo))
+                {
                     shared.poisoned.store(true, Ordering::Release);
                 }
-                if self.wal.is_none() {
-                    // The group was not durable; forget it (its publishers
-                    // are told by the caller).
+                if !(shared.opts.wal && shared.path.is_some()) {
+                    // Without a WAL the group was not durable; forget it (its
+                    // publishers are told by the caller).
                     self.unapplied.clear();
-                    self.unapplied_ids.clear();
                     self.unapplied_events = 0;
                     self.oldest_unapplied = None;
                 }
@@ -621,20 +781,12 @@ impl Writer {
                     shared.applied_seq.store(u.group.last, Ordering::Release);
                 }
                 self.unapplied.clear();
-                self.unapplied_ids.clear();
                 self.unapplied_events = 0;
                 self.oldest_unapplied = None;
                 if applied_any {
                     for hook in shared.hooks.read().iter() {
                         hook.after_commit();
                     }
-                }
-                if let Some(wal) = &mut self.wal
-                    && wal.used() >= WAL_RESTART_BYTES
-                    && let Err(e) = wal.reset()
-                {
-                    tracing::error!(error = %e, "cannot restart the write-ahead log");
-                    shared.poisoned.store(true, Ordering::Release);
                 }
                 for req in others {
                     match req {
