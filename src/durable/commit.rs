@@ -408,10 +408,10 @@ impl Writer {
                 ApplyTarget::Inline(a) => a.tick(others, shutdown),
                 ApplyTarget::Thread(_, tx, _) => {
                     for req in others {
-                        if let Err(e) = tx.send(ApplyMsg::Now(req)) {
-                            if let ApplyMsg::Now(req) = e.0 {
-                                refuse(req);
-                            }
+                        if let Err(e) = tx.send(ApplyMsg::Now(req))
+                            && let ApplyMsg::Now(req) = e.0
+                        {
+                            refuse(req);
                         }
                     }
                 }
@@ -441,12 +441,13 @@ impl Writer {
         }
         let shared = &self.shared;
         let last = shared.last_seq.load(Ordering::Acquire);
-        if shared.applied_seq.load(Ordering::Acquire) < last && wal.used() >= WAL_MAX_BYTES {
-            if let ApplyTarget::Thread(_, tx, _) = &self.apply {
-                let (reply, rx) = crossbeam_channel::bounded(1);
-                if tx.send(ApplyMsg::Now(WriteReq::Apply(reply))).is_ok() {
-                    let _ = rx.recv();
-                }
+        if shared.applied_seq.load(Ordering::Acquire) < last
+            && wal.used() >= WAL_MAX_BYTES
+            && let ApplyTarget::Thread(_, tx, _) = &self.apply
+        {
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            if tx.send(ApplyMsg::Now(WriteReq::Apply(reply))).is_ok() {
+                let _ = rx.recv();
             }
         }
         if shared.applied_seq.load(Ordering::Acquire) >= last {
