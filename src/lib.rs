@@ -52,8 +52,8 @@ pub mod __fuzz {
 pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};
 pub use durable::{
     CheckReport, CursorInfo, CursorState, DeadLetter, DurableBus, DurableBusBuilder,
-    DurableSubscription, LogEntry, LogReader, Position, ReadOnlyLog, RedriveReport, RetainReport,
-    Retention, Stats,
+    DurableSubscription, LogEntry, LogReader, PendingPublish, Position, ReadOnlyLog, RedriveReport,
+    RetainReport, Retention, Stats,
 };
 pub use error::{
     CursorError, EventError, FilterError, HandlerError, IdError, OpenError, PublishError,

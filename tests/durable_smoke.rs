@@ -77,3 +77,43 @@ fn publish_read_subscribe_reopen() {
         .unwrap();
     assert_eq!(line.trim_end(), entry.to_json());
 }
+
+#[test]
+fn submit_keeps_publishes_in_flight_and_drop_still_fans_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::open(dir.path().join("log.redb")).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let _sub = bus
+        .subscribe(
+            Filter::all(),
+            move |e: &Event| -> Result<(), HandlerError> {
+                s2.lock().unwrap().push(e.id);
+                Ok(())
+            },
+        )
+        .unwrap();
+    let events: Vec<Event> = (0..200)
+        .map(|_| Event::new(Type::DEPLOY_STARTED, "t"))
+        .collect();
+    let ids: Vec<_> = events.iter().map(|e| e.id).collect();
+    let pending: Vec<_> = events.into_iter().map(|e| bus.submit(e).unwrap()).collect();
+    let receipts: Vec<_> = pending.into_iter().map(|p| p.wait().unwrap()).collect();
+    // Submitted from one thread: acknowledged in submission order, no gaps.
+    for (i, r) in receipts.iter().enumerate() {
+        assert_eq!((r.seq, r.id), (i as u64 + 1, ids[i]));
+    }
+    assert_eq!(*seen.lock().unwrap(), ids, "fanned out in seq order");
+    // A publish dropped without waiting is still durable and fanned out.
+    let e = Event::new(Type::DEPLOY_FAILED, "t");
+    let id = e.id;
+    drop(bus.submit(e).unwrap());
+    assert_eq!(seen.lock().unwrap().last(), Some(&id));
+    let last = bus
+        .read(Position::Seq(201), &Filter::all())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.event.id, id);
+}

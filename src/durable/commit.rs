@@ -139,11 +139,84 @@ pub(crate) fn publish(
     shared: &Arc<Shared>,
     events: Vec<Event>,
 ) -> Result<Vec<Receipt>, PublishError> {
+    if events.is_empty() {
+        return if shared.closed.load(Ordering::Acquire) {
+            Err(PublishError::Closed)
+        } else {
+            Ok(Vec::new())
+        };
+    }
+    submit(shared, events)?.wait()
+}
+
+/// A publish handed to the writer, not yet waited for.
+///
+/// Invariant: `rx` is `Some` until `wait` takes it; dropping an unwaited
+/// publish waits for it (so its group is fanned out in order).
+pub(crate) struct Pending {
+    shared: Arc<Shared>,
+    rx: Option<crate::sync::OneshotReceiver<Result<Outcome, PublishError>>>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.rx.is_some() {
+            let _ = self.finish();
+        }
+    }
+}
+
+impl Pending {
+    /// Waits until the events are durable and fanned out.
+    pub(crate) fn wait(mut self) -> Result<Vec<Receipt>, PublishError> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<Vec<Receipt>, PublishError> {
+        let rx = self.rx.take().ok_or(PublishError::Closed)?;
+        let shared = &self.shared;
+        let mut outcome = rx.recv().ok_or(PublishError::Closed)??;
+        for w in outcome.wake.drain(..) {
+            w.wake();
+        }
+        let mut failures: Vec<(u64, HandlerFailure)> = Vec::new();
+        if let Some(group) = &outcome.group {
+            fan_out(shared, group);
+            if !DISPATCHING.get() {
+                group.wait();
+                let mine: HashSet<u64> =
+                    outcome.seqs.iter().filter(|s| !s.2).map(|s| s.1).collect();
+                failures = group
+                    .failures
+                    .lock()
+                    .iter()
+                    .filter(|(s, _)| mine.contains(s))
+                    .cloned()
+                    .collect();
+            }
+        }
+        Ok(outcome
+            .seqs
+            .into_iter()
+            .map(|(id, seq, duplicate)| Receipt {
+                seq,
+                id,
+                duplicate,
+                handler_failures: failures
+                    .iter()
+                    .filter(|(s, _)| *s == seq)
+                    .map(|(_, f)| f.clone())
+                    .collect(),
+            })
+            .collect())
+    }
+}
+
+/// Validates and encodes events on the caller's thread and hands them to the
+/// writer; the returned [`Pending`] waits for the outcome.
+pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending, PublishError> {
     if shared.closed.load(Ordering::Acquire) {
         return Err(PublishError::Closed);
-    }
-    if events.is_empty() {
-        return Ok(Vec::new());
     }
     if events.len() > 1 {
         let mut seen = HashSet::with_capacity(events.len());
@@ -175,39 +248,10 @@ pub(crate) fn publish(
         .tx
         .send(WriteReq::Publish(PublishReq { items, reply }))
         .map_err(|_| PublishError::Closed)?;
-    let mut outcome = rx.recv().ok_or(PublishError::Closed)??;
-    for w in outcome.wake.drain(..) {
-        w.wake();
-    }
-    let mut failures: Vec<(u64, HandlerFailure)> = Vec::new();
-    if let Some(group) = &outcome.group {
-        fan_out(shared, group);
-        if !DISPATCHING.get() {
-            group.wait();
-            let mine: HashSet<u64> = outcome.seqs.iter().filter(|s| !s.2).map(|s| s.1).collect();
-            failures = group
-                .failures
-                .lock()
-                .iter()
-                .filter(|(s, _)| mine.contains(s))
-                .cloned()
-                .collect();
-        }
-    }
-    Ok(outcome
-        .seqs
-        .into_iter()
-        .map(|(id, seq, duplicate)| Receipt {
-            seq,
-            id,
-            duplicate,
-            handler_failures: failures
-                .iter()
-                .filter(|(s, _)| *s == seq)
-                .map(|(_, f)| f.clone())
-                .collect(),
-        })
-        .collect())
+    Ok(Pending {
+        shared: shared.clone(),
+        rx: Some(rx),
+    })
 }
 
 /// Takes the baton if nobody holds it and dispatches every ready group in

@@ -314,6 +314,28 @@ pub(crate) struct Shared {
     pub(crate) tx: Sender<commit::WriteReq>,
 }
 
+/// A publish submitted with [`DurableBus::submit`], not yet acknowledged.
+#[must_use = "an event is acknowledged only when wait returns Ok"]
+pub struct PendingPublish(commit::Pending);
+
+impl PendingPublish {
+    /// Waits until the event is durable and every caught-up subscriber has
+    /// run its handler, and returns its receipt.
+    ///
+    /// # Errors
+    /// As [`Bus::publish`].
+    pub fn wait(self) -> Result<Receipt, PublishError> {
+        let mut receipts = self.0.wait()?;
+        receipts.pop().ok_or(PublishError::Closed)
+    }
+}
+
+impl std::fmt::Debug for PendingPublish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingPublish")
+    }
+}
+
 /// The durable event bus. Cloning gives another handle to the same bus; the
 /// file is closed when the last handle is dropped or [`Bus::close`] is called.
 ///
@@ -476,6 +498,25 @@ impl DurableBus {
     /// [`PublishError::Closed`].
     pub fn publish_batch(&self, events: Vec<Event>) -> Result<Vec<Receipt>, PublishError> {
         commit::publish(&self.handle.shared, events)
+    }
+
+    /// Hands one event to the log without waiting: the returned
+    /// [`PendingPublish`] waits until it is durable and fanned out. Submitting
+    /// several events before waiting keeps them all in flight, so one thread
+    /// can do the work of several publishers (they may share a group
+    /// commit), the way a client keeps several requests in flight on one
+    /// connection. The event is acknowledged only when
+    /// [`PendingPublish::wait`] returns `Ok`; dropping an unwaited publish
+    /// waits for it.
+    ///
+    /// # Errors
+    /// As [`Bus::publish`], for what can be checked before writing
+    /// ([`PublishError::Invalid`], [`PublishError::Closed`]).
+    pub fn submit(&self, event: Event) -> Result<PendingPublish, PublishError> {
+        Ok(PendingPublish(commit::submit(
+            &self.handle.shared,
+            vec![event],
+        )?))
     }
 
     /// A streaming reader over the log from `from`, yielding events that
