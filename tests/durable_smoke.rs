@@ -117,3 +117,33 @@ fn submit_keeps_publishes_in_flight_and_drop_still_fans_out() {
         .unwrap();
     assert_eq!(last.event.id, id);
 }
+
+#[test]
+fn a_wal_left_beside_a_new_file_is_not_replayed_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    {
+        let bus = DurableBus::open(&path).unwrap();
+        for _ in 0..5 {
+            bus.publish(Event::new(Type::DEPLOY_STARTED, "old"))
+                .unwrap();
+        }
+    }
+    assert!(dir.path().join("log.redb.wal").exists());
+    // The operator removes the log but not its WAL, then starts afresh.
+    std::fs::remove_file(&path).unwrap();
+    let bus = DurableBus::open(&path).unwrap();
+    assert_eq!(bus.last_seq(), 0, "events of the removed log came back");
+    let r = bus
+        .publish(Event::new(Type::DEPLOY_STARTED, "new"))
+        .unwrap();
+    assert_eq!(r.seq, 1);
+    drop(bus);
+    let bus = DurableBus::open(&path).unwrap();
+    let tenants: Vec<String> = bus
+        .read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(|e| e.unwrap().event.tenant_id)
+        .collect();
+    assert_eq!(tenants, vec!["new".to_string()]);
+}

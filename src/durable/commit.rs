@@ -29,7 +29,7 @@ use redb::{Durability, ReadableTable};
 
 use super::codec;
 use super::subscription::DurableSub;
-use super::tables::{BY_ID, CURSORS, DEAD_LETTERS, EVENTS, to_bytes};
+use super::tables::{BY_ID, CURSORS, DEAD_LETTERS, EVENTS, id_key, to_bytes};
 use super::wal::Wal;
 use super::{Shared, upkeep};
 use crate::bus::{HandlerFailure, Receipt};
@@ -534,7 +534,7 @@ impl Writer {
                     let key = item.event.id.to_bytes();
                     let known = match self.unapplied_ids.get(&key).or_else(|| fresh.get(&key)) {
                         Some(&s) => Some(s),
-                        None => by_id.get(key)?.map(|g| g.value()),
+                        None => by_id.get(id_key(key))?.map(|g| g.value()),
                     };
                     if let Some(seq) = known {
                         seqs.push((item.event.id, seq, true));
@@ -759,7 +759,7 @@ impl Applier {
                 for u in &self.unapplied {
                     for ((seq, event), record) in u.group.events.iter().zip(&u.records) {
                         events.insert(*seq, record.as_slice())?;
-                        by_id.insert(event.id.to_bytes(), *seq)?;
+                        by_id.insert(id_key(event.id.to_bytes()), *seq)?;
                     }
                 }
             }
@@ -939,7 +939,7 @@ pub(crate) fn recover(
                     codec::decode_ref(record).map_err(|r| super::read::corrupted(seq, r))?;
                 let event = rec.to_event().map_err(|r| super::read::corrupted(seq, r))?;
                 events.insert(seq, record.as_slice())?;
-                by_id.insert(rec.id, seq)?;
+                by_id.insert(id_key(rec.id), seq)?;
                 appended.push((seq, event, append));
                 next += 1;
                 replayed += 1;

@@ -413,7 +413,7 @@ impl DurableBus {
         opts: Options,
     ) -> Result<DurableBus, OpenError> {
         let shown = path.clone().unwrap_or_else(|| PathBuf::from("<backend>"));
-        open::prepare(&db, &shown)?;
+        let log_id = open::prepare(&db, &shown)?;
         let txn =
             redb::ReadableDatabase::begin_read(&db).map_err(|e| OpenError::Storage(e.into()))?;
         let last = read::last_assigned(&txn).map_err(OpenError::Storage)?;
@@ -439,7 +439,7 @@ impl DurableBus {
         let mut last_append = last_append;
         if let (Some(path), true) = (&shared.path, shared.opts.wal) {
             let wal_path = wal::path_for(path);
-            let (mut w, frames) = wal::Wal::open(&wal_path, shared.opts.sync)
+            let (mut w, frames) = wal::Wal::open(&wal_path, log_id, shared.opts.sync)
                 .map_err(|e| OpenError::Io(wal_path.clone(), e))?;
             if !frames.is_empty() {
                 let n = commit::recover(&shared, &mut w, frames).map_err(OpenError::Storage)?;

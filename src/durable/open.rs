@@ -4,9 +4,11 @@
 use std::io::Read;
 use std::path::Path;
 
-use redb::ReadableDatabase;
+use redb::{ReadableDatabase, ReadableTable};
 
-use super::tables::{BY_ID, CURSORS, DEAD_LETTERS, EVENTS, FORMAT_VERSION, META, META_FORMAT};
+use super::tables::{
+    BY_ID, CURSORS, DEAD_LETTERS, EVENTS, FORMAT_VERSION, META, META_FORMAT, META_LOG_ID,
+};
 use crate::error::{OpenError, StorageError};
 
 /// redb's file magic (the first 9 bytes of every redb file).
@@ -128,14 +130,16 @@ pub(crate) fn check_format(txn: &redb::ReadTransaction, path: &Path) -> Result<b
     }
 }
 
-/// Checks an opened writable database and creates the tables of a new log.
-pub(crate) fn prepare(db: &redb::Database, path: &Path) -> Result<(), OpenError> {
+/// Checks an opened writable database, creates the tables of a new log, and
+/// returns the log's id (made on first open).
+pub(crate) fn prepare(db: &redb::Database, path: &Path) -> Result<[u8; 16], OpenError> {
     let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;
     let fresh = check_format(&txn, path)?;
     drop(txn);
     // Create any table a newer build of the same format added; cheap when
     // they all exist.
     let txn = db.begin_write().map_err(|e| OpenError::Storage(e.into()))?;
+    let log_id;
     {
         let st = |e: redb::TableError| OpenError::Storage(e.into());
         let mut meta = txn.open_table(META).map_err(st)?;
@@ -143,6 +147,22 @@ pub(crate) fn prepare(db: &redb::Database, path: &Path) -> Result<(), OpenError>
             meta.insert(META_FORMAT, [FORMAT_VERSION].as_slice())
                 .map_err(|e| OpenError::Storage(e.into()))?;
         }
+        let existing: Option<[u8; 16]> = meta
+            .get(META_LOG_ID)
+            .map_err(|e| OpenError::Storage(e.into()))?
+            .and_then(|v| v.value().try_into().ok());
+        log_id = match existing {
+            Some(id) => id,
+            None => {
+                let mut id = [0u8; 16];
+                getrandom::fill(&mut id).map_err(|e| {
+                    OpenError::Io(path.to_path_buf(), std::io::Error::other(e.to_string()))
+                })?;
+                meta.insert(META_LOG_ID, id.as_slice())
+                    .map_err(|e| OpenError::Storage(e.into()))?;
+                id
+            }
+        };
         txn.open_table(EVENTS).map_err(st)?;
         txn.open_table(BY_ID).map_err(st)?;
         txn.open_table(CURSORS).map_err(st)?;
@@ -150,5 +170,5 @@ pub(crate) fn prepare(db: &redb::Database, path: &Path) -> Result<(), OpenError>
         crate::webhook::create_tables(&txn).map_err(OpenError::Storage)?;
     }
     txn.commit().map_err(|e| OpenError::Storage(e.into()))?;
-    Ok(())
+    Ok(log_id)
 }

@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
 
 use super::codec::{self, RecordRef};
-use super::tables::{BY_ID, EVENTS, META, META_RETAINED};
+use super::tables::{BY_ID, EVENTS, META, META_RETAINED, id_key};
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
 use crate::filter::Filter;
@@ -123,7 +123,7 @@ pub(crate) fn resolve(txn: &redb::ReadTransaction, position: Position) -> Result
         Position::Seq(s) => s.max(first),
         Position::Id(id) => {
             let by_id = txn.open_table(BY_ID).map_err(storage)?;
-            match by_id.get(id.to_bytes()).map_err(storage)? {
+            match by_id.get(id_key(id.to_bytes())).map_err(storage)? {
                 Some(seq) => seq.value(),
                 None => return Err(ReadError::UnknownEvent(id)),
             }

@@ -11,7 +11,7 @@ use super::Shared;
 use super::codec;
 use super::read;
 use super::tables::{
-    BY_ID, CURSORS, CursorRecord, EVENTS, META, META_RETAINED, from_bytes, to_bytes,
+    BY_ID, CURSORS, CursorRecord, EVENTS, META, META_RETAINED, from_bytes, id_key, to_bytes,
 };
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
@@ -138,7 +138,7 @@ pub(crate) fn check<D: ReadableDatabase>(
                         );
                     }
                 }
-                match by_id.get(rec.id)? {
+                match by_id.get(id_key(rec.id))? {
                     Some(s) if s.value() == seq => {}
                     Some(s) => problem(
                         &mut report,
@@ -160,12 +160,12 @@ pub(crate) fn check<D: ReadableDatabase>(
                 &mut report,
                 format!(
                     "id index entry {} points to missing seq {seq}",
-                    crate::EventId::from_bytes(k.value())
+                    crate::EventId::from_bytes(k.value().to_be_bytes())
                 ),
             ),
             Some(rec) => {
                 if let Ok((_, r)) = codec::decode_ref(rec.value())
-                    && r.id != k.value()
+                    && r.id != k.value().to_be_bytes()
                 {
                     problem(
                         &mut report,
@@ -275,7 +275,7 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
             if let Some(&(last_removed, _)) = to_remove.last() {
                 for (seq, id) in &to_remove {
                     events.remove(*seq)?;
-                    by_id.remove(*id)?;
+                    by_id.remove(id_key(*id))?;
                 }
                 let mut meta = txn.open_table(META)?;
                 let prev = match meta.get(META_RETAINED)? {

@@ -11,7 +11,8 @@
 //! frames past the file's last `seq` are replayed. Once the WAL holds 16 MiB
 //! and everything in it is applied, it starts over.
 //!
-//! File layout: a 4096-byte header (`MAGIC`, version, generation, CRC), then
+//! File layout: a 4096-byte header (`MAGIC`, version, generation, the log's
+//! id, CRC), then
 //! frames `[FRAME_MAGIC u32][generation u64][len u32][crc32 u32][payload]`.
 //! A payload is `[first_seq u64][count u32]` then per record `[len u32][bytes]`
 //! (records are `codec` records; each carries its append time). All integers
@@ -21,6 +22,9 @@
 //! Invariants:
 //! - Frames of the current generation hold consecutive `seq`s, starting
 //!   right after the `seq` that was durable in redb when the generation began.
+//! - The WAL belongs to the log whose id (`meta["log_id"]`) is in its header;
+//!   a WAL with another id (left beside a file that was deleted and
+//!   recreated) is discarded, never replayed into the wrong log.
 //! - A frame is valid only if its magic, generation and CRC match; recovery
 //!   stops at the first invalid frame (a torn write of an unacknowledged
 //!   group).
@@ -35,6 +39,8 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 8] = b"CBUSWAL1";
 const VERSION: u32 = 1;
 const HEADER_LEN: u64 = 4096;
+/// Bytes of the header that hold data (the rest is zero).
+const HEADER_USED: usize = 40;
 const FRAME_MAGIC: u32 = 0xC7B0_5E01;
 const FRAME_HEAD: usize = 4 + 8 + 4 + 4;
 /// Bytes preallocated at a time.
@@ -56,6 +62,7 @@ pub(crate) struct Frame {
 pub(crate) struct Wal {
     file: File,
     generation: u64,
+    log_id: [u8; 16],
     /// Where the next frame goes.
     pos: u64,
     /// Bytes of the file known to be allocated (zero-filled or written).
@@ -67,7 +74,7 @@ pub(crate) struct Wal {
 impl Wal {
     /// Opens (or creates) the WAL and returns the frames of its current
     /// generation, oldest first.
-    pub(crate) fn open(path: &Path, sync: bool) -> io::Result<(Wal, Vec<Frame>)> {
+    pub(crate) fn open(path: &Path, log_id: [u8; 16], sync: bool) -> io::Result<(Wal, Vec<Frame>)> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -75,14 +82,20 @@ impl Wal {
             .truncate(false)
             .open(path)?;
         let len = file.metadata()?.len();
-        let mut header = [0u8; 24];
+        let mut header = [0u8; HEADER_USED];
+        let mut foreign = false;
         let generation = if len >= HEADER_LEN && read_full(&mut file, 0, &mut header)? {
-            parse_header(&header).ok_or_else(|| {
+            let (generation, id) = parse_header(&header).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{} is not a ctrlbus WAL", path.display()),
                 )
-            })?
+            })?;
+            if id != log_id {
+                tracing::warn!(wal = %path.display(), "discarding a write-ahead log of another log file");
+                foreign = true;
+            }
+            generation
         } else if len == 0 {
             0
         } else {
@@ -94,11 +107,17 @@ impl Wal {
         let mut wal = Wal {
             file,
             generation,
+            log_id,
             pos: HEADER_LEN,
             allocated: len,
             sync,
             buf: Vec::new(),
         };
+        if foreign {
+            // A new generation under our id: the old frames no longer count.
+            wal.reset()?;
+            return Ok((wal, Vec::new()));
+        }
         if len == 0 {
             wal.write_header()?;
         }
@@ -172,7 +191,13 @@ impl Wal {
         if end > self.allocated {
             // Preallocate with real zeros (not a sparse hole) so that later
             // appends do not change the file's block map.
-            let target = end.div_ceil(GROW) * GROW;
+            // 1 MiB first (a one-shot `ctrlbus publish` should not write
+            // megabytes of zeros), doubling, then GROW at a time.
+            let target = if end <= GROW {
+                end.next_power_of_two().max(1 << 20)
+            } else {
+                end.div_ceil(GROW) * GROW
+            };
             self.file.seek(SeekFrom::Start(self.allocated))?;
             let zeros = vec![0u8; 1 << 20];
             let mut at = self.allocated;
@@ -213,8 +238,9 @@ impl Wal {
         h[0..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
         h[12..20].copy_from_slice(&self.generation.to_le_bytes());
-        let crc = crc32fast::hash(&h[0..20]);
-        h[20..24].copy_from_slice(&crc.to_le_bytes());
+        h[20..36].copy_from_slice(&self.log_id);
+        let crc = crc32fast::hash(&h[0..36]);
+        h[36..40].copy_from_slice(&crc.to_le_bytes());
         self.file.seek(SeekFrom::Start(0))?;
         self.file.write_all(&h)?;
         if self.sync {
@@ -233,13 +259,19 @@ fn frame_crc(generation: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn parse_header(h: &[u8; 24]) -> Option<u64> {
+/// The generation and log id of a valid header.
+fn parse_header(h: &[u8; HEADER_USED]) -> Option<(u64, [u8; 16])> {
     if &h[0..8] != MAGIC || u32::from_le_bytes(h[8..12].try_into().ok()?) != VERSION {
         return None;
     }
-    let crc = u32::from_le_bytes(h[20..24].try_into().ok()?);
-    (crc32fast::hash(&h[0..20]) == crc)
-        .then(|| u64::from_le_bytes(h[12..20].try_into().unwrap_or_default()))
+    let crc = u32::from_le_bytes(h[36..40].try_into().ok()?);
+    if crc32fast::hash(&h[0..36]) != crc {
+        return None;
+    }
+    Some((
+        u64::from_le_bytes(h[12..20].try_into().ok()?),
+        h[20..36].try_into().ok()?,
+    ))
 }
 
 fn parse_payload(p: &[u8]) -> Option<Frame> {
@@ -273,19 +305,44 @@ fn read_full(file: &mut File, pos: u64, buf: &mut [u8]) -> io::Result<bool> {
 mod tests {
     use super::*;
 
+    const ID: [u8; 16] = [7; 16];
+
+    #[test]
+    fn a_wal_of_another_log_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        {
+            let (mut wal, _) = Wal::open(&path, ID, true).unwrap();
+            wal.append(1, [b"a".as_slice()].into_iter()).unwrap();
+        }
+        let (mut wal, frames) = Wal::open(&path, [8; 16], true).unwrap();
+        assert!(
+            frames.is_empty(),
+            "frames of another log must not be replayed"
+        );
+        wal.append(1, [b"b".as_slice()].into_iter()).unwrap();
+        drop(wal);
+        let (_, frames) = Wal::open(&path, [8; 16], true).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].records, vec![b"b".to_vec()]);
+        // And the first log no longer claims it.
+        let (_, frames) = Wal::open(&path, ID, true).unwrap();
+        assert!(frames.is_empty());
+    }
+
     #[test]
     fn frames_round_trip_and_reset_discards() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         {
-            let (mut wal, frames) = Wal::open(&path, true).unwrap();
+            let (mut wal, frames) = Wal::open(&path, ID, true).unwrap();
             assert!(frames.is_empty());
             wal.append(1, [b"a".as_slice(), b"bc".as_slice()].into_iter())
                 .unwrap();
             wal.append(3, [b"".as_slice()].into_iter()).unwrap();
         }
         {
-            let (mut wal, frames) = Wal::open(&path, true).unwrap();
+            let (mut wal, frames) = Wal::open(&path, ID, true).unwrap();
             assert_eq!(frames.len(), 2);
             assert_eq!(frames[0].first_seq, 1);
             assert_eq!(frames[0].records, vec![b"a".to_vec(), b"bc".to_vec()]);
@@ -293,7 +350,7 @@ mod tests {
             wal.reset().unwrap();
             wal.append(4, [b"d".as_slice()].into_iter()).unwrap();
         }
-        let (_, frames) = Wal::open(&path, true).unwrap();
+        let (_, frames) = Wal::open(&path, ID, true).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].first_seq, 4);
     }
@@ -303,7 +360,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         {
-            let (mut wal, _) = Wal::open(&path, true).unwrap();
+            let (mut wal, _) = Wal::open(&path, ID, true).unwrap();
             wal.append(1, [b"first".as_slice()].into_iter()).unwrap();
             wal.append(2, [b"second".as_slice()].into_iter()).unwrap();
         }
@@ -312,7 +369,7 @@ mod tests {
         let second = HEADER_LEN as usize + FRAME_HEAD + 12 + 4 + 5 + FRAME_HEAD + 14;
         bytes[second] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let (_, frames) = Wal::open(&path, true).unwrap();
+        let (_, frames) = Wal::open(&path, ID, true).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].records, vec![b"first".to_vec()]);
     }
@@ -322,6 +379,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         std::fs::write(&path, vec![1u8; 5000]).unwrap();
-        assert!(Wal::open(&path, true).is_err());
+        assert!(Wal::open(&path, ID, true).is_err());
     }
 }
