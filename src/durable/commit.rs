@@ -1,14 +1,18 @@
-//! Group commit and ordered fan-out.
+//! Group commit, applying to redb, and ordered fan-out.
 //!
-//! One writer thread owns every write transaction that appends events.
-//! Publishers send it prepared records; it takes all requests waiting (up to
-//! `max_group_events`), appends them in one transaction with consecutive
-//! `seq`s and commits with one fsync. The group commit technique is the one
-//! of database WALs (e.g. PostgreSQL's `commit_delay`-less group commit):
-//! requests that arrive while a commit is running form the next group.
+//! One writer thread assigns every `seq`. Publishers send it prepared
+//! records; it takes all requests waiting (up to `max_group_events`), gives
+//! them consecutive `seq`s and makes them durable with one fsync: a frame of
+//! the write-ahead log (`wal`) when the log was opened from a path, else a
+//! durable redb commit. This is the group commit of database WALs (as in
+//! PostgreSQL): requests that arrive while an fsync runs form the next group.
+//! With a WAL, the applier thread later moves acknowledged groups into the
+//! redb file in one durable commit per `apply_interval`, with the webhook
+//! delivery records they create (`AppendHook`) and the subscriptions'
+//! positions; reads in this process wait for it (`ensure_applied`).
 //!
 //! Fan-out invariants (`FanState`):
-//! - A group enters `pending` only after its commit returned (G1).
+//! - A group enters `pending` only after it is durable (G1).
 //! - Groups are dispatched in `seq` order: the group dispatched next is the
 //!   one whose first `seq` equals `next_seq`.
 //! - At most one thread dispatches at a time (`busy`, the baton), so each

@@ -4,12 +4,15 @@
 //!
 //! 1. The publisher validates the event and encodes its record on its own
 //!    thread, then hands it to the single writer thread (`commit`).
-//! 2. The writer takes every request waiting, assigns consecutive `seq`s in
-//!    one write transaction, lets the webhook dispatcher add delivery records
-//!    to the same transaction, stores acknowledged cursor positions, and
-//!    commits with one fsync: group commit.
-//! 3. Only after the commit returns does anyone see the events: the writer
-//!    queues the committed group for fan-out, and the publishers wake.
+//! 2. The writer takes every request waiting, assigns consecutive `seq`s and
+//!    makes the group durable with one fsync of the write-ahead log (`wal`):
+//!    group commit.
+//! 3. Only then does anyone see the events: the writer queues the group for
+//!    fan-out and wakes the publishers. The applier thread moves the group
+//!    into the redb file within `apply_interval`, in one durable commit with
+//!    the webhook delivery records it creates and the subscriptions'
+//!    positions; reads in this process wait for that, and after a crash the
+//!    WAL is replayed into the file.
 //! 4. Fan-out runs groups strictly in `seq` order, one thread at a time (the
 //!    thread holding the fan-out baton, one of the waiting publishers), so
 //!    every live subscriber sees events in `seq` order. A publisher returns
