@@ -147,3 +147,29 @@ fn a_wal_left_beside_a_new_file_is_not_replayed_into_it() {
         .collect();
     assert_eq!(tenants, vec!["new".to_string()]);
 }
+
+#[test]
+fn idempotency_holds_for_old_ids_and_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let newest = Event::new(Type::DEPLOY_STARTED, "t");
+    // An imported event whose id is older than every id in the log.
+    let old = Event::new(Type::DEPLOY_STARTED, "t")
+        .with_id(ctrlbus::EventId::from_ulid(ulid::Ulid::from_parts(1, 42)));
+    {
+        let bus = DurableBus::open(&path).unwrap();
+        assert_eq!(bus.publish(newest.clone()).unwrap().seq, 1);
+        let r = bus.publish(old.clone()).unwrap();
+        assert_eq!((r.seq, r.duplicate), (2, false));
+        let r = bus.publish(old.clone()).unwrap();
+        assert_eq!((r.seq, r.duplicate), (2, true));
+        let r = bus.publish(newest.clone()).unwrap();
+        assert_eq!((r.seq, r.duplicate), (1, true));
+    }
+    let bus = DurableBus::open(&path).unwrap();
+    for (e, seq) in [(old, 2), (newest, 1)] {
+        let r = bus.publish(e).unwrap();
+        assert_eq!((r.seq, r.duplicate), (seq, true));
+    }
+    assert_eq!(bus.last_seq(), 2);
+}

@@ -75,7 +75,9 @@ fn crash_child() {
         bus.publish(e).unwrap();
         // One write call per line, so a kill cannot tear a line.
         acks.write_all(format!("{id}\n").as_bytes()).unwrap();
-        std::thread::sleep(Duration::from_millis(3));
+        // Paced so that a run outlasts the parent's longest kill delay
+        // (60 events x 8 ms > 420 ms): kills land while it publishes.
+        std::thread::sleep(Duration::from_millis(8));
     }
     worker.wait_idle(Some(Duration::from_secs(30)));
     worker.stop();

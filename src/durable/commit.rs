@@ -371,6 +371,8 @@ pub(crate) struct Writer {
     /// Ids of acknowledged events that may not be in the redb file yet, for
     /// idempotency by id; entries at or below `applied_seq` are pruned.
     unapplied_ids: HashMap<[u8; 16], u64>,
+    /// Every id in the log (file or WAL) is at most this (as `id_key`).
+    max_id: u128,
     apply: ApplyTarget,
 }
 
@@ -399,10 +401,17 @@ impl Writer {
         } else {
             ApplyTarget::Inline(applier)
         };
+        // The largest id in the file (the WAL, if any, was replayed into it).
+        let max_id = redb::ReadableDatabase::begin_read(&shared.db)
+            .ok()
+            .and_then(|txn| txn.open_table(BY_ID).ok())
+            .and_then(|t| t.last().ok().flatten().map(|(k, _)| k.value()))
+            .unwrap_or(0);
         Writer {
             shared,
             wal,
             last_append,
+            max_id,
             unapplied_ids: HashMap::new(),
             apply,
         }
@@ -524,27 +533,44 @@ impl Writer {
         // pruned from memory is visible to it.
         let mut outcomes: Vec<Vec<(EventId, u64, bool)>> = Vec::with_capacity(publishes.len());
         let lookup = (|| -> Result<(), StorageError> {
-            let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
             if self.unapplied_ids.len() > 4096 {
                 let applied = shared.applied_seq.load(Ordering::Acquire);
                 self.unapplied_ids.retain(|_, s| *s > applied);
             }
-            let by_id = txn.open_table(BY_ID)?;
+            // Opened only for an id not above every id in the log: ids made
+            // by this process's generator only grow, so fresh events skip
+            // the index entirely. A table opened after the pruning above
+            // sees every pruned (applied) id.
+            let mut by_id: Option<redb::ReadOnlyTable<u128, u64>> = None;
             let mut next = start_seq;
             let mut fresh: HashMap<[u8; 16], u64> = HashMap::new();
             for req in publishes.iter_mut() {
                 let mut seqs = Vec::with_capacity(req.items.len());
                 for item in req.items.iter_mut() {
                     let key = item.event.id.to_bytes();
-                    let known = match self.unapplied_ids.get(&key).or_else(|| fresh.get(&key)) {
-                        Some(&s) => Some(s),
-                        None => by_id.get(id_key(key))?.map(|g| g.value()),
+                    let known = if id_key(key) > self.max_id {
+                        None
+                    } else {
+                        match self.unapplied_ids.get(&key).or_else(|| fresh.get(&key)) {
+                            Some(&s) => Some(s),
+                            None => {
+                                if by_id.is_none() {
+                                    let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
+                                    by_id = Some(txn.open_table(BY_ID)?);
+                                }
+                                match &by_id {
+                                    Some(t) => t.get(id_key(key))?.map(|g| g.value()),
+                                    None => None,
+                                }
+                            }
+                        }
                     };
                     if let Some(seq) = known {
                         seqs.push((item.event.id, seq, true));
                         continue;
                     }
                     item.record[1..9].copy_from_slice(&append_ns.to_be_bytes());
+                    self.max_id = self.max_id.max(id_key(key));
                     fresh.insert(key, next);
                     seqs.push((item.event.id, next, false));
                     next += 1;
