@@ -108,13 +108,6 @@ impl Subscribers {
     pub(crate) fn snapshot(&self) -> Snapshot {
         Arc::clone(&self.list.read())
     }
-
-    /// Calls every matching handler, in subscription order; failures are
-    /// appended to `failures`.
-    #[inline]
-    pub(crate) fn dispatch(&self, event: &Event, failures: &mut Vec<HandlerFailure>) {
-        dispatch_to(&self.snapshot(), event, failures);
-    }
 }
 
 /// The subscriber list at one moment, shared with the dispatches using it.

@@ -39,6 +39,7 @@ use super::{Shared, upkeep};
 use crate::bus::{HandlerFailure, Receipt};
 use crate::error::{PublishError, StorageError};
 use crate::event::Event;
+use crate::fanout::dispatch_to;
 use crate::id::EventId;
 use crate::sync::{Condvar, Mutex, OneshotSender, Waker, oneshot};
 
@@ -188,15 +189,16 @@ impl Pending {
             fan_out(shared, group);
             if !DISPATCHING.get() {
                 group.wait();
-                let mine: HashSet<u64> =
-                    outcome.seqs.iter().filter(|s| !s.2).map(|s| s.1).collect();
-                failures = group
-                    .failures
-                    .lock()
-                    .iter()
-                    .filter(|(s, _)| mine.contains(s))
-                    .cloned()
-                    .collect();
+                let all = group.failures.lock();
+                if !all.is_empty() {
+                    let mine: HashSet<u64> =
+                        outcome.seqs.iter().filter(|s| !s.2).map(|s| s.1).collect();
+                    failures = all
+                        .iter()
+                        .filter(|(s, _)| mine.contains(s))
+                        .cloned()
+                        .collect();
+                }
             }
         }
         Ok(outcome
@@ -290,10 +292,15 @@ fn fan_out(shared: &Shared, _group: &Arc<Group>) {
 
 /// Runs the handlers of every live subscriber for one group.
 fn dispatch(shared: &Shared, group: &Group, durable: &[Arc<DurableSub>]) {
+    // One snapshot of the plain subscribers per group, not per event.
+    let live = shared.live.snapshot();
+    if live.is_empty() && durable.is_empty() {
+        return;
+    }
     let mut failures = Vec::new();
     let mut tagged = Vec::new();
     for (seq, event) in &group.events {
-        shared.live.dispatch(event, &mut failures);
+        dispatch_to(&live, event, &mut failures);
         for sub in durable {
             sub.deliver_live(shared, *seq, event, &mut failures);
         }
