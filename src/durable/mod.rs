@@ -95,6 +95,7 @@ pub(crate) struct Options {
     pub(crate) slow_handler: Duration,
     pub(crate) wal: bool,
     pub(crate) apply_interval: Duration,
+    pub(crate) wal_faults: Option<Arc<AtomicU64>>,
     pub(crate) retention: Option<Retention>,
     pub(crate) retention_interval: Duration,
 }
@@ -116,6 +117,7 @@ impl Default for Options {
             slow_handler: Duration::from_millis(250),
             wal: true,
             apply_interval: Duration::from_millis(20),
+            wal_faults: None,
             retention: None,
             retention_interval: Duration::from_secs(60),
         }
@@ -238,6 +240,15 @@ impl DurableBusBuilder {
     /// process, reads wait for the events published before them.
     pub fn apply_interval(mut self, d: Duration) -> Self {
         self.opts.apply_interval = d.max(Duration::from_micros(100));
+        self
+    }
+
+    /// Fault injection for tests: each write and each fsync of a WAL frame
+    /// takes one from `countdown`; the step that finds it at zero fails (a
+    /// write fails after writing half the frame). Not part of the API.
+    #[doc(hidden)]
+    pub fn wal_fault_countdown(mut self, countdown: Arc<AtomicU64>) -> Self {
+        self.opts.wal_faults = Some(countdown);
         self
     }
 
@@ -442,8 +453,13 @@ impl DurableBus {
         let mut last_append = last_append;
         if let (Some(path), true) = (&shared.path, shared.opts.wal) {
             let wal_path = wal::path_for(path);
-            let (mut w, frames) = wal::Wal::open(&wal_path, log_id, shared.opts.sync)
-                .map_err(|e| OpenError::Io(wal_path.clone(), e))?;
+            let (mut w, frames) = wal::Wal::open(
+                &wal_path,
+                log_id,
+                shared.opts.sync,
+                shared.opts.wal_faults.clone(),
+            )
+            .map_err(|e| OpenError::Io(wal_path.clone(), e))?;
             if !frames.is_empty() {
                 let n = commit::recover(&shared, &mut w, frames).map_err(OpenError::Storage)?;
                 if n > 0 {

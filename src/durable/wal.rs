@@ -35,6 +35,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: &[u8; 8] = b"CBUSWAL1";
 const VERSION: u32 = 1;
@@ -69,12 +71,19 @@ pub(crate) struct Wal {
     allocated: u64,
     sync: bool,
     buf: Vec<u8>,
+    /// Fault injection for tests: I/O steps left before one fails.
+    faults: Option<Arc<AtomicU64>>,
 }
 
 impl Wal {
     /// Opens (or creates) the WAL and returns the frames of its current
     /// generation, oldest first.
-    pub(crate) fn open(path: &Path, log_id: [u8; 16], sync: bool) -> io::Result<(Wal, Vec<Frame>)> {
+    pub(crate) fn open(
+        path: &Path,
+        log_id: [u8; 16],
+        sync: bool,
+        faults: Option<Arc<AtomicU64>>,
+    ) -> io::Result<(Wal, Vec<Frame>)> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -112,6 +121,7 @@ impl Wal {
             allocated: len,
             sync,
             buf: Vec::new(),
+            faults,
         };
         if foreign {
             // A new generation under our id: the old frames no longer count.
@@ -212,12 +222,28 @@ impl Wal {
             self.allocated = target;
         }
         self.file.seek(SeekFrom::Start(self.pos))?;
+        if self.inject_fault() {
+            // A torn write: half the frame reaches the file.
+            self.file.write_all(&frame[..frame.len() / 2])?;
+            return Err(io::Error::other("injected write failure"));
+        }
         self.file.write_all(frame)?;
+        if self.inject_fault() {
+            return Err(io::Error::other("injected fsync failure"));
+        }
         if self.sync {
             self.file.sync_data()?;
         }
         self.pos = end;
         Ok(())
+    }
+
+    /// True when the fault countdown (tests only) says this step fails.
+    fn inject_fault(&self) -> bool {
+        self.faults.as_ref().is_some_and(|c| {
+            c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1))
+                .is_err()
+        })
     }
 
     /// Bytes of frames in the current generation.
@@ -312,21 +338,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         {
-            let (mut wal, _) = Wal::open(&path, ID, true).unwrap();
+            let (mut wal, _) = Wal::open(&path, ID, true, None).unwrap();
             wal.append(1, [b"a".as_slice()].into_iter()).unwrap();
         }
-        let (mut wal, frames) = Wal::open(&path, [8; 16], true).unwrap();
+        let (mut wal, frames) = Wal::open(&path, [8; 16], true, None).unwrap();
         assert!(
             frames.is_empty(),
             "frames of another log must not be replayed"
         );
         wal.append(1, [b"b".as_slice()].into_iter()).unwrap();
         drop(wal);
-        let (_, frames) = Wal::open(&path, [8; 16], true).unwrap();
+        let (_, frames) = Wal::open(&path, [8; 16], true, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].records, vec![b"b".to_vec()]);
         // And the first log no longer claims it.
-        let (_, frames) = Wal::open(&path, ID, true).unwrap();
+        let (_, frames) = Wal::open(&path, ID, true, None).unwrap();
         assert!(frames.is_empty());
     }
 
@@ -335,14 +361,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         {
-            let (mut wal, frames) = Wal::open(&path, ID, true).unwrap();
+            let (mut wal, frames) = Wal::open(&path, ID, true, None).unwrap();
             assert!(frames.is_empty());
             wal.append(1, [b"a".as_slice(), b"bc".as_slice()].into_iter())
                 .unwrap();
             wal.append(3, [b"".as_slice()].into_iter()).unwrap();
         }
         {
-            let (mut wal, frames) = Wal::open(&path, ID, true).unwrap();
+            let (mut wal, frames) = Wal::open(&path, ID, true, None).unwrap();
             assert_eq!(frames.len(), 2);
             assert_eq!(frames[0].first_seq, 1);
             assert_eq!(frames[0].records, vec![b"a".to_vec(), b"bc".to_vec()]);
@@ -350,7 +376,7 @@ mod tests {
             wal.reset().unwrap();
             wal.append(4, [b"d".as_slice()].into_iter()).unwrap();
         }
-        let (_, frames) = Wal::open(&path, ID, true).unwrap();
+        let (_, frames) = Wal::open(&path, ID, true, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].first_seq, 4);
     }
@@ -360,7 +386,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         {
-            let (mut wal, _) = Wal::open(&path, ID, true).unwrap();
+            let (mut wal, _) = Wal::open(&path, ID, true, None).unwrap();
             wal.append(1, [b"first".as_slice()].into_iter()).unwrap();
             wal.append(2, [b"second".as_slice()].into_iter()).unwrap();
         }
@@ -369,7 +395,7 @@ mod tests {
         let second = HEADER_LEN as usize + FRAME_HEAD + 12 + 4 + 5 + FRAME_HEAD + 14;
         bytes[second] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let (_, frames) = Wal::open(&path, ID, true).unwrap();
+        let (_, frames) = Wal::open(&path, ID, true, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].records, vec![b"first".to_vec()]);
     }
@@ -379,6 +405,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         std::fs::write(&path, vec![1u8; 5000]).unwrap();
-        assert!(Wal::open(&path, ID, true).is_err());
+        assert!(Wal::open(&path, ID, true, None).is_err());
     }
 }
