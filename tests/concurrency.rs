@@ -56,7 +56,10 @@ fn eight_publishers_four_durable_subscribers() {
         .sync(false)
         .max_deliveries(1000)
         .retry_backoff(Duration::from_millis(1), Duration::from_millis(4))
-        .slow_handler(Duration::from_millis(250))
+        // Well above what a fast handler takes even on a loaded two-core
+        // machine: a live handler preempted past it would be detached early,
+        // and the gated 11th event below could then reach it live.
+        .slow_handler(Duration::from_millis(1000))
         .open(dir.path().join("log.redb"))
         .unwrap();
 
@@ -119,7 +122,7 @@ fn eight_publishers_four_durable_subscribers() {
                 move |e: &Event| -> Result<(), HandlerError> {
                     log.lock().unwrap().push(e.id);
                     match count.fetch_add(1, Ordering::SeqCst) + 1 {
-                        10 => std::thread::sleep(Duration::from_millis(300)),
+                        10 => std::thread::sleep(Duration::from_millis(1300)),
                         11 => {
                             let (open, cv) = &*gate2;
                             let guard = open.lock().unwrap();
