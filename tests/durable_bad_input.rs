@@ -718,3 +718,50 @@ fn retention_never_reuses_seqs_and_reports_missed() {
     let c = bus.cursor("behind").unwrap();
     assert_eq!((c.delivered_seq, c.missed), (14, 11), "{c:?}");
 }
+
+/// A record that decodes but holds an invalid event (here a type with
+/// capitals): both the event reader and the JSON-lines writer report a
+/// corruption naming its seq, and stop there.
+#[test]
+fn a_record_with_an_invalid_event_is_reported_with_its_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let events: Vec<Event> = (0..4)
+        .map(|i| Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("i", i))
+        .collect();
+    {
+        let bus = quick().open(&path).unwrap();
+        bus.publish_batch(events.clone()).unwrap();
+    }
+    let mut bad = ctrlbus::__fuzz::encoded_record(&events[2], 1);
+    let at = bad
+        .windows(6)
+        .position(|w| w == b"deploy")
+        .expect("the type is in the record");
+    bad[at..at + 6].copy_from_slice(b"DEPLOY");
+    overwrite_record(&path, 3, &bad);
+    let bus = quick().open(&path).unwrap();
+    let names_seq_3 = |e: Option<Result<_, ReadError>>, what: &str| match e {
+        Some(Err(ReadError::Storage(StorageError::Corrupted { table, key, .. }))) => {
+            assert_eq!(table, "events", "{what}");
+            assert!(
+                key.contains('3'),
+                "{what}: the error names {key}, not seq 3"
+            );
+        }
+        other => panic!("{what}: expected a corruption error, got {other:?}"),
+    };
+    let mut reader = bus.read(Position::Seq(3), &Filter::all()).unwrap();
+    names_seq_3(reader.next().map(|r| r.map(|_| ())), "events");
+    assert!(reader.next().is_none(), "the reader stops after an error");
+    let mut reader = bus.read(Position::Seq(3), &Filter::all()).unwrap();
+    let mut out = Vec::new();
+    names_seq_3(
+        reader.write_next_json(&mut out).map(|r| r.map(|_| ())),
+        "json lines",
+    );
+    assert!(
+        reader.write_next_json(&mut out).is_none(),
+        "stops after an error"
+    );
+}

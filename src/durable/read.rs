@@ -198,7 +198,7 @@ impl LogReader {
 
     /// Stops before the first event appended after `t`.
     pub fn until(mut self, t: Timestamp) -> LogReader {
-        self.until_ns = Some(t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64);
+        self.until_ns = Some(crate::time::ns(t));
         self
     }
 
@@ -208,10 +208,13 @@ impl LogReader {
         self.next_seq
     }
 
-    /// Advances to the next matching record and hands it, undecoded, to `f`.
+    /// Advances to the next matching record and hands it, undecoded, to `f`
+    /// (its `seq`, append time and fields; an `Err` is the reason the record
+    /// is unsound). Any error, storage or record, ends the reader and names
+    /// the record's `seq`.
     fn next_raw<R>(
         &mut self,
-        f: impl FnOnce(u64, i64, &RecordRef<'_>) -> R,
+        f: impl FnOnce(u64, i64, &RecordRef<'_>) -> Result<R, String>,
     ) -> Option<Result<R, ReadError>> {
         if self.done {
             return None;
@@ -242,7 +245,11 @@ impl LogReader {
                 .filter
                 .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
             {
-                return Some(Ok(f(seq, append, &rec)));
+                let r = f(seq, append, &rec);
+                if r.is_err() {
+                    self.done = true;
+                }
+                return Some(r.map_err(|reason| ReadError::Storage(corrupted(seq, reason))));
             }
         }
     }
@@ -255,12 +262,7 @@ impl LogReader {
     /// [`ReadError::Storage`] for a storage failure or a corrupted record
     /// (the error names its `seq`).
     pub fn write_next_json(&mut self, out: &mut Vec<u8>) -> Option<Result<u64, ReadError>> {
-        let r = self.next_raw(|seq, _, rec| write_json_line(seq, rec, out).map(|_| seq))?;
-        Some(match r {
-            Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(reason)) => Err(ReadError::Storage(corrupted(0, reason))),
-            Err(e) => Err(e),
-        })
+        self.next_raw(|seq, _, rec| write_json_line(seq, rec, out).map(|_| seq))
     }
 }
 
@@ -268,30 +270,25 @@ impl Iterator for LogReader {
     type Item = Result<LogEntry, ReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let r = self.next_raw(|seq, append, rec| {
-            rec.to_event()
-                .map(|event| LogEntry {
-                    seq,
-                    appended_at: Timestamp::from_nanosecond(i128::from(append))
-                        .unwrap_or(Timestamp::UNIX_EPOCH),
-                    event,
-                })
-                .map_err(|reason| corrupted(seq, reason))
-        })?;
-        Some(match r {
-            Ok(Ok(entry)) => Ok(entry),
-            Ok(Err(e)) => {
-                self.done = true;
-                Err(ReadError::Storage(e))
-            }
-            Err(e) => Err(e),
+        self.next_raw(|seq, append, rec| {
+            rec.to_event().map(|event| LogEntry {
+                seq,
+                appended_at: crate::time::ts(append),
+                event,
+            })
         })
     }
 }
 
 /// Writes `{"seq":N,<envelope>}\n` straight from a stored record; the same
 /// bytes as `LogEntry::to_json` plus a newline.
+///
+/// The fields are checked as `RecordRef::to_event` checks them, but for the
+/// payload, whose stored bytes are copied without parsing (that parse is most
+/// of the cost of decoding); `check` verifies payloads.
 fn write_json_line(seq: u64, rec: &RecordRef<'_>, out: &mut Vec<u8>) -> Result<(), String> {
+    crate::event::check(rec.event_type)
+        .map_err(|reason| format!("event type {:?} {reason}", rec.event_type))?;
     let ts = Timestamp::new(rec.ts_secs, rec.ts_nanos).map_err(|e| e.to_string())?;
     let json_str =
         |out: &mut Vec<u8>, s: &str| serde_json::to_writer(&mut *out, s).map_err(|e| e.to_string());
