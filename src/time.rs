@@ -161,6 +161,22 @@ pub fn parse_time_at(s: &str, now: Timestamp) -> Result<Timestamp, TimeError> {
         .map_err(|_| TimeError::new("TIME", s, HINT))
 }
 
+/// An instant as stored: unix nanoseconds, clamped to `i64` (good until
+/// the year 2262).
+pub(crate) fn ns(t: Timestamp) -> i64 {
+    t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
+/// Now, as stored (see [`ns`]).
+pub(crate) fn now_ns() -> i64 {
+    ns(Timestamp::now())
+}
+
+/// A stored instant back as a timestamp.
+pub(crate) fn ts(ns: i64) -> Timestamp {
+    Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,6 +42,7 @@ use crate::event::Event;
 use crate::fanout::dispatch_to;
 use crate::id::EventId;
 use crate::sync::{Condvar, Mutex, OneshotSender, Waker, oneshot};
+use crate::time::now_ns;
 
 /// Something that writes beside the events in their own transaction (the
 /// webhook dispatcher creates delivery records this way, so that no crash
@@ -186,7 +187,7 @@ impl Pending {
         }
         let mut failures: Vec<(u64, HandlerFailure)> = Vec::new();
         if let Some(group) = &outcome.group {
-            fan_out(shared, group);
+            fan_out(shared);
             if !DISPATCHING.get() {
                 group.wait();
                 let all = group.failures.lock();
@@ -263,7 +264,7 @@ pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending
 /// Takes the baton if nobody holds it and dispatches every ready group in
 /// order. A re-entrant publish (from inside a handler) returns at once: its
 /// group is dispatched by the loop that is already running.
-fn fan_out(shared: &Shared, _group: &Arc<Group>) {
+fn fan_out(shared: &Shared) {
     if DISPATCHING.get() {
         return;
     }
@@ -325,17 +326,13 @@ pub(crate) fn last_append_ns(txn: &redb::ReadTransaction) -> Result<i64, Storage
     }
 }
 
-fn now_ns() -> i64 {
-    jiff::Timestamp::now()
-        .as_nanosecond()
-        .clamp(i64::MIN as i128, i64::MAX as i128) as i64
-}
-
 /// Events durable in the WAL but not yet in the redb file.
 struct Unapplied {
     group: Arc<Group>,
     records: Vec<Vec<u8>>,
     append_ns: i64,
+    /// When the writer acknowledged it: `apply_interval` counts from here.
+    acked_at: Instant,
 }
 
 /// What the writer tells the applier (groups go through the shared queue,
@@ -392,7 +389,7 @@ const MAX_UNAPPLIED: usize = 20_000;
 
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, wal: Option<Wal>, last_append: i64) -> Writer {
-        let applier = Applier::new(shared.clone());
+        let applier = Applier::new(shared.clone(), wal.is_some());
         let apply = if wal.is_some() {
             let (tx, rx) = crossbeam_channel::unbounded();
             let queue: ApplyQueue = Arc::default();
@@ -403,7 +400,7 @@ impl Writer {
                 .ok();
             match handle {
                 Some(h) => ApplyTarget::Thread(queue, tx, Some(h)),
-                None => ApplyTarget::Inline(Applier::new(shared.clone())),
+                None => ApplyTarget::Inline(Applier::new(shared.clone(), true)),
             }
         } else {
             ApplyTarget::Inline(applier)
@@ -630,6 +627,7 @@ impl Writer {
             group: group.clone(),
             records,
             append_ns,
+            acked_at: Instant::now(),
         };
         self.last_append = append_ns;
         match &mut self.apply {
@@ -667,12 +665,16 @@ struct Applier {
     oldest_unapplied: Option<Instant>,
     last_flush: Instant,
     last_retention: Instant,
+    /// A WAL holds the acknowledged groups (so a failed apply loses
+    /// nothing, and reopening recovers them).
+    wal_backed: bool,
 }
 
 impl Applier {
-    fn new(shared: Arc<Shared>) -> Applier {
+    fn new(shared: Arc<Shared>, wal_backed: bool) -> Applier {
         Applier {
             shared,
+            wal_backed,
             unapplied: Vec::new(),
             unapplied_events: 0,
             oldest_unapplied: None,
@@ -683,7 +685,7 @@ impl Applier {
 
     fn push(&mut self, u: Unapplied) {
         self.unapplied_events += u.records.len();
-        self.oldest_unapplied.get_or_insert_with(Instant::now);
+        self.oldest_unapplied.get_or_insert(u.acked_at);
         self.unapplied.push(u);
     }
 
@@ -833,12 +835,10 @@ impl Applier {
         match result {
             Err(e) => {
                 tracing::error!(error = %e, "commit failed");
-                if shared.opts.wal && shared.path.is_some()
-                    || matches!(&e, StorageError::Redb(redb::Error::PreviousIo))
-                {
+                if self.wal_backed || matches!(&e, StorageError::Redb(redb::Error::PreviousIo)) {
                     shared.poisoned.store(true, Ordering::Release);
                 }
-                if !(shared.opts.wal && shared.path.is_some()) {
+                if !self.wal_backed {
                     // Without a WAL the group was not durable; forget it (its
                     // publishers are told by the caller).
                     self.unapplied.clear();

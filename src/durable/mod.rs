@@ -677,8 +677,7 @@ impl DurableBus {
         let _ = self.sync_reads();
         let txn = redb::ReadableDatabase::begin_read(&self.handle.shared.db)?;
         let ns = commit::last_append_ns(&txn)?;
-        Ok((ns != i64::MIN)
-            .then(|| Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)))
+        Ok((ns != i64::MIN).then(|| crate::time::ts(ns)))
     }
 }
 

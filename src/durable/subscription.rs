@@ -47,6 +47,7 @@ use crate::event::Event;
 use crate::fanout;
 use crate::filter::Filter;
 use crate::sync::Mutex;
+use crate::time::{now_ns, ts};
 
 /// Longest subscription name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
@@ -57,16 +58,6 @@ pub(crate) fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
-}
-
-fn now_ns() -> i64 {
-    Timestamp::now()
-        .as_nanosecond()
-        .clamp(i64::MIN as i128, i64::MAX as i128) as i64
-}
-
-fn ts(ns: i64) -> Timestamp {
-    Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// One active durable subscription.

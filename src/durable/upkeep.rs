@@ -16,10 +16,7 @@ use super::tables::{
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
 use crate::filter::Filter;
-
-fn ts(ns: i64) -> Timestamp {
-    Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)
-}
+use crate::time::{now_ns, ts};
 
 /// Counts and bounds of a log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -226,11 +223,9 @@ pub struct RetainReport {
 pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport, StorageError> {
     const BATCH: u64 = 10_000;
     let mut report = RetainReport::default();
-    let cutoff_ns = policy.max_age.map(|age| {
-        let now = Timestamp::now().as_nanosecond();
-        (now - age.as_nanos().min(i128::MAX as u128) as i128)
-            .clamp(i64::MIN as i128, i64::MAX as i128) as i64
-    });
+    let cutoff_ns = policy
+        .max_age
+        .map(|age| now_ns().saturating_sub(age.as_nanos().min(i64::MAX as u128) as i64));
     loop {
         let txn = shared.db.begin_write()?;
         let removed_now;

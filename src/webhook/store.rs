@@ -123,17 +123,7 @@ pub(crate) struct AttemptRec {
     pub(crate) response: String,
 }
 
-pub(crate) fn now_ns() -> i64 {
-    ns(Timestamp::now())
-}
-
-pub(crate) fn ns(t: Timestamp) -> i64 {
-    t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
-}
-
-pub(crate) fn ts(ns: i64) -> Timestamp {
-    Timestamp::from_nanosecond(i128::from(ns)).unwrap_or(Timestamp::UNIX_EPOCH)
-}
+pub(crate) use crate::time::{now_ns, ts};
 
 /// A registered webhook, as shown to users. The secret is deliberately not
 /// here: it is shown once, in [`CreatedWebhook`], and never serialized.

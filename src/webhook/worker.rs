@@ -510,6 +510,28 @@ fn storage_err(e: impl Into<StorageError>) -> StorageError {
     e.into()
 }
 
+/// Records a batch of outcomes in one transaction and releases their claims.
+/// A failed record leaves the deliveries pending (they are retried).
+fn settle(
+    inner: &Inner,
+    batch: &[Outcome],
+    in_flight: &mut HashSet<[u8; 16]>,
+    circuits: &mut HashMap<[u8; 16], Circuit>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = record(inner, batch, circuits) {
+        tracing::error!(error = %e, "recording webhook attempts failed; the deliveries stay pending");
+    }
+    for o in batch {
+        in_flight.remove(&o.delivery);
+        if let Some(c) = circuits.get_mut(&o.hook) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+    }
+}
+
 /// The scheduler: claim due deliveries, hand them out, record outcomes.
 fn scheduler_loop(inner: &Inner, jobs: Sender<Job>, outcomes: Receiver<Outcome>) {
     let mut in_flight: HashSet<[u8; 16]> = HashSet::new();
@@ -526,25 +548,14 @@ fn scheduler_loop(inner: &Inner, jobs: Sender<Job>, outcomes: Receiver<Outcome>)
         };
         // 1. Record every outcome waiting, in one transaction.
         let batch: Vec<Outcome> = outcomes.try_iter().collect();
-        if !batch.is_empty() {
-            if let Err(e) = record(inner, &batch, &mut circuits) {
-                tracing::error!(error = %e, "recording webhook attempts failed; the deliveries stay pending");
-            }
-            for o in &batch {
-                in_flight.remove(&o.delivery);
-                if let Some(c) = circuits.get_mut(&o.hook) {
-                    c.in_flight = c.in_flight.saturating_sub(1);
-                }
-            }
-        }
+        settle(inner, &batch, &mut in_flight, &mut circuits);
         if stopping {
             if in_flight.is_empty() {
                 break;
             }
             // Wait for the senders to finish or release what they hold.
             if let Ok(o) = outcomes.recv_timeout(Duration::from_millis(50)) {
-                let _ = record(inner, std::slice::from_ref(&o), &mut circuits);
-                in_flight.remove(&o.delivery);
+                settle(inner, &[o], &mut in_flight, &mut circuits);
             }
             continue;
         }
@@ -577,15 +588,7 @@ fn scheduler_loop(inner: &Inner, jobs: Sender<Job>, outcomes: Receiver<Outcome>)
                     // one transaction (one fsync) for the lot.
                     let mut batch = vec![o];
                     batch.extend(outcomes.try_iter());
-                    if let Err(e) = record(inner, &batch, &mut circuits) {
-                        tracing::error!(error = %e, "recording webhook attempts failed; the deliveries stay pending");
-                    }
-                    for o in &batch {
-                        in_flight.remove(&o.delivery);
-                        if let Some(c) = circuits.get_mut(&o.hook) {
-                            c.in_flight = c.in_flight.saturating_sub(1);
-                        }
-                    }
+                    settle(inner, &batch, &mut in_flight, &mut circuits);
                 }
             }
             recv(inner.dispatcher.wake_rx) -> _ => {}
