@@ -24,6 +24,7 @@
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use redb::{Durability, ReadableTable};
 
 use super::codec;
+use super::recent_ids::{IdHasher, RecentIds};
 use super::subscription::DurableSub;
 use super::tables::{BY_ID, CURSORS, DEAD_LETTERS, EVENTS, id_key, to_bytes};
 use super::wal::Wal;
@@ -374,7 +376,7 @@ pub(crate) struct Writer {
     last_append: i64,
     /// Ids of acknowledged events that may not be in the redb file yet, for
     /// idempotency by id; entries at or below `applied_seq` are pruned.
-    unapplied_ids: HashMap<[u8; 16], u64>,
+    unapplied_ids: RecentIds,
     /// Every id in the log (file or WAL) is at most this (as `id_key`).
     max_id: u128,
     apply: ApplyTarget,
@@ -416,7 +418,7 @@ impl Writer {
             wal,
             last_append,
             max_id,
-            unapplied_ids: HashMap::new(),
+            unapplied_ids: RecentIds::default(),
             apply,
         }
     }
@@ -529,6 +531,7 @@ impl Writer {
             fail_all(publishes, Vec::new(), || StorageError::Poisoned);
             return;
         }
+        let t0 = Instant::now();
         self.maybe_restart_wal();
         let start_seq = shared.last_seq.load(Ordering::Acquire) + 1;
         let append_ns = now_ns().max(self.last_append);
@@ -537,33 +540,35 @@ impl Writer {
         // pruned from memory is visible to it.
         let mut outcomes: Vec<Vec<(EventId, u64, bool)>> = Vec::with_capacity(publishes.len());
         let lookup = (|| -> Result<(), StorageError> {
-            if self.unapplied_ids.len() > 4096 {
-                let applied = shared.applied_seq.load(Ordering::Acquire);
-                self.unapplied_ids.retain(|_, s| *s > applied);
-            }
+            self.unapplied_ids
+                .prune(shared.applied_seq.load(Ordering::Acquire));
             // Opened only for an id not above every id in the log: ids made
             // by this process's generator only grow, so fresh events skip
             // the index entirely. A table opened after the pruning above
             // sees every pruned (applied) id.
             let mut by_id: Option<redb::ReadOnlyTable<u128, u64>> = None;
             let mut next = start_seq;
-            let mut fresh: HashMap<[u8; 16], u64> = HashMap::new();
+            let mut fresh: HashMap<u128, u64, BuildHasherDefault<IdHasher>> = HashMap::default();
             for req in publishes.iter_mut() {
                 let mut seqs = Vec::with_capacity(req.items.len());
                 for item in req.items.iter_mut() {
-                    let key = item.event.id.to_bytes();
-                    let known = if id_key(key) > self.max_id {
+                    let key = id_key(item.event.id.to_bytes());
+                    let known = if key > self.max_id {
                         None
                     } else {
-                        match self.unapplied_ids.get(&key).or_else(|| fresh.get(&key)) {
-                            Some(&s) => Some(s),
+                        match self
+                            .unapplied_ids
+                            .get(key)
+                            .or_else(|| fresh.get(&key).copied())
+                        {
+                            Some(s) => Some(s),
                             None => {
                                 if by_id.is_none() {
                                     let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
                                     by_id = Some(txn.open_table(BY_ID)?);
                                 }
                                 match &by_id {
-                                    Some(t) => t.get(id_key(key))?.map(|g| g.value()),
+                                    Some(t) => t.get(key)?.map(|g| g.value()),
                                     None => None,
                                 }
                             }
@@ -574,7 +579,7 @@ impl Writer {
                         continue;
                     }
                     item.record[1..9].copy_from_slice(&append_ns.to_be_bytes());
-                    self.max_id = self.max_id.max(id_key(key));
+                    self.max_id = self.max_id.max(key);
                     fresh.insert(key, next);
                     seqs.push((item.event.id, next, false));
                     next += 1;
@@ -604,6 +609,7 @@ impl Writer {
             reply_all(publishes, outcomes, None);
             return;
         };
+        let t1 = Instant::now();
         if let Some(wal) = &mut self.wal
             && let Err(e) = wal.append(start_seq, records.iter().map(|r| r.as_slice()))
         {
@@ -616,6 +622,7 @@ impl Writer {
             });
             return;
         }
+        let t2 = Instant::now();
         let group = Arc::new(Group {
             last,
             events: group_events,
@@ -644,7 +651,7 @@ impl Writer {
             }
             ApplyTarget::Thread(queue, ..) => {
                 for (seq, event) in &group.events {
-                    self.unapplied_ids.insert(event.id.to_bytes(), *seq);
+                    self.unapplied_ids.insert(id_key(event.id.to_bytes()), *seq);
                 }
                 queue.lock().push(unapplied);
             }
@@ -652,6 +659,15 @@ impl Writer {
         shared.last_seq.store(last, Ordering::Release);
         shared.fan.lock().pending.insert(start_seq, group.clone());
         reply_all(publishes, outcomes, Some(group));
+        if std::env::var_os("XGROUPS").is_some() {
+            eprintln!(
+                "A {} {} {} {}",
+                last - start_seq + 1,
+                t1.duration_since(t0).as_micros(),
+                t2.duration_since(t1).as_micros(),
+                t2.elapsed().as_micros()
+            );
+        }
     }
 }
 

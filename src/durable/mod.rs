@@ -27,6 +27,7 @@ mod codec;
 mod commit;
 mod open;
 mod read;
+mod recent_ids;
 mod subscription;
 mod tables;
 mod upkeep;
