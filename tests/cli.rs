@@ -802,6 +802,8 @@ fn kill_9_during_bench_loses_no_acknowledged_event() {
     let s = Scratch::new();
     let acks = s.path("acks.txt");
     for round in 0..2 {
+        // The publishers share one thread, then have one thread each.
+        let threads = if round == 0 { "1" } else { "8" };
         let mut child = s
             .cmd(&[
                 "bench",
@@ -810,6 +812,8 @@ fn kill_9_during_bench_loses_no_acknowledged_event() {
                 "1000000",
                 "--publishers",
                 "8",
+                "--threads",
+                threads,
                 "--payload-bytes",
                 "200",
                 "--acks",

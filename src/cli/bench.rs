@@ -24,13 +24,14 @@ pub(crate) enum Command {
 Examples:
   ctrlbus --db /tmp/bench.redb bench publish --events 20000 --publishers 16 --payload-bytes 300
   ctrlbus bench publish --events 100000 --publishers 8 --acks acked.txt
-  ctrlbus bench publish --events 100000 --publishers 64 --threads 2
+  ctrlbus bench publish --events 100000 --publishers 64 --threads 64
 
-With --threads T (default: one thread per publisher) the P publishers share
-T threads: each thread keeps its publishers' publishes in flight with
-`submit` and waits for each in order, as redis-benchmark keeps P
-connections busy from one thread; every publish still counts only once it
-is durable.
+The P publishers run on T threads (--threads, default 1): each thread keeps
+one publish per publisher in flight with `submit` and waits for each in
+order, as redis-benchmark (which compare.sh runs for Redis) drives its P
+connections from one thread. A publisher publishes again only once its last
+publish is durable. --threads P gives every publisher its own thread, as a
+program with a thread per request would.
 
 The line has the fields of the peer scripts (system, publishers, events,
 payload_bytes, events_per_sec) plus latency percentiles in microseconds.
@@ -46,17 +47,17 @@ pub(crate) struct PublishArgs {
     /// Events to publish in all.
     #[arg(long, value_name = "N", default_value_t = 20_000)]
     events: u64,
-    /// Concurrent publishers (threads).
+    /// Concurrent publishers, each with one publish in flight.
     #[arg(long, value_name = "P", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     publishers: u64,
     /// Payload size in bytes.
     #[arg(long, value_name = "B", default_value_t = 300)]
     payload_bytes: usize,
-    /// OS threads to run the publishers on (default: one per publisher).
-    #[arg(long, value_name = "T",
+    /// OS threads to run the publishers on.
+    #[arg(long, value_name = "T", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
-    threads: Option<u64>,
+    threads: u64,
     /// Append each acknowledged event id to FILE.
     #[arg(long, value_name = "FILE")]
     acks: Option<PathBuf>,
@@ -96,7 +97,7 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
         "data".into(),
         Value::String("x".repeat(args.payload_bytes.saturating_sub(11))),
     );
-    let threads = args.threads.unwrap_or(args.publishers).min(args.publishers);
+    let threads = args.threads.min(args.publishers);
     let share = |total: u64, i: u64| total / threads + u64::from(i < total % threads);
     let start = Instant::now();
     let results: Vec<Result<Vec<u32>>> = std::thread::scope(|s| {
