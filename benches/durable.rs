@@ -1,4 +1,5 @@
-//! Durable-log benchmarks: publish at 1, 16 and 64 publishers (fsync on),
+//! Durable-log benchmarks: publish at 1, 16 and 64 publishers (fsync on; a
+//! thread each, and 16 and 64 sharing one thread),
 //! `publish_batch`, replay of a 1M-event log (decode, filter, JSON), and
 //! seek to a time in it.
 //!
@@ -56,6 +57,40 @@ fn publish(c: &mut Criterion) {
                     start
                         .elapsed()
                         .mul_f64(iters as f64 / (per * n as u64) as f64)
+                });
+            },
+        );
+    }
+    g.finish();
+
+    // The same publishers sharing one thread, each with one publish in
+    // flight through `submit` (what `ctrlbus bench publish` and the Redis
+    // side of compare.sh, redis-benchmark, do).
+    let mut g = c.benchmark_group("durable_publish_shared_thread");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(1));
+    for publishers in [16usize, 64] {
+        let bus = DurableBus::open(dir.path().join(format!("s{publishers}.redb"))).unwrap();
+        g.bench_with_input(
+            BenchmarkId::from_parameter(publishers),
+            &publishers,
+            |b, &n| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    let mut in_flight: std::collections::VecDeque<ctrlbus::PendingPublish> =
+                        std::collections::VecDeque::with_capacity(n);
+                    for _ in 0..iters {
+                        if in_flight.len() == n
+                            && let Some(pending) = in_flight.pop_front()
+                        {
+                            pending.wait().unwrap();
+                        }
+                        in_flight.push_back(bus.submit(event(&p)).unwrap());
+                    }
+                    for pending in in_flight {
+                        pending.wait().unwrap();
+                    }
+                    start.elapsed()
                 });
             },
         );
