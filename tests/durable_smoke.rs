@@ -122,14 +122,20 @@ fn submit_keeps_publishes_in_flight_and_drop_still_fans_out() {
 fn a_wal_left_beside_a_new_file_is_not_replayed_into_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.redb");
+    let wal = dir.path().join("log.redb.wal");
+    let frames = dir.path().join("frames.wal");
     {
         let bus = DurableBus::open(&path).unwrap();
         for _ in 0..5 {
             bus.publish(Event::new(Type::DEPLOY_STARTED, "old"))
                 .unwrap();
         }
+        // The WAL as a crash would leave it: every frame still in it (a
+        // clean close empties it).
+        std::fs::copy(&wal, &frames).unwrap();
     }
-    assert!(dir.path().join("log.redb.wal").exists());
+    std::fs::rename(&frames, &wal).unwrap();
+    assert!(std::fs::metadata(&wal).unwrap().len() > 4096);
     // The operator removes the log but not its WAL, then starts afresh.
     std::fs::remove_file(&path).unwrap();
     let bus = DurableBus::open(&path).unwrap();
@@ -146,6 +152,33 @@ fn a_wal_left_beside_a_new_file_is_not_replayed_into_it() {
         .map(|e| e.unwrap().event.tenant_id)
         .collect();
     assert_eq!(tenants, vec!["new".to_string()]);
+}
+
+#[test]
+fn a_clean_close_gives_the_wal_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let wal = dir.path().join("log.redb.wal");
+    for round in 1..=2u64 {
+        let bus = DurableBus::open(&path).unwrap();
+        for _ in 0..100 {
+            bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("x", "y"))
+                .unwrap();
+        }
+        // Open: the WAL holds frames in preallocated space.
+        assert!(std::fs::metadata(&wal).unwrap().len() >= 1 << 20);
+        drop(bus);
+        // Closed: everything is in the redb file; the WAL is its header.
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 4096);
+        let bus = DurableBus::open(&path).unwrap();
+        assert_eq!(bus.last_seq(), 100 * round);
+        let n = bus
+            .read(Position::Beginning, &Filter::all())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .count();
+        assert_eq!(n as u64, 100 * round);
+    }
 }
 
 #[test]

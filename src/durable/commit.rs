@@ -490,6 +490,19 @@ impl Writer {
                 while let Ok(req) = rx.try_recv() {
                     refuse(req);
                 }
+                // Everything is durable in the redb file (its commits are
+                // durable unless sync is off without shared reads): the
+                // WAL's frames and preallocated space are no longer needed.
+                let shared = &self.shared;
+                if let Some(wal) = &mut self.wal
+                    && (shared.opts.sync || shared.opts.shared_reads)
+                    && !shared.poisoned.load(Ordering::Acquire)
+                    && shared.applied_seq.load(Ordering::Acquire)
+                        >= shared.last_seq.load(Ordering::Acquire)
+                    && let Err(e) = wal.shrink()
+                {
+                    tracing::warn!(error = %e, "cannot shrink the write-ahead log on close");
+                }
                 break;
             }
         }

@@ -255,6 +255,19 @@ impl Wal {
         self.pos - HEADER_LEN
     }
 
+    /// Starts a new generation and gives the file's space back (the
+    /// preallocated zeros are real blocks, up to tens of MiB): for a clean
+    /// close, once every frame is durable in redb.
+    pub(crate) fn shrink(&mut self) -> io::Result<()> {
+        self.reset()?;
+        self.file.set_len(HEADER_LEN)?;
+        if self.sync {
+            self.file.sync_all()?;
+        }
+        self.allocated = HEADER_LEN;
+        Ok(())
+    }
+
     /// Starts a new generation: every frame so far is durable in redb.
     pub(crate) fn reset(&mut self) -> io::Result<()> {
         self.generation += 1;
