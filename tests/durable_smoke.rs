@@ -155,30 +155,42 @@ fn a_wal_left_beside_a_new_file_is_not_replayed_into_it() {
 }
 
 #[test]
-fn a_clean_close_gives_the_wal_space_back() {
+fn a_clean_close_empties_the_wal_and_trims_its_space() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.redb");
     let wal = dir.path().join("log.redb.wal");
+    let big = "x".repeat(200_000);
     for round in 1..=2u64 {
         let bus = DurableBus::open(&path).unwrap();
-        for _ in 0..100 {
-            bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("x", "y"))
+        // 60 events of ~200 KB: the WAL grows past 8 MiB.
+        for _ in 0..60 {
+            bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("x", big.clone()))
                 .unwrap();
         }
-        // Open: the WAL holds frames in preallocated space.
-        assert!(std::fs::metadata(&wal).unwrap().len() >= 1 << 20);
+        assert!(std::fs::metadata(&wal).unwrap().len() > 12 << 20);
         drop(bus);
-        // Closed: everything is in the redb file; the WAL is its header.
-        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 4096);
+        // Closed: everything is in the redb file; the WAL keeps its header
+        // and 8 MiB of space.
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), 4096 + (8 << 20));
         let bus = DurableBus::open(&path).unwrap();
-        assert_eq!(bus.last_seq(), 100 * round);
+        assert_eq!(bus.last_seq(), 60 * round);
         let n = bus
             .read(Position::Beginning, &Filter::all())
             .unwrap()
             .map(|e| e.unwrap())
             .count();
-        assert_eq!(n as u64, 100 * round);
+        assert_eq!(n as u64, 60 * round);
+        drop(bus);
     }
+    // A small log keeps what it had: less than the limit.
+    let small = dir.path().join("small.redb");
+    let bus = DurableBus::open(&small).unwrap();
+    bus.publish(Event::new(Type::DEPLOY_STARTED, "t")).unwrap();
+    drop(bus);
+    let len = std::fs::metadata(dir.path().join("small.redb.wal"))
+        .unwrap()
+        .len();
+    assert!(len <= 4096 + (1 << 20), "{len}");
 }
 
 #[test]

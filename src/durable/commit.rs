@@ -492,16 +492,16 @@ impl Writer {
                 }
                 // Everything is durable in the redb file (its commits are
                 // durable unless sync is off without shared reads): the
-                // WAL's frames and preallocated space are no longer needed.
+                // WAL's frames are no longer needed, nor most of its space.
                 let shared = &self.shared;
                 if let Some(wal) = &mut self.wal
                     && (shared.opts.sync || shared.opts.shared_reads)
                     && !shared.poisoned.load(Ordering::Acquire)
                     && shared.applied_seq.load(Ordering::Acquire)
                         >= shared.last_seq.load(Ordering::Acquire)
-                    && let Err(e) = wal.shrink()
+                    && let Err(e) = wal.trim()
                 {
-                    tracing::warn!(error = %e, "cannot shrink the write-ahead log on close");
+                    tracing::warn!(error = %e, "cannot trim the write-ahead log on close");
                 }
                 break;
             }
