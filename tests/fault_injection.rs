@@ -4,6 +4,12 @@
 //! normally, must hold every acknowledged event, each whole, with `check`
 //! reporting it sound.
 //!
+//! Under the write-ahead log (the default for a log opened from a path) a
+//! publish is durable once its WAL frame is, and redb's commits happen later
+//! on the applier thread; `applier_failures_under_the_wal` fails those. Every
+//! acknowledged event must then come back from the WAL on reopen, and the
+//! WAL must not be emptied by a close that could not apply it.
+//!
 //! What the contract allows for an event whose `publish` failed: G2 only
 //! requires acknowledged ⊆ durable. A failure that hits after redb's commit
 //! point (the final fsync, once the new header is written) leaves the event
@@ -433,6 +439,106 @@ fn fault_during_open() {
             assert_eq!(all[0], (1, first), "{target:?} k={k}");
             assert!(all.len() <= 2, "{target:?} k={k}");
         }
+    }
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+}
+
+/// One run under the WAL: the applier's redb commits reach the faulty
+/// backend, whose countdown starts at `k`; every publish is followed by a
+/// read, which makes the applier commit (read-your-writes). Returns whether
+/// the fault fired and how many publishes failed.
+fn run_wal_point(target: Target, k: u64) -> (bool, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let mut acked: Vec<(u64, Event)> = Vec::new();
+    {
+        let bus = DurableBus::open(&path).unwrap();
+        for i in 0..BASE {
+            let e = event(i);
+            acked.push((bus.publish(e.clone()).unwrap().seq, e));
+        }
+    }
+    let countdown = Arc::new(AtomicU64::new(u64::MAX));
+    let be = backend(&path, target, &countdown, false);
+    let fired = be.fired.clone();
+    let bus = DurableBus::builder()
+        .open_backend_with_wal(&path, be)
+        .expect("open with the fault disabled");
+    let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let s2 = seen.clone();
+    let sub = bus
+        .subscribe(
+            Filter::all(),
+            move |e: &Event| -> Result<(), HandlerError> {
+                s2.lock().unwrap().push(e.id);
+                Ok(())
+            },
+        )
+        .unwrap();
+    countdown.store(k, Ordering::SeqCst);
+    let mut failed = 0;
+    for i in BASE..BASE + ATTEMPTS {
+        let ctx = format!("WAL {target:?} k={k} publish {i}");
+        let e = event(i);
+        match bus.publish(e.clone()) {
+            Ok(r) => {
+                assert_eq!(failed, 0, "{ctx}: a publish succeeded after a failed apply");
+                acked.push((r.seq, e));
+            }
+            Err(ctrlbus::PublishError::Storage(_)) => failed += 1,
+            Err(e) => panic!("{ctx}: unexpected error {e}"),
+        }
+        // Whatever the bus still reads is an acknowledged event, whole.
+        if let Ok(reader) = bus.read(Position::Beginning, &Filter::all()) {
+            for entry in reader {
+                let Ok(entry) = entry else { break };
+                let want = acked.iter().find(|(s, _)| *s == entry.seq);
+                assert_eq!(want.map(|w| &w.1), Some(&entry.event), "{ctx}");
+            }
+        }
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    drop(sub);
+    drop(bus);
+
+    // Reopen normally: the WAL gives back what redb did not get.
+    let bus = DurableBus::open(&path).unwrap_or_else(|e| panic!("WAL {target:?} k={k}: {e}"));
+    let report = bus.check(&mut |_, _| {}).unwrap();
+    assert!(
+        report.is_sound(),
+        "WAL {target:?} k={k}: {:?}",
+        report.problems
+    );
+    let present = read_all(&bus);
+    assert_eq!(
+        present, acked,
+        "WAL {target:?} k={k}: the log is exactly the acknowledged events"
+    );
+    // Handlers saw exactly the acknowledged events (all durable in the WAL).
+    let want: Vec<EventId> = acked[BASE..].iter().map(|a| a.1.id).collect();
+    assert_eq!(seen, want, "WAL {target:?} k={k}: what handlers saw");
+    let r = bus.publish(event(999)).unwrap();
+    assert_eq!(r.seq, acked.len() as u64 + 1);
+    (fired.load(Ordering::SeqCst), failed)
+}
+
+#[test]
+fn applier_failures_under_the_wal() {
+    count_panics();
+    for target in [Target::Write, Target::TornWrite, Target::Sync] {
+        let (mut k, mut not_fired, mut with_errors, mut points) = (0, 0, 0, 0);
+        while not_fired < 2 {
+            let (fired, failed) = run_wal_point(target, k);
+            points += 1;
+            not_fired = if fired { 0 } else { not_fired + 1 };
+            with_errors += usize::from(failed > 0);
+            k += if k < 40 { 1 } else { 3 };
+            assert!(k < 2000, "the sweep does not end");
+        }
+        eprintln!(
+            "WAL {target:?}: {points} points up to k={k}, {with_errors} with failed publishes"
+        );
+        assert!(with_errors > 0, "WAL {target:?}: no publish ever failed");
     }
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
 }

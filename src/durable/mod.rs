@@ -294,6 +294,24 @@ impl DurableBusBuilder {
         DurableBus::start(db, None, self.opts)
     }
 
+    /// Fault injection for tests: opens the log at `path` as
+    /// [`DurableBusBuilder::open`] does, WAL included, but reaches its redb
+    /// file through `backend` (a wrapper around that file), so that the
+    /// applier's commits can be made to fail. Not part of the API.
+    #[doc(hidden)]
+    pub fn open_backend_with_wal(
+        self,
+        path: impl AsRef<Path>,
+        backend: impl redb::StorageBackend,
+    ) -> Result<DurableBus, OpenError> {
+        let path = path.as_ref();
+        let db = self
+            .redb_builder()
+            .create_with_backend(backend)
+            .map_err(|e| open::map_open_error(path, e))?;
+        DurableBus::start(db, Some(path.to_path_buf()), self.opts)
+    }
+
     fn redb_builder(&self) -> redb::Builder {
         let mut b = redb::Builder::new();
         b.set_cache_size(self.opts.cache_bytes);
