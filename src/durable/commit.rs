@@ -544,7 +544,6 @@ impl Writer {
             fail_all(publishes, Vec::new(), || StorageError::Poisoned);
             return;
         }
-        let t0 = Instant::now();
         self.maybe_restart_wal();
         let start_seq = shared.last_seq.load(Ordering::Acquire) + 1;
         let append_ns = now_ns().max(self.last_append);
@@ -622,7 +621,6 @@ impl Writer {
             reply_all(publishes, outcomes, None);
             return;
         };
-        let t1 = Instant::now();
         if let Some(wal) = &mut self.wal
             && let Err(e) = wal.append(start_seq, records.iter().map(|r| r.as_slice()))
         {
@@ -635,7 +633,6 @@ impl Writer {
             });
             return;
         }
-        let t2 = Instant::now();
         let group = Arc::new(Group {
             last,
             events: group_events,
@@ -672,15 +669,6 @@ impl Writer {
         shared.last_seq.store(last, Ordering::Release);
         shared.fan.lock().pending.insert(start_seq, group.clone());
         reply_all(publishes, outcomes, Some(group));
-        if std::env::var_os("XGROUPS").is_some() {
-            eprintln!(
-                "A {} {} {} {}",
-                last - start_seq + 1,
-                t1.duration_since(t0).as_micros(),
-                t2.duration_since(t1).as_micros(),
-                t2.elapsed().as_micros()
-            );
-        }
     }
 }
 

@@ -48,7 +48,7 @@ const FRAME_HEAD: usize = 4 + 8 + 4 + 4;
 /// Bytes preallocated at a time.
 const GROW: u64 = 8 << 20;
 /// Preallocated bytes a clean close keeps (beyond the header).
-pub(crate) const KEEP_ON_CLOSE: u64 = 8 << 20;
+const KEEP_ON_CLOSE: u64 = 8 << 20;
 
 /// The WAL path of a log file.
 pub(crate) fn path_for(log: &Path) -> PathBuf {
@@ -233,12 +233,8 @@ impl Wal {
         if self.inject_fault() {
             return Err(io::Error::other("injected fsync failure"));
         }
-        let t = std::time::Instant::now();
         if self.sync {
             self.file.sync_data()?;
-        }
-        if std::env::var_os("XGROUPS").is_some() {
-            eprintln!("S {}", t.elapsed().as_micros());
         }
         self.pos = end;
         Ok(())
