@@ -2,8 +2,9 @@
 //! events. Writes N events (300-byte payloads, mixed types and tenants)
 //! through `publish_batch`, closes and compacts the log, and writes the same
 //! events as JSON lines for `examples/disk_usage_sqlite.py`. Sizes are disk
-//! blocks of the log and its WAL, before and after compaction (and the live
-//! file's length, which includes a sparse tail).
+//! blocks of the log and its WAL, before and after compaction; also the log
+//! file's blocks alone after compaction, and the live file's length (which
+//! includes a sparse tail).
 //!
 //! `cargo run --release --example disk_usage -- [N] [DIR]`
 
@@ -49,13 +50,15 @@ fn main() {
     let apparent = std::fs::metadata(&path).unwrap().len();
     let before = disk_bytes(&path) + disk_bytes(&wal);
     DurableBus::compact(&path).unwrap();
-    let after = disk_bytes(&path) + disk_bytes(&wal);
+    let log_after = disk_bytes(&path);
+    let after = log_after + disk_bytes(&wal);
     std::fs::write(dir.join("disk_usage.jsonl"), lines).unwrap();
     let per = |b: u64| b as f64 / n as f64;
     println!(
-        "{{\"system\":\"ctrlbus\",\"events\":{n},\"bytes_per_event\":{:.1},\"bytes_per_event_before_compact\":{:.1},\"file_length_per_event_before_compact\":{:.1}}}",
+        "{{\"system\":\"ctrlbus\",\"events\":{n},\"bytes_per_event\":{:.1},\"bytes_per_event_before_compact\":{:.1},\"log_file_bytes_per_event\":{:.1},\"file_length_per_event_before_compact\":{:.1}}}",
         per(after),
         per(before),
+        per(log_after),
         per(apparent)
     );
 }

@@ -155,7 +155,7 @@ fn a_wal_left_beside_a_new_file_is_not_replayed_into_it() {
 }
 
 #[test]
-fn a_clean_close_empties_the_wal_and_trims_its_space() {
+fn a_clean_close_trims_the_wal_to_8_mib() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.redb");
     let wal = dir.path().join("log.redb.wal");
