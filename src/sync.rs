@@ -11,13 +11,14 @@ pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use std::sync::Arc;
 
-/// A one-shot reply slot: one `send`, one `recv`, and a receiver that parks
-/// at once instead of spinning. (crossbeam's channels spin and yield before
+/// A one-shot reply slot: one `send`, and a receiver that parks at once
+/// instead of spinning. (crossbeam's channels spin and yield before
 /// parking, which with dozens of publishers waiting on two cores spent a
-/// sixth of the CPU in `recv`.)
+/// sixth of the CPU in `recv`.) A [`Nudger`] can wake the receiver without
+/// a value, to hand it work.
 ///
 /// Invariant: the value is set at most once; a sender dropped without
-/// sending wakes the receiver with `None`.
+/// sending wakes the receiver with `None`; a nudge never replaces a value.
 pub(crate) fn oneshot<T>() -> (OneshotSender<T>, OneshotReceiver<T>) {
     let slot = Arc::new(Slot {
         state: Mutex::new(SlotState::Waiting),
@@ -33,6 +34,8 @@ pub(crate) fn oneshot<T>() -> (OneshotSender<T>, OneshotReceiver<T>) {
 
 enum SlotState<T> {
     Waiting,
+    /// Woken without a value (see [`Nudger`]); back to `Waiting` once seen.
+    Nudged,
     Sent(T),
     Dropped,
 }
@@ -116,17 +119,81 @@ pub(crate) struct OneshotReceiver<T> {
     slot: Arc<Slot<T>>,
 }
 
-impl<T> OneshotReceiver<T> {
-    /// Waits for the value; `None` if the sender was dropped without sending.
-    pub(crate) fn recv(self) -> Option<T> {
+/// What [`OneshotReceiver::wait_for`] saw.
+pub(crate) enum Waited<T> {
+    /// The value (`None` if the sender was dropped without sending).
+    Done(Option<T>),
+    /// A [`Nudger`] woke the receiver, or the time ran out.
+    Woken,
+}
+
+impl<T: Send + 'static> OneshotReceiver<T> {
+    /// The value if it is there (`Some(None)` if the sender was dropped
+    /// without sending); `None` while it is still awaited.
+    pub(crate) fn try_take(&mut self) -> Option<Option<T>> {
+        let mut state = self.slot.state.lock();
+        match std::mem::replace(&mut *state, SlotState::Waiting) {
+            SlotState::Sent(v) => Some(Some(v)),
+            SlotState::Dropped => Some(None),
+            SlotState::Waiting | SlotState::Nudged => None,
+        }
+    }
+
+    /// Waits for the value, a nudge, or `timeout`.
+    pub(crate) fn wait_for(&mut self, timeout: std::time::Duration) -> Waited<T> {
+        let deadline = std::time::Instant::now() + timeout;
         let mut state = self.slot.state.lock();
         loop {
             match std::mem::replace(&mut *state, SlotState::Waiting) {
-                SlotState::Sent(v) => return Some(v),
-                SlotState::Dropped => return None,
-                SlotState::Waiting => self.slot.ready.wait(&mut state),
+                SlotState::Sent(v) => return Waited::Done(Some(v)),
+                SlotState::Dropped => return Waited::Done(None),
+                SlotState::Nudged => return Waited::Woken,
+                SlotState::Waiting => {
+                    if self.slot.ready.wait_until(&mut state, deadline).timed_out() {
+                        return match std::mem::replace(&mut *state, SlotState::Waiting) {
+                            SlotState::Sent(v) => Waited::Done(Some(v)),
+                            SlotState::Dropped => Waited::Done(None),
+                            SlotState::Waiting | SlotState::Nudged => Waited::Woken,
+                        };
+                    }
+                }
             }
         }
+    }
+
+    /// A handle that wakes this receiver without a value.
+    pub(crate) fn nudger(&self) -> Nudger {
+        Nudger(self.slot.clone())
+    }
+}
+
+trait Nudge: Send + Sync {
+    /// Wakes a receiver still waiting for its value; false if the value (or
+    /// the sender's drop) is already there.
+    fn nudge(&self) -> bool;
+}
+
+impl<T: Send> Nudge for Slot<T> {
+    fn nudge(&self) -> bool {
+        let mut state = self.state.lock();
+        if matches!(*state, SlotState::Waiting) {
+            *state = SlotState::Nudged;
+            self.ready.notify_one();
+            true
+        } else {
+            matches!(*state, SlotState::Nudged)
+        }
+    }
+}
+
+/// Wakes a [`OneshotReceiver`] without giving it a value (to hand it work).
+pub(crate) struct Nudger(Arc<dyn Nudge>);
+
+impl Nudger {
+    /// Wakes the receiver if it still waits for its value; false if it no
+    /// longer does (so the caller can nudge another).
+    pub(crate) fn nudge(&self) -> bool {
+        self.0.nudge()
     }
 }
 
@@ -134,20 +201,57 @@ impl<T> OneshotReceiver<T> {
 mod tests {
     use super::*;
 
+    /// Waits for the value, through nudges and timeouts.
+    fn recv<T: Send + 'static>(mut rx: OneshotReceiver<T>) -> Option<T> {
+        loop {
+            if let Waited::Done(v) = rx.wait_for(std::time::Duration::from_secs(1)) {
+                return v;
+            }
+        }
+    }
+
+    #[test]
+    fn a_nudge_wakes_a_waiting_receiver_without_a_value() {
+        let (tx, mut rx) = oneshot::<u8>();
+        let nudger = rx.nudger();
+        let t = std::thread::spawn(move || {
+            let woken = matches!(
+                rx.wait_for(std::time::Duration::from_secs(60)),
+                Waited::Woken
+            );
+            (woken, rx)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(nudger.nudge(), "the receiver was waiting");
+        let (woken, mut rx) = t.join().unwrap();
+        assert!(woken);
+        // The nudge is consumed; the value still arrives.
+        assert!(rx.try_take().is_none());
+        tx.send(3);
+        assert!(!nudger.nudge(), "a receiver with its value is not nudged");
+        assert_eq!(rx.try_take(), Some(Some(3)));
+        // A wait with nothing coming times out.
+        let (_tx, mut rx) = oneshot::<u8>();
+        assert!(matches!(
+            rx.wait_for(std::time::Duration::from_millis(2)),
+            Waited::Woken
+        ));
+    }
+
     #[test]
     fn oneshot_delivers_or_reports_a_dropped_sender() {
         let (tx, rx) = oneshot();
-        let t = std::thread::spawn(move || rx.recv());
+        let t = std::thread::spawn(move || recv(rx));
         tx.send(7);
         assert_eq!(t.join().unwrap(), Some(7));
         let (tx, rx) = oneshot();
-        let t = std::thread::spawn(move || rx.recv());
+        let t = std::thread::spawn(move || recv(rx));
         let waker = tx.fill(8);
         std::thread::sleep(std::time::Duration::from_millis(5));
         waker.wake();
         assert_eq!(t.join().unwrap(), Some(8));
         let (tx, rx) = oneshot::<u8>();
-        let t = std::thread::spawn(move || rx.recv());
+        let t = std::thread::spawn(move || recv(rx));
         drop(tx);
         assert_eq!(t.join().unwrap(), None);
     }

@@ -119,6 +119,51 @@ fn submit_keeps_publishes_in_flight_and_drop_still_fans_out() {
 }
 
 #[test]
+fn a_submitted_publish_becomes_durable_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let bus = DurableBus::open(&path).unwrap();
+    bus.publish(Event::new(Type::DEPLOY_STARTED, "t")).unwrap();
+    // Nobody waits for this one: the writer thread commits it.
+    let e = Event::new(Type::DEPLOY_FAILED, "t");
+    let id = e.id;
+    let pending = bus.submit(e).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while bus.last_seq() < 2 {
+        assert!(std::time::Instant::now() < deadline, "never committed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let got = bus
+        .read(Position::Seq(2), &Filter::all())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.event.id, id);
+    assert_eq!(pending.wait().unwrap().seq, 2);
+    // Submitted and not waited for when the bus closes: committed too.
+    let late: Vec<_> = (0..50)
+        .map(|_| {
+            bus.submit(Event::new(Type::DEPLOY_STARTED, "late"))
+                .unwrap()
+        })
+        .collect();
+    drop(bus);
+    let receipts: Vec<_> = late.into_iter().map(|p| p.wait().unwrap()).collect();
+    let bus = DurableBus::open(&path).unwrap();
+    assert_eq!(bus.last_seq(), 52);
+    for r in receipts {
+        let e = bus
+            .read(Position::Seq(r.seq), &Filter::all())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.event.id, r.id);
+    }
+}
+
+#[test]
 fn a_wal_left_beside_a_new_file_is_not_replayed_into_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.redb");

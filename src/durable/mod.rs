@@ -3,12 +3,13 @@
 //! How a publish flows (guarantees G1–G4 of DESIGN.md):
 //!
 //! 1. The publisher validates the event and encodes its record on its own
-//!    thread, then hands it to the single writer thread (`commit`).
-//! 2. The writer takes every request waiting, assigns consecutive `seq`s and
-//!    makes the group durable with one fsync of the write-ahead log (`wal`):
-//!    group commit.
-//! 3. Only then does anyone see the events: the writer queues the group for
-//!    fan-out and wakes the publishers. The applier thread moves the group
+//!    thread, then queues it (`commit`).
+//! 2. One committer at a time (a waiting publisher, or the writer thread for
+//!    publishes nobody waits for) takes every publish queued, assigns
+//!    consecutive `seq`s and makes the group durable with one fsync of the
+//!    write-ahead log (`wal`): group commit.
+//! 3. Only then does anyone see the events: the committer queues the group
+//!    for fan-out and wakes the publishers. The applier thread moves the group
 //!    into the redb file within `apply_interval`, in one durable commit with
 //!    the webhook delivery records it creates and the subscriptions'
 //!    positions; reads in this process wait for that, and after a crash the
@@ -343,6 +344,11 @@ pub(crate) struct Shared {
     pub(crate) durable: Mutex<HashMap<String, Arc<subscription::DurableSub>>>,
     /// Called inside each commit (the webhook dispatcher).
     pub(crate) hooks: RwLock<Vec<Arc<dyn AppendHook>>>,
+    /// The commit state: taken by the writer thread, or by a waiting
+    /// publisher when free (`commit::Pending`); `None` once shut down.
+    pub(crate) core: Mutex<Option<commit::Core>>,
+    /// Publishes not yet committed (`commit::Pending` commits them).
+    pub(crate) queue: Mutex<commit::PublishQueue>,
     /// The writer thread's queue.
     pub(crate) tx: Sender<commit::WriteReq>,
 }
@@ -465,6 +471,8 @@ impl DurableBus {
             fan: Mutex::new(commit::FanState::new(last + 1)),
             durable: Mutex::new(HashMap::new()),
             hooks: RwLock::new(Vec::new()),
+            core: Mutex::new(None),
+            queue: Mutex::new(commit::PublishQueue::default()),
             tx,
         });
         crate::webhook::install(&shared).map_err(OpenError::Storage)?;
@@ -490,11 +498,16 @@ impl DurableBus {
             }
             wal = Some(w);
         }
+        *shared.core.lock() = Some(commit::Core::new(shared.clone(), wal, last_append));
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("ctrlbus-writer".into())
-            .spawn(move || commit::Writer::new(writer_shared, wal, last_append).run(rx))
-            .map_err(|e| OpenError::Io(shown, e))?;
+            .spawn(move || commit::run_writer(writer_shared, rx))
+            .map_err(|e| {
+                // Ends the `Shared` → `Core` → `Shared` cycle.
+                drop(shared.core.lock().take());
+                OpenError::Io(shown, e)
+            })?;
         Ok(DurableBus {
             handle: Arc::new(Handle {
                 shared,
