@@ -4,6 +4,12 @@
 
 mod cli;
 
+/// mimalloc rather than glibc's malloc: events are allocated on the
+/// publishing thread and freed on the applier thread, and glibc's arenas
+/// make those two contend (BENCHMARKS.md). Library users pick their own.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     cli::main()
 }
