@@ -406,3 +406,113 @@ fn handler_may_publish() {
     };
     assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
 }
+
+/// Publishers that lead their own group commits, in every shape at once:
+/// threads that publish and wait, threads that keep several submits in
+/// flight and wait for them out of order, threads that drop submits without
+/// waiting, and a handler that publishes. Every publish must finish (a
+/// watchdog aborts the test binary on a hang), seqs must be unique and
+/// contiguous, and a live subscriber must see the log in seq order.
+#[test]
+fn leading_publishers_in_every_shape_finish_and_keep_order() {
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while !done.load(Ordering::SeqCst) {
+                if start.elapsed() > Duration::from_secs(120) {
+                    eprintln!("a publish never finished: hang in the commit hand-off");
+                    std::process::abort();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::open(dir.path().join("log.redb")).unwrap();
+    let seen: Log = Arc::default();
+    let _sub = bus.subscribe(Filter::all(), recorder(&seen)).unwrap();
+    // A handler that publishes a follow-up for one event in fifty.
+    let inner = bus.clone();
+    let _echo = bus
+        .subscribe(
+            Filter::types([Type::DEPLOY_STARTED.as_str()]).unwrap(),
+            move |e: &Event| -> Result<(), HandlerError> {
+                if coin(e.id, 1, 50) {
+                    inner
+                        .publish(Event::new(Type::DEPLOY_SUCCEEDED, "echo"))
+                        .map_err(|err| HandlerError::msg(err.to_string()))?;
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    const THREADS: u64 = 6;
+    const PER: u64 = 400;
+    let acked: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let bus = &bus;
+                s.spawn(move || {
+                    let mut seqs = Vec::new();
+                    let mut in_flight = Vec::new();
+                    for i in 0..PER {
+                        let e = Event::new(Type::DEPLOY_STARTED, format!("t{t}"));
+                        match t % 3 {
+                            // Publish and wait.
+                            0 => seqs.push(bus.publish(e).unwrap().seq),
+                            // Up to 8 in flight, waited for out of order.
+                            1 => {
+                                in_flight.push(bus.submit(e).unwrap());
+                                if in_flight.len() == 8 || i + 1 == PER {
+                                    while !in_flight.is_empty() {
+                                        let k =
+                                            (i as usize * 7 + in_flight.len()) % in_flight.len();
+                                        let p: ctrlbus::PendingPublish = in_flight.swap_remove(k);
+                                        seqs.push(p.wait().unwrap().seq);
+                                    }
+                                }
+                            }
+                            // Every third submit dropped without waiting.
+                            _ => {
+                                let p = bus.submit(e).unwrap();
+                                if i % 3 == 0 {
+                                    drop(p);
+                                } else {
+                                    seqs.push(p.wait().unwrap().seq);
+                                }
+                            }
+                        }
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<u64> = acked.into_iter().flatten().collect();
+    let n_acked = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), n_acked, "a seq was acknowledged twice");
+    // Everything published (acknowledged, dropped or echoed) is in the log,
+    // contiguous from 1, and the subscriber saw it in that order.
+    let log: Vec<(u64, EventId)> = bus
+        .read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(|e| e.map(|e| (e.seq, e.event.id)).unwrap())
+        .collect();
+    for (i, (seq, _)) in log.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1, "seqs contiguous");
+    }
+    assert!(log.len() as u64 >= THREADS * PER);
+    wait_until("the subscriber catches up", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() == log.len()
+    });
+    let ids: Vec<EventId> = log.iter().map(|l| l.1).collect();
+    let got: Vec<EventId> = seen.lock().unwrap().clone();
+    assert_eq!(got, ids, "the subscriber saw the log in seq order");
+    done.store(true, Ordering::SeqCst);
+    watchdog.join().unwrap();
+}
