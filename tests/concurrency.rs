@@ -498,15 +498,30 @@ fn leading_publishers_in_every_shape_finish_and_keep_order() {
     assert_eq!(all.len(), n_acked, "a seq was acknowledged twice");
     // Everything published (acknowledged, dropped or echoed) is in the log,
     // contiguous from 1, and the subscriber saw it in that order.
-    let log: Vec<(u64, EventId)> = bus
+    let events: Vec<(u64, Event)> = bus
         .read(Position::Beginning, &Filter::all())
         .unwrap()
-        .map(|e| e.map(|e| (e.seq, e.event.id)).unwrap())
+        .map(|e| e.map(|e| (e.seq, e.event)).unwrap())
         .collect();
-    for (i, (seq, _)) in log.iter().enumerate() {
+    for (i, (seq, _)) in events.iter().enumerate() {
         assert_eq!(*seq, i as u64 + 1, "seqs contiguous");
     }
-    assert!(log.len() as u64 >= THREADS * PER);
+    // Exactly once each: every publish (dropped submits included), and one
+    // follow-up for each event the handler's coin picked.
+    let started: Vec<&Event> = events
+        .iter()
+        .map(|e| &e.1)
+        .filter(|e| e.event_type == Type::DEPLOY_STARTED)
+        .collect();
+    assert_eq!(started.len() as u64, THREADS * PER, "publishes in the log");
+    let echoes = events
+        .iter()
+        .filter(|e| e.1.event_type == Type::DEPLOY_SUCCEEDED)
+        .count();
+    let picked = started.iter().filter(|e| coin(e.id, 1, 50)).count();
+    assert_eq!(echoes, picked, "follow-ups published by the handler");
+    assert_eq!(echoes + started.len(), events.len());
+    let log: Vec<(u64, EventId)> = events.iter().map(|e| (e.0, e.1.id)).collect();
     wait_until("the subscriber catches up", Duration::from_secs(30), || {
         seen.lock().unwrap().len() == log.len()
     });
