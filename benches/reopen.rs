@@ -11,58 +11,14 @@
 //! Each reopen costs a 1 GiB copy, so the measurement time is short and
 //! criterion takes few samples.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use ctrlbus::{Bus, DurableBus, Event, Type};
+use ctrlbus::DurableBus;
 
-const CHILD: &str = "CTRLBUS_REOPEN_BENCH_CHILD";
-
-fn child(path: &str, mib: u64, quick: bool) {
-    let payload = serde_json::json!({"data": "x".repeat(289)});
-    let payload = payload.as_object().unwrap().clone();
-    let bus = DurableBus::builder()
-        .sync(false)
-        .quick_repair(quick)
-        .open(path)
-        .unwrap();
-    while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) < mib << 20 {
-        let batch = (0..10_000)
-            .map(|_| Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
-            .collect();
-        bus.publish_batch(batch).unwrap();
-    }
-    drop(bus);
-    let bus = DurableBus::builder()
-        .quick_repair(quick)
-        .open(path)
-        .unwrap();
-    println!("ready");
-    loop {
-        bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
-            .unwrap();
-    }
-}
-
-/// Builds the log at `image` in a child and kills it with SIGKILL.
-fn crashed_image(image: &Path, mib: u64, quick: bool) {
-    let mut c = Command::new(std::env::current_exe().unwrap())
-        .env(CHILD, format!("{}|{mib}|{quick}", image.display()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(c.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready", "the child did not build the log");
-    std::thread::sleep(Duration::from_millis(300));
-    c.kill().unwrap(); // SIGKILL
-    c.wait().unwrap();
-}
+#[path = "../examples/support/crashed_log.rs"]
+mod crashed_log;
 
 fn wal(p: &Path) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
@@ -82,7 +38,7 @@ fn reopen(c: &mut Criterion) {
         .measurement_time(Duration::from_millis(200));
     for quick in [true, false] {
         let image = dir.path().join(format!("image-{quick}.redb"));
-        crashed_image(&image, mib, quick);
+        crashed_log::crashed_log(&image, mib, quick);
         let work = dir.path().join("work.redb");
         let name = if quick { "quick_repair" } else { "full_repair" };
         g.bench_function(name, |b| {
@@ -110,16 +66,7 @@ fn reopen(c: &mut Criterion) {
 }
 
 fn main() {
-    if let Ok(spec) = std::env::var(CHILD) {
-        let mut parts = spec.split('|');
-        let (path, mib, quick) = (parts.next(), parts.next(), parts.next());
-        child(
-            path.unwrap(),
-            mib.and_then(|m| m.parse().ok()).unwrap(),
-            quick == Some("true"),
-        );
-        return;
-    }
+    crashed_log::run_child_if_asked();
     let mut c = Criterion::default().configure_from_args();
     reopen(&mut c);
     c.final_summary();

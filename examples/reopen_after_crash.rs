@@ -9,46 +9,16 @@
 //! single durable events, kills it with SIGKILL, then times
 //! `DurableBus::open` (redb recovery plus WAL replay) and checks the log.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use ctrlbus::{Bus, DurableBus, Event, Filter, Position, Type};
+use ctrlbus::{DurableBus, Filter, Position};
 
-fn child(path: &str, mib: u64, quick: bool) {
-    let payload = serde_json::json!({"data": "x".repeat(289)});
-    let payload = payload.as_object().unwrap().clone();
-    let bus = DurableBus::builder()
-        .sync(false)
-        .quick_repair(quick)
-        .open(path)
-        .unwrap();
-    while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) < mib << 20 {
-        let batch = (0..10_000)
-            .map(|_| Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
-            .collect();
-        bus.publish_batch(batch).unwrap();
-    }
-    drop(bus);
-    let bus = DurableBus::builder()
-        .quick_repair(quick)
-        .open(path)
-        .unwrap();
-    println!("ready");
-    loop {
-        bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
-            .unwrap();
-    }
-}
+#[path = "support/crashed_log.rs"]
+mod crashed_log;
 
 fn main() {
+    crashed_log::run_child_if_asked();
     let args: Vec<String> = std::env::args().collect();
-    if let Ok(spec) = std::env::var("REOPEN_CHILD") {
-        let (path, rest) = spec.split_once('|').unwrap();
-        let (mib, quick) = rest.split_once('|').unwrap();
-        child(path, mib.parse().unwrap(), quick == "true");
-        return;
-    }
     let mib: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024);
     let dir = args
         .get(2)
@@ -58,19 +28,7 @@ fn main() {
         let path = format!("{dir}/reopen-{mib}-{quick}.redb");
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_file(format!("{path}.wal"));
-        let mut c = Command::new(std::env::current_exe().unwrap())
-            .env("REOPEN_CHILD", format!("{path}|{mib}|{quick}"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(c.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready");
-        std::thread::sleep(Duration::from_millis(300));
-        c.kill().unwrap(); // SIGKILL
-        c.wait().unwrap();
+        crashed_log::crashed_log(std::path::Path::new(&path), mib, quick);
         let size = std::fs::metadata(&path).unwrap().len();
         let start = Instant::now();
         let bus = DurableBus::builder()

@@ -129,13 +129,11 @@ pub(crate) enum Waited<T> {
 
 impl<T: Send + 'static> OneshotReceiver<T> {
     /// The value if it is there (`Some(None)` if the sender was dropped
-    /// without sending); `None` while it is still awaited.
+    /// without sending); `None` while it is still awaited. Consumes a nudge.
     pub(crate) fn try_take(&mut self) -> Option<Option<T>> {
-        let mut state = self.slot.state.lock();
-        match std::mem::replace(&mut *state, SlotState::Waiting) {
-            SlotState::Sent(v) => Some(Some(v)),
-            SlotState::Dropped => Some(None),
-            SlotState::Waiting | SlotState::Nudged => None,
+        match take(&mut self.slot.state.lock()) {
+            Some(Waited::Done(v)) => Some(v),
+            Some(Waited::Woken) | None => None,
         }
     }
 
@@ -144,19 +142,11 @@ impl<T: Send + 'static> OneshotReceiver<T> {
         let deadline = std::time::Instant::now() + timeout;
         let mut state = self.slot.state.lock();
         loop {
-            match std::mem::replace(&mut *state, SlotState::Waiting) {
-                SlotState::Sent(v) => return Waited::Done(Some(v)),
-                SlotState::Dropped => return Waited::Done(None),
-                SlotState::Nudged => return Waited::Woken,
-                SlotState::Waiting => {
-                    if self.slot.ready.wait_until(&mut state, deadline).timed_out() {
-                        return match std::mem::replace(&mut *state, SlotState::Waiting) {
-                            SlotState::Sent(v) => Waited::Done(Some(v)),
-                            SlotState::Dropped => Waited::Done(None),
-                            SlotState::Waiting | SlotState::Nudged => Waited::Woken,
-                        };
-                    }
-                }
+            if let Some(got) = take(&mut state) {
+                return got;
+            }
+            if self.slot.ready.wait_until(&mut state, deadline).timed_out() {
+                return take(&mut state).unwrap_or(Waited::Woken);
             }
         }
     }
@@ -164,6 +154,17 @@ impl<T: Send + 'static> OneshotReceiver<T> {
     /// A handle that wakes this receiver without a value.
     pub(crate) fn nudger(&self) -> Nudger {
         Nudger(self.slot.clone())
+    }
+}
+
+/// Takes what a slot holds, leaving it `Waiting`: the value, the sender's
+/// drop, or a nudge; `None` while it still waits.
+fn take<T>(state: &mut SlotState<T>) -> Option<Waited<T>> {
+    match std::mem::replace(state, SlotState::Waiting) {
+        SlotState::Sent(v) => Some(Waited::Done(Some(v))),
+        SlotState::Dropped => Some(Waited::Done(None)),
+        SlotState::Nudged => Some(Waited::Woken),
+        SlotState::Waiting => None,
     }
 }
 

@@ -2,6 +2,9 @@
 //! one filtered, one failing at random, one slow — and the switch between
 //! catch-up and live delivery under load.
 
+mod common;
+use common::{Log, recorder};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,16 +32,6 @@ fn coin(id: EventId, n: u64, one_in: u64) -> bool {
         h = h.wrapping_mul(0x100_0000_01b3);
     }
     h.is_multiple_of(one_in)
-}
-
-type Log = Arc<Mutex<Vec<EventId>>>;
-
-fn recorder(log: &Log) -> impl Fn(&Event) -> Result<(), HandlerError> + Send + Sync + 'static {
-    let log = log.clone();
-    move |e: &Event| {
-        log.lock().unwrap().push(e.id);
-        Ok(())
-    }
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {

@@ -2,6 +2,9 @@
 //! cursor names and positions, corrupted records, foreign and newer files,
 //! a second writer, a reader beside the writer, dead letters and retention.
 
+mod common;
+use common::recorder;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -697,16 +700,12 @@ fn retention_never_reuses_seqs_and_reports_missed() {
     // The idle cursor behind the retained range resumes at the oldest event
     // and reports what it missed.
     let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
-    let s2 = seen.clone();
     let sub = bus
         .subscribe_durable(
             "behind",
             Filter::all(),
             Position::Beginning,
-            move |e: &Event| -> Result<(), HandlerError> {
-                s2.lock().unwrap().push(e.id);
-                Ok(())
-            },
+            recorder(&seen),
         )
         .unwrap();
     wait_until("the cursor to catch up", || sub.position() == 14);

@@ -5,10 +5,13 @@
 //! never to decrease along `seq`); every other read is then compared with
 //! what the model says.
 
+mod common;
+use common::recorder;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, HandlerError, InstanceId, Position, Type};
+use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, InstanceId, Position, Type};
 use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
 
@@ -226,12 +229,8 @@ proptest! {
         let t = model.entries[model.entries.len() / 2].1;
         let want: Vec<u64> = model.entries.iter().filter(|(_, at, _)| *at >= t).map(|(s, _, _)| *s).collect();
         let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
-        let s2 = seen.clone();
         let sub = bus
-            .subscribe_durable("at-time", Filter::all(), Position::Time(t), move |e: &Event| -> Result<(), HandlerError> {
-                s2.lock().unwrap().push(e.id);
-                Ok(())
-            })
+            .subscribe_durable("at-time", Filter::all(), Position::Time(t), recorder(&seen))
             .unwrap();
         prop_assert!(sub.wait_live(Duration::from_secs(10)));
         drop(sub);

@@ -1,7 +1,9 @@
+mod common;
+use common::recorder;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ctrlbus::{Bus, DurableBus, Event, Filter, HandlerError, Position, Type};
+use ctrlbus::{Bus, DurableBus, Event, Filter, Position, Type};
 
 #[test]
 fn publish_read_subscribe_reopen() {
@@ -10,16 +12,12 @@ fn publish_read_subscribe_reopen() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     {
         let bus = DurableBus::open(&path).unwrap();
-        let s2 = seen.clone();
         let sub = bus
             .subscribe_durable(
                 "billing",
                 Filter::types(["deploy.*"]).unwrap(),
                 Position::Beginning,
-                move |e: &Event| -> Result<(), HandlerError> {
-                    s2.lock().unwrap().push(e.id);
-                    Ok(())
-                },
+                recorder(&seen),
             )
             .unwrap();
         assert!(sub.wait_live(Duration::from_secs(5)));
@@ -51,16 +49,12 @@ fn publish_read_subscribe_reopen() {
     assert_eq!(bus.last_seq(), 10);
     let r = bus.publish(Event::new(Type::DEPLOY_FAILED, "t1")).unwrap();
     assert_eq!(r.seq, 11);
-    let s2 = seen.clone();
     let sub = bus
         .subscribe_durable(
             "billing",
             Filter::types(["deploy.*"]).unwrap(),
             Position::Beginning,
-            move |e: &Event| -> Result<(), HandlerError> {
-                s2.lock().unwrap().push(e.id);
-                Ok(())
-            },
+            recorder(&seen),
         )
         .unwrap();
     assert!(sub.wait_live(Duration::from_secs(5)));
@@ -83,16 +77,7 @@ fn submit_keeps_publishes_in_flight_and_drop_still_fans_out() {
     let dir = tempfile::tempdir().unwrap();
     let bus = DurableBus::open(dir.path().join("log.redb")).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let s2 = seen.clone();
-    let _sub = bus
-        .subscribe(
-            Filter::all(),
-            move |e: &Event| -> Result<(), HandlerError> {
-                s2.lock().unwrap().push(e.id);
-                Ok(())
-            },
-        )
-        .unwrap();
+    let _sub = bus.subscribe(Filter::all(), recorder(&seen)).unwrap();
     let events: Vec<Event> = (0..200)
         .map(|_| Event::new(Type::DEPLOY_STARTED, "t"))
         .collect();
@@ -237,6 +222,43 @@ fn a_clean_close_trims_the_wal_to_8_mib() {
         .unwrap()
         .len();
     assert!(len <= 4096 + (1 << 20), "{len}");
+}
+
+#[test]
+fn duplicates_are_found_in_one_group_before_and_after_the_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    // No timed apply: until a read asks, acknowledged events are only in
+    // the WAL, and their ids only in the writer's memory.
+    let bus = DurableBus::builder()
+        .apply_interval(Duration::from_secs(3600))
+        .open(dir.path().join("log.redb"))
+        .unwrap();
+    let a = Event::new(Type::DEPLOY_STARTED, "t");
+    // The same id twice in flight: committed in one group (or the second
+    // right after the first).
+    let first = bus.submit(a.clone()).unwrap();
+    let second = bus.submit(a.clone()).unwrap();
+    let (r1, r2) = (first.wait().unwrap(), second.wait().unwrap());
+    assert_eq!((r1.seq, r1.duplicate), (1, false));
+    assert_eq!((r2.seq, r2.duplicate), (1, true));
+    // Acknowledged, not applied: found in memory.
+    let r = bus.publish(a.clone()).unwrap();
+    assert_eq!((r.seq, r.duplicate), (1, true));
+    // A read applies it; the next publish forgets it in memory, so the id
+    // must be found in the file's index.
+    assert_eq!(
+        bus.read(Position::Beginning, &Filter::all())
+            .unwrap()
+            .count(),
+        1
+    );
+    let b = Event::new(Type::DEPLOY_STARTED, "t");
+    assert_eq!(bus.publish(b.clone()).unwrap().seq, 2);
+    let r = bus.publish(a).unwrap();
+    assert_eq!((r.seq, r.duplicate), (1, true));
+    let r = bus.publish(b).unwrap();
+    assert_eq!((r.seq, r.duplicate), (2, true));
+    assert_eq!(bus.last_seq(), 2);
 }
 
 #[test]

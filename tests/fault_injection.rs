@@ -17,13 +17,16 @@
 //! event must still be whole, have the next `seq`, and never be followed by
 //! an acknowledged event that reuses its `seq`.
 
+mod common;
+use common::recorder;
+
 use std::fs::OpenOptions;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
-use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, HandlerError, Position, Type};
+use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, Position, Type};
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
 
@@ -199,21 +202,25 @@ fn read_all(bus: &DurableBus) -> Vec<(u64, Event)> {
         .collect()
 }
 
+/// Creates the log at `path` with `BASE` events, closed; returns them with
+/// their seqs.
+fn base_log(path: &Path) -> Vec<(u64, Event)> {
+    let bus = DurableBus::open(path).unwrap();
+    (0..BASE)
+        .map(|i| {
+            let e = event(i);
+            (bus.publish(e.clone()).unwrap().seq, e)
+        })
+        .collect()
+}
+
 /// One run: a log with `BASE` events, reopened on the faulty backend whose
 /// countdown starts at `k` once it is open; `ATTEMPTS` publishes (singles and
 /// a batch), then the checks.
 fn run_point(target: Target, k: u64, once: bool) -> Point {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.redb");
-    let mut base = Vec::new();
-    {
-        let bus = DurableBus::open(&path).unwrap();
-        for i in 0..BASE {
-            let e = event(i);
-            let r = bus.publish(e.clone()).unwrap();
-            base.push((r.seq, e));
-        }
-    }
+    let base = base_log(&path);
     let countdown = Arc::new(AtomicU64::new(u64::MAX));
     let be = backend(&path, target, &countdown, once);
     let fired = be.fired.clone();
@@ -221,16 +228,7 @@ fn run_point(target: Target, k: u64, once: bool) -> Point {
         .open_backend(be)
         .expect("open with the fault disabled");
     let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
-    let s2 = seen.clone();
-    let _sub = bus
-        .subscribe(
-            Filter::all(),
-            move |e: &Event| -> Result<(), HandlerError> {
-                s2.lock().unwrap().push(e.id);
-                Ok(())
-            },
-        )
-        .unwrap();
+    let _sub = bus.subscribe(Filter::all(), recorder(&seen)).unwrap();
     countdown.store(k, Ordering::SeqCst);
 
     let mut acked: Vec<(u64, Event)> = base.clone();
@@ -356,28 +354,32 @@ struct Point {
     durable_despite_error: usize,
 }
 
-fn sweep(target: Target, once: bool) {
-    count_panics();
-    let mut k = 0;
-    let mut not_fired = 0;
-    let (mut points, mut with_errors, mut durable_despite_error) = (0, 0, 0);
-    let mut ok_after_failure = 0;
-    // Step through every point until the fault no longer fires within the
-    // run (past the last operation of this kind).
+/// Runs `point` at every countdown `k` (every one up to 40, then every
+/// third) until the fault no longer fires within a run (past the last
+/// operation of its kind); `point` says whether it fired. Returns the
+/// number of points and the last `k`.
+fn each_point(mut point: impl FnMut(u64) -> bool) -> (usize, u64) {
+    let (mut k, mut not_fired, mut points) = (0, 0, 0);
     while not_fired < 2 {
-        let p = run_point(target, k, once);
+        not_fired = if point(k) { 0 } else { not_fired + 1 };
         points += 1;
-        if p.fired {
-            not_fired = 0;
-        } else {
-            not_fired += 1;
-        }
-        with_errors += usize::from(p.failed > 0);
-        durable_despite_error += p.durable_despite_error;
-        ok_after_failure += p.ok_after_failure;
         k += if k < 40 { 1 } else { 3 };
         assert!(k < 2000, "the sweep does not end");
     }
+    (points, k)
+}
+
+fn sweep(target: Target, once: bool) {
+    count_panics();
+    let (mut with_errors, mut durable_despite_error) = (0, 0);
+    let mut ok_after_failure = 0;
+    let (points, k) = each_point(|k| {
+        let p = run_point(target, k, once);
+        with_errors += usize::from(p.failed > 0);
+        durable_despite_error += p.durable_despite_error;
+        ok_after_failure += p.ok_after_failure;
+        p.fired
+    });
     eprintln!(
         "{target:?} once={once}: {points} points up to k={k}, {with_errors} with failed \
          publishes, {durable_despite_error} failed events durable after all, \
@@ -450,14 +452,7 @@ fn fault_during_open() {
 fn run_wal_point(target: Target, k: u64) -> (bool, usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.redb");
-    let mut acked: Vec<(u64, Event)> = Vec::new();
-    {
-        let bus = DurableBus::open(&path).unwrap();
-        for i in 0..BASE {
-            let e = event(i);
-            acked.push((bus.publish(e.clone()).unwrap().seq, e));
-        }
-    }
+    let mut acked = base_log(&path);
     let countdown = Arc::new(AtomicU64::new(u64::MAX));
     let be = backend(&path, target, &countdown, false);
     let fired = be.fired.clone();
@@ -465,16 +460,7 @@ fn run_wal_point(target: Target, k: u64) -> (bool, usize) {
         .open_backend_with_wal(&path, be)
         .expect("open with the fault disabled");
     let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
-    let s2 = seen.clone();
-    let sub = bus
-        .subscribe(
-            Filter::all(),
-            move |e: &Event| -> Result<(), HandlerError> {
-                s2.lock().unwrap().push(e.id);
-                Ok(())
-            },
-        )
-        .unwrap();
+    let sub = bus.subscribe(Filter::all(), recorder(&seen)).unwrap();
     countdown.store(k, Ordering::SeqCst);
     let mut failed = 0;
     for i in BASE..BASE + ATTEMPTS {
@@ -526,15 +512,12 @@ fn run_wal_point(target: Target, k: u64) -> (bool, usize) {
 fn applier_failures_under_the_wal() {
     count_panics();
     for target in [Target::Write, Target::TornWrite, Target::Sync] {
-        let (mut k, mut not_fired, mut with_errors, mut points) = (0, 0, 0, 0);
-        while not_fired < 2 {
+        let mut with_errors = 0;
+        let (points, k) = each_point(|k| {
             let (fired, failed) = run_wal_point(target, k);
-            points += 1;
-            not_fired = if fired { 0 } else { not_fired + 1 };
             with_errors += usize::from(failed > 0);
-            k += if k < 40 { 1 } else { 3 };
-            assert!(k < 2000, "the sweep does not end");
-        }
+            fired
+        });
         eprintln!(
             "WAL {target:?}: {points} points up to k={k}, {with_errors} with failed publishes"
         );

@@ -6,11 +6,14 @@
 //! event may survive only when its frame was written in full (fsync
 //! failure after the write), as G2 allows.
 
+mod common;
+use common::recorder;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, HandlerError, Position, Type};
+use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, Position, Type};
 
 fn run(countdown: u64) {
     let dir = tempfile::tempdir().unwrap();
@@ -24,16 +27,7 @@ fn run(countdown: u64) {
             .wal_fault_countdown(faults.clone())
             .open(&path)
             .unwrap();
-        let s2 = seen.clone();
-        let _sub = bus
-            .subscribe(
-                Filter::all(),
-                move |e: &Event| -> Result<(), HandlerError> {
-                    s2.lock().unwrap().push(e.id);
-                    Ok(())
-                },
-            )
-            .unwrap();
+        let _sub = bus.subscribe(Filter::all(), recorder(&seen)).unwrap();
         faults.store(countdown, Ordering::SeqCst);
         for i in 0..12u64 {
             let before = faults.load(Ordering::SeqCst);

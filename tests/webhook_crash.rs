@@ -8,6 +8,8 @@
 //! The child is this test binary itself, re-run with `CRASH_CHILD_DB` set
 //! (the `crash_child` test does nothing otherwise).
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -109,16 +111,7 @@ fn kill_9_at_random_moments_loses_no_delivery() {
             while let Ok(mut req) = server.recv() {
                 let mut body = Vec::new();
                 std::io::Read::read_to_end(req.as_reader(), &mut body).unwrap();
-                let headers = req
-                    .headers()
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.field.as_str().as_str().to_ascii_lowercase(),
-                            h.value.as_str().to_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = common::headers(&req);
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 // Slow enough that kills often land with attempts in flight.
                 std::thread::sleep(Duration::from_millis(5));

@@ -1,5 +1,7 @@
 //! Webhook delivery against a real HTTP server on 127.0.0.1 (G8, G9).
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,16 +43,7 @@ impl Receiver {
                 while let Ok(mut req) = server.recv() {
                     let mut body = Vec::new();
                     std::io::Read::read_to_end(req.as_reader(), &mut body).unwrap();
-                    let headers = req
-                        .headers()
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.field.as_str().as_str().to_ascii_lowercase(),
-                                h.value.as_str().to_owned(),
-                            )
-                        })
-                        .collect();
+                    let headers = common::headers(&req);
                     let g = Got {
                         headers,
                         body,

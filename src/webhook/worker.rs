@@ -192,6 +192,25 @@ struct Outcome {
     released: bool,
 }
 
+impl Outcome {
+    /// An outcome of `job` with nothing recorded yet: no response, no
+    /// success.
+    fn blank(job: &Job, at_ns: i64, released: bool) -> Outcome {
+        Outcome {
+            delivery: job.delivery,
+            hook: job.hook,
+            at_ns,
+            duration: Duration::ZERO,
+            status_code: 0,
+            success: false,
+            error: String::new(),
+            response: String::new(),
+            retry_after: None,
+            released,
+        }
+    }
+}
+
 /// Per-webhook circuit state (in memory).
 #[derive(Default)]
 struct Circuit {
@@ -395,18 +414,7 @@ impl Drop for DeliveryWorker {
 fn sender_loop(inner: &Inner, agent: &ureq::Agent, jobs: &Receiver<Job>, out: &Sender<Outcome>) {
     while let Ok(job) = jobs.recv() {
         let outcome = if inner.stop.load(Ordering::Acquire) {
-            Outcome {
-                delivery: job.delivery,
-                hook: job.hook,
-                at_ns: 0,
-                duration: Duration::ZERO,
-                status_code: 0,
-                success: false,
-                error: String::new(),
-                response: String::new(),
-                retry_after: None,
-                released: true,
-            }
+            Outcome::blank(&job, 0, true)
         } else {
             attempt(agent, &job)
         };
@@ -420,18 +428,7 @@ fn sender_loop(inner: &Inner, agent: &ureq::Agent, jobs: &Receiver<Job>, out: &S
 fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
     let at_ns = now_ns();
     let started = Instant::now();
-    let mut out = Outcome {
-        delivery: job.delivery,
-        hook: job.hook,
-        at_ns,
-        duration: Duration::ZERO,
-        status_code: 0,
-        success: false,
-        error: String::new(),
-        response: String::new(),
-        retry_after: None,
-        released: false,
-    };
+    let mut out = Outcome::blank(job, at_ns, false);
     // The URL was validated at registration; check again (cheap), the
     // address policy is applied by the agent's resolver.
     if let Err(e) = validate_url(&job.url) {
