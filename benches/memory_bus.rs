@@ -11,6 +11,8 @@
 //!   This is what the Go benchmark measures: it publishes a pre-built event.
 //! - `publish_built_inside/*`: `Event::new` runs inside the timed loop, for
 //!   honesty about what a caller pays end to end.
+//! - `floor/*`: the same harness moving an event in and dropping it, without
+//!   a bus: what a publish costs before the bus does anything.
 //!
 //! Every run first fills the history ring, so each timed publish also evicts
 //! the oldest event (the steady state of a running bus).
@@ -53,6 +55,22 @@ fn publish(c: &mut Criterion) {
             )
         });
     }
+    group.finish();
+
+    // What every publish pays before the bus does anything: taking the
+    // event in (a 160-byte move) and, in the steady state, freeing the one it
+    // evicts. Same harness as `publish_prebuilt`, so the figures subtract.
+    let mut group = c.benchmark_group("floor");
+    group.bench_function("move_event", |b| {
+        b.iter_batched(|| template.clone(), black_box, BatchSize::SmallInput)
+    });
+    group.bench_function("drop_event", |b| {
+        b.iter_batched(
+            || template.clone(),
+            |event| drop(black_box(event)),
+            BatchSize::SmallInput,
+        )
+    });
     group.finish();
 
     let mut group = c.benchmark_group("publish_built_inside");
