@@ -10,6 +10,7 @@
 pub(crate) use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A one-shot reply slot: one `send`, and a receiver that parks at once
 /// instead of spinning. (crossbeam's channels spin and yield before
@@ -23,6 +24,7 @@ pub(crate) fn oneshot<T>() -> (OneshotSender<T>, OneshotReceiver<T>) {
     let slot = Arc::new(Slot {
         state: Mutex::new(SlotState::Waiting),
         ready: Condvar::new(),
+        awaited: AtomicBool::new(false),
     });
     (
         OneshotSender {
@@ -43,6 +45,9 @@ enum SlotState<T> {
 struct Slot<T> {
     state: Mutex<SlotState<T>>,
     ready: Condvar,
+    /// Set once the receiver has begun to wait (a hint for a sender picking
+    /// whom to hand work to; nothing depends on it for correctness).
+    awaited: AtomicBool,
 }
 
 /// The sending half of [`oneshot`].
@@ -57,6 +62,13 @@ impl<T: Send + 'static> OneshotSender<T> {
             *slot.state.lock() = SlotState::Sent(value);
             slot.ready.notify_one();
         }
+    }
+
+    /// True once the receiver has said it waits ([`OneshotReceiver::awaiting`]).
+    pub(crate) fn is_awaited(&self) -> bool {
+        self.slot
+            .as_ref()
+            .is_some_and(|s| s.awaited.load(Ordering::Relaxed))
     }
 
     /// Stores the value without waking the receiver; the returned waker
@@ -128,6 +140,11 @@ pub(crate) enum Waited<T> {
 }
 
 impl<T: Send + 'static> OneshotReceiver<T> {
+    /// Tells the sender that this receiver is now waiting for its value.
+    pub(crate) fn awaiting(&self) {
+        self.slot.awaited.store(true, Ordering::Relaxed);
+    }
+
     /// The value if it is there (`Some(None)` if the sender was dropped
     /// without sending); `None` while it is still awaited. Consumes a nudge.
     pub(crate) fn try_take(&mut self) -> Option<Option<T>> {

@@ -126,13 +126,16 @@ struct Prepared {
     record: Vec<u8>,
 }
 
-/// What the writer tells one publisher.
+/// Where a publisher waits for its [`Outcome`].
+type ReplyReceiver = crate::sync::OneshotReceiver<Result<Outcome, PublishError>>;
+
+/// What the committer tells one publisher.
 struct Outcome {
     /// Per event of the request: its `seq` and whether it was a duplicate.
     seqs: Vec<(EventId, u64, bool)>,
     group: Option<Arc<Group>>,
-    /// The other publishers of this group, for this one to wake: the writer
-    /// wakes one publisher per group and goes on to the next group.
+    /// The other publishers of this group, for this one to wake (see
+    /// `reply_all`).
     wake: Vec<Waker>,
 }
 
@@ -201,7 +204,7 @@ pub(crate) fn publish(
 /// publish waits for it (so its group is fanned out in order).
 pub(crate) struct Pending {
     shared: Arc<Shared>,
-    rx: Option<crate::sync::OneshotReceiver<Result<Outcome, PublishError>>>,
+    rx: Option<ReplyReceiver>,
 }
 
 impl Drop for Pending {
@@ -220,6 +223,7 @@ impl Pending {
 
     fn finish(&mut self) -> Result<Vec<Receipt>, PublishError> {
         let mut rx = self.rx.take().ok_or(PublishError::Closed)?;
+        rx.awaiting();
         let shared = &self.shared;
         // Commit on this thread when nobody else is committing: the waiting
         // publisher leads the group commit of everything queued (as in
@@ -1086,13 +1090,16 @@ impl Applier {
     }
 }
 
+/// Answers every publish of a group. Waking a parked publisher is a system
+/// call, so the committer wakes one publisher, which wakes the others: the
+/// first whose publisher is already waiting for it. A publish submitted and
+/// not yet waited for is passed over, so the others never wait for its
+/// publisher to call `wait`. If nobody waits yet, each is simply answered.
 fn reply_all(
     publishes: Vec<PublishReq>,
     outcomes: Vec<Vec<(EventId, u64, bool)>>,
     group: Option<Arc<Group>>,
 ) {
-    let mut replies = publishes.into_iter().zip(outcomes);
-    let first = replies.next();
     let outcome = |seqs: Vec<(EventId, u64, bool)>, wake| {
         let has_new = seqs.iter().any(|s| !s.2);
         Ok(Outcome {
@@ -1101,10 +1108,22 @@ fn reply_all(
             wake,
         })
     };
-    let wakers: Vec<Waker> = replies
-        .map(|(req, seqs)| req.reply.fill(outcome(seqs, Vec::new())))
-        .collect();
-    if let Some((req, seqs)) = first {
+    let Some(delegate) = publishes.iter().position(|r| r.reply.is_awaited()) else {
+        for (req, seqs) in publishes.into_iter().zip(outcomes) {
+            req.reply.send(outcome(seqs, Vec::new()));
+        }
+        return;
+    };
+    let mut chosen = None;
+    let mut wakers = Vec::with_capacity(publishes.len() - 1);
+    for (i, (req, seqs)) in publishes.into_iter().zip(outcomes).enumerate() {
+        if i == delegate {
+            chosen = Some((req, seqs));
+        } else {
+            wakers.push(req.reply.fill(outcome(seqs, Vec::new())));
+        }
+    }
+    if let Some((req, seqs)) = chosen {
         req.reply.send(outcome(seqs, wakers));
     }
 }
@@ -1229,4 +1248,58 @@ pub(crate) fn flush_acks(shared: &Shared, timeout: Duration) -> Result<(), Strin
         .map_err(|_| "the bus is closed".to_string())?;
     rx.recv_timeout(timeout)
         .map_err(|_| "the writer did not answer".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group of three publishes answered by `reply_all`; the receivers,
+    /// in queue order.
+    fn group_of_three(awaited: &[usize]) -> Vec<ReplyReceiver> {
+        let mut reqs = Vec::new();
+        let mut rxs = Vec::new();
+        for i in 0..3 {
+            let (reply, rx) = oneshot();
+            if awaited.contains(&i) {
+                rx.awaiting();
+            }
+            reqs.push(PublishReq {
+                items: Vec::new(),
+                reply,
+                queued: Instant::now(),
+            });
+            rxs.push(rx);
+        }
+        let outcomes = (1..=3)
+            .map(|seq| vec![(EventId::new(), seq, false)])
+            .collect();
+        reply_all(reqs, outcomes, None);
+        rxs
+    }
+
+    /// How many others each receiver was given to wake.
+    fn wakers_handed_out(rxs: Vec<ReplyReceiver>) -> Vec<usize> {
+        rxs.into_iter()
+            .map(|mut rx| match rx.try_take() {
+                Some(Some(Ok(mut outcome))) => {
+                    let n = outcome.wake.len();
+                    outcome.wake.clear(); // (dropping a waker wakes)
+                    n
+                }
+                _ => panic!("every publish of the group is answered"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_others_are_woken_by_a_publisher_that_waits() {
+        // The first publisher submitted and has not called `wait`: handing
+        // it the others would leave them asleep until it does.
+        assert_eq!(wakers_handed_out(group_of_three(&[1, 2])), [0, 2, 0]);
+        assert_eq!(wakers_handed_out(group_of_three(&[0, 1, 2])), [2, 0, 0]);
+        assert_eq!(wakers_handed_out(group_of_three(&[2])), [0, 0, 2]);
+        // Nobody waits yet: each is answered directly.
+        assert_eq!(wakers_handed_out(group_of_three(&[])), [0, 0, 0]);
+    }
 }
