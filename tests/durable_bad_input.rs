@@ -242,6 +242,31 @@ fn cursor_names_and_positions() {
     ));
 }
 
+/// A log at `path` holding four events (seqs 1–4); the events.
+fn log_of_four(path: &Path) -> Vec<Event> {
+    let events: Vec<Event> = (0..4)
+        .map(|i| Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("i", i))
+        .collect();
+    let bus = quick().open(path).unwrap();
+    bus.publish_batch(events.clone()).unwrap();
+    events
+}
+
+/// Asserts that a read gave the corruption error of the `events` record of
+/// seq 3.
+fn assert_corrupted_seq_3<T: std::fmt::Debug>(got: Option<Result<T, ReadError>>, what: &str) {
+    match got {
+        Some(Err(ReadError::Storage(StorageError::Corrupted { table, key, .. }))) => {
+            assert_eq!(table, "events", "{what}");
+            assert!(
+                key.contains('3'),
+                "{what}: the error names {key}, not seq 3"
+            );
+        }
+        other => panic!("{what}: expected a corruption error, got {other:?}"),
+    }
+}
+
 /// Writes `bytes` as the record of `seq` with plain redb.
 fn overwrite_record(path: &Path, seq: u64, bytes: &[u8]) {
     let db = redb::Database::create(path).unwrap();
@@ -259,13 +284,7 @@ fn overwrite_record(path: &Path, seq: u64, bytes: &[u8]) {
 fn corrupted_record_is_an_error_naming_its_seq() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.redb");
-    let events: Vec<Event> = (0..4)
-        .map(|i| Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("i", i))
-        .collect();
-    {
-        let bus = quick().open(&path).unwrap();
-        bus.publish_batch(events.clone()).unwrap();
-    }
+    let events = log_of_four(&path);
     for (bad, what) in [
         (vec![1u8, 0, 0], "short header"),
         (vec![7u8; 40], "unknown version"),
@@ -284,16 +303,7 @@ fn corrupted_record_is_an_error_naming_its_seq() {
         let mut reader = bus.read(Position::Beginning, &Filter::all()).unwrap();
         assert_eq!(reader.next().unwrap().unwrap().event, events[0], "{what}");
         assert_eq!(reader.next().unwrap().unwrap().event, events[1], "{what}");
-        match reader.next() {
-            Some(Err(ReadError::Storage(StorageError::Corrupted { table, key, .. }))) => {
-                assert_eq!(table, "events", "{what}");
-                assert!(
-                    key.contains('3'),
-                    "{what}: the error names {key}, not seq 3"
-                );
-            }
-            other => panic!("{what}: expected a corruption error, got {other:?}"),
-        }
+        assert_corrupted_seq_3(reader.next(), what);
         assert!(
             reader.next().is_none(),
             "{what}: the reader stops after an error"
@@ -725,13 +735,7 @@ fn retention_never_reuses_seqs_and_reports_missed() {
 fn a_record_with_an_invalid_event_is_reported_with_its_seq() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log.redb");
-    let events: Vec<Event> = (0..4)
-        .map(|i| Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("i", i))
-        .collect();
-    {
-        let bus = quick().open(&path).unwrap();
-        bus.publish_batch(events.clone()).unwrap();
-    }
+    let events = log_of_four(&path);
     let mut bad = ctrlbus::__fuzz::encoded_record(&events[2], 1);
     let at = bad
         .windows(6)
@@ -740,25 +744,12 @@ fn a_record_with_an_invalid_event_is_reported_with_its_seq() {
     bad[at..at + 6].copy_from_slice(b"DEPLOY");
     overwrite_record(&path, 3, &bad);
     let bus = quick().open(&path).unwrap();
-    let names_seq_3 = |e: Option<Result<_, ReadError>>, what: &str| match e {
-        Some(Err(ReadError::Storage(StorageError::Corrupted { table, key, .. }))) => {
-            assert_eq!(table, "events", "{what}");
-            assert!(
-                key.contains('3'),
-                "{what}: the error names {key}, not seq 3"
-            );
-        }
-        other => panic!("{what}: expected a corruption error, got {other:?}"),
-    };
     let mut reader = bus.read(Position::Seq(3), &Filter::all()).unwrap();
-    names_seq_3(reader.next().map(|r| r.map(|_| ())), "events");
+    assert_corrupted_seq_3(reader.next(), "events");
     assert!(reader.next().is_none(), "the reader stops after an error");
     let mut reader = bus.read(Position::Seq(3), &Filter::all()).unwrap();
     let mut out = Vec::new();
-    names_seq_3(
-        reader.write_next_json(&mut out).map(|r| r.map(|_| ())),
-        "json lines",
-    );
+    assert_corrupted_seq_3(reader.write_next_json(&mut out), "json lines");
     assert!(
         reader.write_next_json(&mut out).is_none(),
         "stops after an error"

@@ -3,7 +3,16 @@ use common::recorder;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ctrlbus::{Bus, DurableBus, Event, Filter, Position, Type};
+use ctrlbus::{Bus, DurableBus, Event, Filter, LogEntry, Position, Type};
+
+/// The log's entry at `seq`.
+fn entry_at(bus: &DurableBus, seq: u64) -> LogEntry {
+    bus.read(Position::Seq(seq), &Filter::all())
+        .unwrap()
+        .next()
+        .expect("an entry at seq")
+        .unwrap()
+}
 
 #[test]
 fn publish_read_subscribe_reopen() {
@@ -63,12 +72,7 @@ fn publish_read_subscribe_reopen() {
     let mut rd = bus.read(Position::Seq(11), &Filter::all()).unwrap();
     rd.write_next_json(&mut buf).unwrap().unwrap();
     let line = String::from_utf8(buf).unwrap();
-    let entry = bus
-        .read(Position::Seq(11), &Filter::all())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
+    let entry = entry_at(&bus, 11);
     assert_eq!(line.trim_end(), entry.to_json());
 }
 
@@ -94,12 +98,7 @@ fn submit_keeps_publishes_in_flight_and_drop_still_fans_out() {
     let id = e.id;
     drop(bus.submit(e).unwrap());
     assert_eq!(seen.lock().unwrap().last(), Some(&id));
-    let last = bus
-        .read(Position::Seq(201), &Filter::all())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
+    let last = entry_at(&bus, 201);
     assert_eq!(last.event.id, id);
 }
 
@@ -118,12 +117,7 @@ fn a_submitted_publish_becomes_durable_without_waiting() {
         assert!(std::time::Instant::now() < deadline, "never committed");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let got = bus
-        .read(Position::Seq(2), &Filter::all())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
+    let got = entry_at(&bus, 2);
     assert_eq!(got.event.id, id);
     assert_eq!(pending.wait().unwrap().seq, 2);
     // Submitted and not waited for when the bus closes: committed too.
@@ -138,12 +132,7 @@ fn a_submitted_publish_becomes_durable_without_waiting() {
     let bus = DurableBus::open(&path).unwrap();
     assert_eq!(bus.last_seq(), 52);
     for r in receipts {
-        let e = bus
-            .read(Position::Seq(r.seq), &Filter::all())
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap();
+        let e = entry_at(&bus, r.seq);
         assert_eq!(e.event.id, r.id);
     }
 }

@@ -1108,24 +1108,19 @@ fn reply_all(
             wake,
         })
     };
-    let Some(delegate) = publishes.iter().position(|r| r.reply.is_awaited()) else {
-        for (req, seqs) in publishes.into_iter().zip(outcomes) {
+    let mut replies: Vec<_> = publishes.into_iter().zip(outcomes).collect();
+    let Some(delegate) = replies.iter().position(|(r, _)| r.reply.is_awaited()) else {
+        for (req, seqs) in replies {
             req.reply.send(outcome(seqs, Vec::new()));
         }
         return;
     };
-    let mut chosen = None;
-    let mut wakers = Vec::with_capacity(publishes.len() - 1);
-    for (i, (req, seqs)) in publishes.into_iter().zip(outcomes).enumerate() {
-        if i == delegate {
-            chosen = Some((req, seqs));
-        } else {
-            wakers.push(req.reply.fill(outcome(seqs, Vec::new())));
-        }
-    }
-    if let Some((req, seqs)) = chosen {
-        req.reply.send(outcome(seqs, wakers));
-    }
+    let (req, seqs) = replies.remove(delegate);
+    let wakers = replies
+        .into_iter()
+        .map(|(r, seqs)| r.reply.fill(outcome(seqs, Vec::new())))
+        .collect();
+    req.reply.send(outcome(seqs, wakers));
 }
 
 fn refuse(req: WriteReq) {
