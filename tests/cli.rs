@@ -11,96 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ctrlbus");
-
-/// A scratch directory with a log path in it.
-struct Scratch {
-    dir: tempfile::TempDir,
-    db: PathBuf,
-}
-
-impl Scratch {
-    fn new() -> Scratch {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("events.redb");
-        Scratch { dir, db }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A `ctrlbus --db <db> …` command, with no `CTRLBUS_DB` from outside.
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.env_remove("CTRLBUS_DB")
-            .arg("--db")
-            .arg(&self.db)
-            .args(args);
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    /// Runs and expects exit 0; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "ctrlbus {args:?} failed: {:?}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Runs and expects `code`; returns stderr.
-    fn fails(&self, args: &[&str], code: i32) -> String {
-        let out = self.run(args);
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "ctrlbus {args:?}: stdout {} stderr {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stderr).unwrap()
-    }
-
-    /// Runs with `stdin` as standard input.
-    fn with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
-        let mut child = self
-            .cmd(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        child.wait_with_output().unwrap()
-    }
-}
-
-fn lines(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .collect()
-}
-
-fn seqs(stdout: &str) -> Vec<u64> {
-    lines(stdout)
-        .iter()
-        .map(|v| v["seq"].as_u64().unwrap())
-        .collect()
-}
-
-fn one_line_error(stderr: &str) {
-    assert!(stderr.starts_with("ctrlbus: "), "{stderr:?}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
-}
+mod cli_support;
+use cli_support::{BIN, Scratch, kill, lines, one_line_error, receiver, seqs, wait_for};
 
 const INSTANCE: &str = "inst_01jddv1r7v0mzg0e3a8m0q0w4j";
 
@@ -725,19 +637,6 @@ fn bench_publish_prints_one_json_line() {
     assert!(ids.iter().all(|id| replayed.contains(id)));
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn kill(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 #[test]
 fn reading_commands_work_while_another_process_writes() {
     let s = Scratch::new();
@@ -907,43 +806,6 @@ fn a_closed_pipe_exits_zero_quietly() {
         assert_eq!(status.code(), Some(0), "{args:?}: {stderr}");
         assert!(stderr.is_empty(), "{args:?}: {stderr}");
     }
-}
-
-/// One received webhook request: lowercase header names and values, body.
-type Request = (Vec<(String, String)>, Vec<u8>);
-
-/// A webhook receiver on 127.0.0.1 that answers 200 and hands over each
-/// request's headers and body.
-struct Receiver {
-    url: String,
-    rx: std::sync::mpsc::Receiver<Request>,
-}
-
-fn receiver() -> Receiver {
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for mut req in server.incoming_requests() {
-            let headers = req
-                .headers()
-                .iter()
-                .map(|h| {
-                    (
-                        h.field.as_str().as_str().to_ascii_lowercase(),
-                        h.value.as_str().to_owned(),
-                    )
-                })
-                .collect();
-            let mut body = Vec::new();
-            let _ = req.as_reader().read_to_end(&mut body);
-            let _ = req.respond(tiny_http::Response::empty(200));
-            if tx.send((headers, body)).is_err() {
-                return;
-            }
-        }
-    });
-    Receiver { url, rx }
 }
 
 #[test]
