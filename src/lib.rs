@@ -36,6 +36,7 @@ mod durable;
 mod error;
 mod event;
 mod fanout;
+mod files;
 mod filter;
 mod fuzzing;
 mod id;

@@ -3,6 +3,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+#[cfg(unix)]
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -77,12 +79,21 @@ struct Report {
     elapsed_ms: u64,
 }
 
+/// Options that create a missing file owner-only (0600), as every file
+/// ctrlbus makes.
+fn private_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    #[cfg(unix)]
+    o.mode(0o600);
+    o
+}
+
 /// Runs a `bench` subcommand.
 pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
     let Command::Publish(args) = cmd;
     let acks = match &args.acks {
         Some(p) => Some(Mutex::new(
-            OpenOptions::new()
+            private_options()
                 .create(true)
                 .append(true)
                 .open(p)

@@ -274,6 +274,9 @@ impl DurableBusBuilder {
         open::check_file(path, true)?;
         // A writable open marks the file, so check its format first.
         open::check_existing(path)?;
+        // redb would create a missing file with the umask's mode (0644 as a
+        // rule) and never fsync its directory: create it first.
+        crate::files::ensure_exists(path).map_err(|e| OpenError::Io(path.to_path_buf(), e))?;
         let db = self
             .redb_builder()
             .create(path)

@@ -32,7 +32,7 @@
 //!   record of the old generation. Frames of a generation may repeat `seq`s
 //!   already in the file; recovery skips those.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -86,12 +86,7 @@ impl Wal {
         sync: bool,
         faults: Option<Arc<AtomicU64>>,
     ) -> io::Result<(Wal, Vec<Frame>)> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let mut file = crate::files::open_or_create(path)?;
         let len = file.metadata()?.len();
         let mut header = [0u8; HEADER_USED];
         let mut foreign = false;

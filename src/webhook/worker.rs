@@ -118,8 +118,14 @@ impl Default for DeliveryOptions {
 /// as responses, the given timeouts, the ctrlbus user agent, and a resolver
 /// that refuses forbidden addresses unless private targets are allowed (so
 /// the check applies to the very addresses connected to).
+///
+/// No proxy is ever used: ureq would otherwise read `HTTP_PROXY`,
+/// `HTTPS_PROXY` and `ALL_PROXY` from the environment and send every
+/// delivery to the proxy, so that the address policy would judge only the
+/// proxy's address while the proxy connects anywhere.
 pub fn http_agent(opts: &DeliveryOptions) -> ureq::Agent {
     let config = ureq::Agent::config_builder()
+        .proxy(None)
         .timeout_connect(Some(opts.connect_timeout))
         .timeout_global(Some(opts.timeout))
         .max_redirects(0)
