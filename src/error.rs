@@ -145,10 +145,27 @@ pub enum EventError {
         /// The limit.
         limit: usize,
     },
-    /// The timestamp is not RFC 3339.
+    /// The timestamp is not RFC 3339, is outside years 0000–9999, or is a
+    /// leap second.
     Timestamp(String),
     /// The JSON is malformed (the message names the field where it can).
     Json(String),
+    /// `tenant_id` or `actor_id` is longer than its limit, in bytes.
+    FieldTooLong {
+        /// The field's JSON name.
+        field: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+    /// Objects and arrays are nested deeper than the limit (the envelope
+    /// object counts as level 1, the payload object as level 2).
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
+    /// An integer literal is outside the range of `i64` and `u64`; it would
+    /// be silently rounded to a float (send it as a string).
+    NumberOutOfRange(String),
 }
 
 impl fmt::Display for EventError {
@@ -168,6 +185,21 @@ impl fmt::Display for EventError {
             }
             EventError::Timestamp(m) => write!(f, "invalid event: {m}"),
             EventError::Json(m) => write!(f, "invalid event: {m}"),
+            EventError::FieldTooLong { field, limit } => {
+                write!(
+                    f,
+                    "invalid event: `{field}` is longer than the limit of {limit} bytes"
+                )
+            }
+            EventError::TooDeep { limit } => write!(
+                f,
+                "invalid event: JSON nested deeper than the limit of {limit} levels"
+            ),
+            EventError::NumberOutOfRange(n) => write!(
+                f,
+                "invalid event: the integer {n} is outside the 64-bit range and would lose \
+                 precision; send it as a string"
+            ),
         }
     }
 }

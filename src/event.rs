@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{EventError, TypeError};
 use crate::id::{EventId, InstanceId};
+use crate::limits;
 
 /// Longest event type, in bytes.
 pub const MAX_TYPE_LEN: usize = 128;
@@ -326,6 +327,25 @@ impl Event {
         Ok(())
     }
 
+    /// Checks everything a bus checks before it writes: `tenant_id` and
+    /// `actor_id` lengths, the timestamp's year (0000–9999), the payload's
+    /// nesting depth, then its size in bytes of compact JSON (see
+    /// [`MAX_TENANT_LEN`](crate::MAX_TENANT_LEN) and the other limits).
+    ///
+    /// # Errors
+    /// [`EventError::FieldTooLong`], [`EventError::Timestamp`],
+    /// [`EventError::TooDeep`], [`EventError::PayloadTooLarge`].
+    pub fn validate(&self, max_payload_bytes: usize) -> Result<(), EventError> {
+        limits::check_field_lengths(&self.tenant_id, &self.actor_id)?;
+        limits::check_timestamp(self.timestamp)?;
+        if self.payload.is_empty() {
+            return Ok(());
+        }
+        // Depth first: measuring the size serializes, which recurses.
+        limits::check_payload_depth(self.payload.values())?;
+        self.check_payload_size_slow(max_payload_bytes)
+    }
+
     /// The event as one line of compact JSON (the webhook body).
     pub fn to_json(&self) -> String {
         // An Event always serializes: its fields are strings, ids, a
@@ -333,16 +353,51 @@ impl Event {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Parses one event from JSON, with every field checked.
+    /// Parses one event from JSON, with every field checked. An `id` that
+    /// is `""` or `null` (Go's zero value) counts as missing, and so does a
+    /// `null` timestamp. The payload's size is not checked here (that limit
+    /// is the bus's); every other limit of [`Event::validate`] is, and
+    /// nesting deeper than [`MAX_JSON_DEPTH`](crate::MAX_JSON_DEPTH) or an
+    /// integer outside `i64`/`u64` is refused before parsing.
     ///
     /// # Errors
     /// [`EventError`] naming the missing or bad field.
     pub fn from_json(json: &[u8]) -> Result<Event, EventError> {
+        Event::parse_json(json, None)
+    }
+
+    /// As [`Event::from_json`], but for importing events written without an
+    /// id or a time: a missing, `""` or `null` id becomes a fresh one, and a
+    /// missing or `null` timestamp becomes `now` (`ctrlbus publish --file`).
+    ///
+    /// # Errors
+    /// As [`Event::from_json`].
+    pub fn from_json_or_new(json: &[u8], now: Timestamp) -> Result<Event, EventError> {
+        Event::parse_json(json, Some(now))
+    }
+
+    /// Parses a payload object from JSON text, with the limits of
+    /// [`Event::from_json`] (nesting, integers outside 64 bits) checked
+    /// first.
+    ///
+    /// # Errors
+    /// [`EventError::TooDeep`], [`EventError::NumberOutOfRange`],
+    /// [`EventError::PayloadNotObject`], [`EventError::Json`].
+    pub fn payload_from_json(json: &[u8]) -> Result<Map<String, Value>, EventError> {
+        limits::scan_json(json, 2)?;
+        match serde_json::from_slice(json).map_err(|e| EventError::Json(e.to_string()))? {
+            Value::Object(map) => Ok(map),
+            _ => Err(EventError::PayloadNotObject),
+        }
+    }
+
+    fn parse_json(json: &[u8], defaults: Option<Timestamp>) -> Result<Event, EventError> {
+        limits::scan_json(json, 1)?;
         // Through the wire form, so the checks' own variants come back
         // (`serde(try_from)` would flatten them into a message).
         let raw: RawEvent =
             serde_json::from_slice(json).map_err(|e| EventError::Json(e.to_string()))?;
-        Event::try_from(raw)
+        raw.into_event(defaults)
     }
 }
 
@@ -391,8 +446,20 @@ struct RawEvent {
 impl TryFrom<RawEvent> for Event {
     type Error = EventError;
     fn try_from(raw: RawEvent) -> Result<Event, EventError> {
-        let id = raw.id.ok_or(EventError::MissingField("id"))?;
-        let id = EventId::parse(&id).map_err(EventError::Id)?;
+        raw.into_event(None)
+    }
+}
+
+impl RawEvent {
+    /// Checks the wire form into an event; with `defaults`, a missing id is
+    /// a fresh one and a missing timestamp is the time given.
+    fn into_event(self, defaults: Option<Timestamp>) -> Result<Event, EventError> {
+        let raw = self;
+        let id = match (raw.id.filter(|id| !id.is_empty()), defaults) {
+            (Some(id), _) => EventId::parse(&id).map_err(EventError::Id)?,
+            (None, Some(_)) => EventId::new(),
+            (None, None) => return Err(EventError::MissingField("id")),
+        };
         let event_type = raw.event_type.ok_or(EventError::MissingField("type"))?;
         let event_type = Type::new(event_type).map_err(EventError::Type)?;
         let instance_id = match raw.instance_id {
@@ -405,27 +472,41 @@ impl TryFrom<RawEvent> for Event {
             Some(Value::Object(map)) => map,
             Some(_) => return Err(EventError::PayloadNotObject),
         };
-        let timestamp = raw.timestamp.ok_or(EventError::MissingField("timestamp"))?;
-        let timestamp = parse_rfc3339(&timestamp)?;
+        let timestamp = match (raw.timestamp, defaults) {
+            (Some(t), _) => parse_rfc3339(&t)?,
+            (None, Some(now)) => now,
+            (None, None) => return Err(EventError::MissingField("timestamp")),
+        };
+        let tenant_id = raw.tenant_id.unwrap_or_default();
+        let actor_id = raw.actor_id.unwrap_or_default();
+        limits::check_field_lengths(&tenant_id, &actor_id)?;
+        limits::check_payload_depth(payload.values())?;
         Ok(Event {
             id,
             event_type,
-            tenant_id: raw.tenant_id.unwrap_or_default(),
+            tenant_id,
             instance_id,
-            actor_id: raw.actor_id.unwrap_or_default(),
+            actor_id,
             payload,
             timestamp,
         })
     }
 }
 
-/// Parses an RFC 3339 timestamp with any offset into an instant.
+/// Parses an RFC 3339 timestamp with any offset into an instant, in years
+/// 0000–9999 and without a leap second.
 ///
 /// # Errors
-/// [`EventError::Timestamp`] when the string is not RFC 3339 with an offset.
+/// [`EventError::Timestamp`] when the string is not RFC 3339 with an
+/// offset, is outside years 0000–9999, or is a leap second (`:60`, which
+/// would otherwise be read as `:59`).
 pub fn parse_rfc3339(s: &str) -> Result<Timestamp, EventError> {
-    s.parse::<Timestamp>()
-        .map_err(|e| EventError::Timestamp(format!("{s:?} is not an RFC 3339 time: {e}")))
+    let t = s
+        .parse::<Timestamp>()
+        .map_err(|e| EventError::Timestamp(format!("{s:?} is not an RFC 3339 time: {e}")))?;
+    limits::check_no_leap_second(s)?;
+    limits::check_timestamp(t)?;
+    Ok(t)
 }
 
 /// Formats an instant as RFC 3339 in UTC, fraction trimmed (Go's RFC3339Nano).

@@ -40,6 +40,7 @@ mod files;
 mod filter;
 mod fuzzing;
 mod id;
+mod limits;
 mod memory;
 mod sync;
 mod time;
@@ -66,6 +67,7 @@ pub use event::{
 };
 pub use filter::{Filter, Pattern};
 pub use id::{DeliveryId, EventId, InstanceId, WebhookId};
+pub use limits::{MAX_ACTOR_LEN, MAX_JSON_DEPTH, MAX_TENANT_LEN};
 pub use memory::{DEFAULT_HISTORY, InMemoryBus};
 pub use time::{TimeError, parse_duration, parse_time, parse_time_at};
 pub use webhook::{

@@ -130,7 +130,7 @@ impl Bus for InMemoryBus {
         if inner.closed.load(Ordering::Acquire) {
             return Err(PublishError::Closed);
         }
-        event.check_payload_size(inner.max_payload_bytes)?;
+        event.validate(inner.max_payload_bytes)?;
         let id = event.id;
         let (seq, event, subscribers, evicted) = {
             let mut state = inner.state.lock();

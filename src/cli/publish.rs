@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use ctrlbus::{
@@ -19,6 +19,13 @@ use super::{open, progress, values};
 
 /// Events per atomic batch when publishing a file.
 const BATCH: usize = 4096;
+/// Bytes of JSON lines per atomic batch when publishing a file: with the
+/// line limit, this bounds the memory a file of any size takes.
+const BATCH_BYTES: usize = 1 << 20;
+/// Longest line of `publish --file`: the payload limit plus room for the
+/// envelope. A longer line is refused (or skipped) without being held
+/// whole in memory.
+pub(crate) const MAX_LINE_BYTES: usize = DEFAULT_MAX_PAYLOAD_BYTES + (64 << 10);
 
 /// `publish` flags.
 #[derive(Debug, clap::Args)]
@@ -93,9 +100,9 @@ pub(crate) fn run(db: &Path, args: Args, out: &mut Out) -> Result {
         event = event.with_timestamp(t);
     }
     event
-        .check_payload_size(DEFAULT_MAX_PAYLOAD_BYTES)
-        .map_err(|e| CliError::Usage(format!("--payload: {e}")))?;
-    let bus = open::writable(db, true)?;
+        .validate(DEFAULT_MAX_PAYLOAD_BYTES)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let bus = open::for_publish(db)?;
     let receipt = bus.publish(event)?;
     // Print what the log holds (for a duplicate id: the original event).
     let stored = bus
@@ -108,19 +115,22 @@ pub(crate) fn run(db: &Path, args: Args, out: &mut Out) -> Result {
     Ok(())
 }
 
-/// Where JSON lines come from: a file (read twice: check, then publish) or
-/// standard input (held in memory).
+/// Where JSON lines come from: a file, read twice (check, then publish),
+/// or standard input, copied to an unnamed temporary file (0600, gone when
+/// closed) so that memory stays bounded whatever its size.
 enum Source {
     File(PathBuf),
-    Stdin(Vec<u8>),
+    Stdin(File),
 }
 
 impl Source {
     fn open(path: &Path) -> Result<Source> {
         if path == Path::new("-") {
-            let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf)?;
-            return Ok(Source::Stdin(buf));
+            let mut spool = tempfile::tempfile()
+                .map_err(|e| CliError::msg(format!("cannot buffer standard input: {e}")))?;
+            std::io::copy(&mut std::io::stdin().lock(), &mut spool)
+                .map_err(|e| CliError::msg(format!("cannot buffer standard input: {e}")))?;
+            return Ok(Source::Stdin(spool));
         }
         match std::fs::metadata(path) {
             Ok(m) if m.is_dir() => {
@@ -144,7 +154,7 @@ impl Source {
     fn len(&self) -> u64 {
         match self {
             Source::File(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-            Source::Stdin(b) => b.len() as u64,
+            Source::Stdin(f) => f.metadata().map(|m| m.len()).unwrap_or(0),
         }
     }
 
@@ -155,26 +165,41 @@ impl Source {
                 File::open(p)
                     .map_err(|e| CliError::msg(format!("cannot read {}: {e}", p.display())))?,
             )),
-            Source::Stdin(b) => Box::new(&b[..]),
+            Source::Stdin(f) => {
+                let mut f = f
+                    .try_clone()
+                    .map_err(|e| CliError::msg(format!("cannot read standard input: {e}")))?;
+                f.seek(SeekFrom::Start(0))
+                    .map_err(|e| CliError::msg(format!("cannot read standard input: {e}")))?;
+                Box::new(BufReader::with_capacity(1 << 16, f))
+            }
         })
     }
 
     /// Calls `f(line_number, line, bytes_read_so_far)` for every non-blank
-    /// line.
+    /// line. A line longer than [`MAX_LINE_BYTES`] is handed over cut to
+    /// one byte past the limit (the rest is read and dropped), so no line
+    /// is held whole in memory.
     fn for_each_line(&self, mut f: impl FnMut(u64, &[u8], u64) -> Result) -> Result {
         let mut reader = self.reader()?;
         let mut line = Vec::new();
         let (mut number, mut offset) = (0u64, 0u64);
+        let read_err =
+            |e: std::io::Error| CliError::msg(format!("cannot read {}: {e}", self.name()));
         loop {
             line.clear();
-            let n = reader
+            let n = (&mut reader)
+                .take(MAX_LINE_BYTES as u64 + 1)
                 .read_until(b'\n', &mut line)
-                .map_err(|e| CliError::msg(format!("cannot read {}: {e}", self.name())))?;
+                .map_err(read_err)?;
             if n == 0 {
                 return Ok(());
             }
             number += 1;
             offset += n as u64;
+            if line.len() > MAX_LINE_BYTES && line.last() != Some(&b'\n') {
+                offset += skip_line(&mut reader).map_err(read_err)?;
+            }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -183,23 +208,39 @@ impl Source {
     }
 }
 
+/// Reads and drops the rest of a line, through its newline; the bytes read.
+fn skip_line(reader: &mut dyn BufRead) -> std::io::Result<u64> {
+    let mut skipped = 0u64;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(skipped);
+        }
+        let (used, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        reader.consume(used);
+        skipped += used as u64;
+        if done {
+            return Ok(skipped);
+        }
+    }
+}
+
 /// Parses one line into an event, filling in a missing id and timestamp.
 pub(crate) fn parse_line(line: &[u8], now: Timestamp) -> std::result::Result<Event, String> {
-    let mut map: Map<String, Value> = match serde_json::from_slice::<Value>(line) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err("not a JSON object".into()),
-        Err(e) => return Err(format!("invalid JSON: {e}")),
-    };
-    if !map.contains_key("id") {
-        map.insert("id".into(), Value::String(EventId::new().to_string()));
+    if line.len() > MAX_LINE_BYTES {
+        return Err(format!(
+            "the line is longer than the limit of {MAX_LINE_BYTES} bytes"
+        ));
     }
-    if !map.contains_key("timestamp") {
-        map.insert("timestamp".into(), Value::String(now.to_string()));
-    }
-    let bytes = serde_json::to_vec(&map).map_err(|e| e.to_string())?;
-    let event = Event::from_json(&bytes).map_err(|e| e.to_string())?;
+    let event = Event::from_json_or_new(line, now).map_err(|e| match e {
+        ctrlbus::EventError::Json(m) => format!("invalid JSON: {m}"),
+        other => other.to_string(),
+    })?;
     event
-        .check_payload_size(DEFAULT_MAX_PAYLOAD_BYTES)
+        .validate(DEFAULT_MAX_PAYLOAD_BYTES)
         .map_err(|e| e.to_string())?;
     Ok(event)
 }
@@ -245,10 +286,11 @@ fn publish_file(db: &Path, path: &Path, skip_invalid: bool, out: &mut Out) -> Re
     summary.skipped = bad_lines.len() as u64;
 
     // Pass 2: publish in atomic batches.
-    let bus = open::writable(db, true)?;
+    let bus = open::for_publish(db)?;
     let pb = progress::bar(source.len(), "publishing");
     let mut seen = HashSet::new();
     let mut batch = Vec::with_capacity(BATCH);
+    let mut batch_bytes = 0;
     let mut last_line = 0;
     let result = source.for_each_line(|number, line, offset| {
         pb.set_position(offset);
@@ -265,9 +307,11 @@ fn publish_file(db: &Path, path: &Path, skip_invalid: bool, out: &mut Out) -> Re
             return Ok(());
         }
         batch.push(event);
+        batch_bytes += line.len();
         last_line = number;
-        if batch.len() >= BATCH {
+        if batch.len() >= BATCH || batch_bytes >= BATCH_BYTES {
             flush(&bus, &mut batch, &mut summary)?;
+            batch_bytes = 0;
         }
         Ok(())
     });

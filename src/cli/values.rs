@@ -60,9 +60,12 @@ pub(crate) fn webhook_id(s: &str) -> Result<WebhookId, String> {
 
 /// A JSON object (an event payload).
 pub(crate) fn payload(s: &str) -> Result<Map<String, Value>, String> {
-    match serde_json::from_str::<Value>(s) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err("the payload must be a JSON object, like '{\"version\":\"v2\"}'".into()),
-        Err(e) => Err(format!("not valid JSON: {e}")),
+    match ctrlbus::Event::payload_from_json(s.as_bytes()) {
+        Ok(m) => Ok(m),
+        Err(ctrlbus::EventError::PayloadNotObject) => {
+            Err("the payload must be a JSON object, like '{\"version\":\"v2\"}'".into())
+        }
+        Err(ctrlbus::EventError::Json(e)) => Err(format!("not valid JSON: {e}")),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -309,16 +309,11 @@ pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending
     }
     let mut items = Vec::with_capacity(events.len());
     for event in events {
+        event.validate(shared.opts.max_payload_bytes)?;
         let payload = if event.payload.is_empty() {
             Vec::new()
         } else {
-            let p = event.payload_json();
-            if p.len() > shared.opts.max_payload_bytes {
-                return Err(PublishError::Invalid(crate::EventError::PayloadTooLarge {
-                    limit: shared.opts.max_payload_bytes,
-                }));
-            }
-            p
+            event.payload_json()
         };
         let mut record = Vec::with_capacity(64 + payload.len() + event.tenant_id.len());
         codec::encode(&event, 0, &payload, &mut record);
@@ -419,6 +414,13 @@ struct Unapplied {
     acked_at: Instant,
 }
 
+impl Unapplied {
+    /// Bytes of its records (what `Shared::unapplied_bytes` counts).
+    fn bytes(&self) -> u64 {
+        self.records.iter().map(|r| r.len() as u64).sum()
+    }
+}
+
 /// What the writer tells the applier (groups go through the shared queue,
 /// which does not wake it: the applier works on its own cadence).
 enum ApplyMsg {
@@ -470,6 +472,11 @@ const WAL_RESTART_BYTES: u64 = 16 << 20;
 const WAL_MAX_BYTES: u64 = 64 << 20;
 /// Unapplied events after which the applier applies at once.
 const MAX_UNAPPLIED: usize = 20_000;
+/// Bytes of unapplied records after which the writer waits for the
+/// applier: what bounds the memory of acknowledged, unapplied events when
+/// they are large (1 MiB payloads would otherwise pile up to
+/// `WAL_MAX_BYTES` twice over: records, and events kept for fan-out).
+const MAX_UNAPPLIED_BYTES: u64 = 8 << 20;
 
 impl Core {
     pub(crate) fn new(shared: Arc<Shared>, wal: Option<Wal>, last_append: i64) -> Core {
@@ -613,21 +620,27 @@ impl Core {
         }
         let shared = &self.shared;
         let last = shared.last_seq.load(Ordering::Acquire);
-        if shared.applied_seq.load(Ordering::Acquire) < last
-            && wal.used() >= WAL_MAX_BYTES
-            && let ApplyTarget::Thread(_, tx, _) = &self.apply
-        {
-            let (reply, rx) = crossbeam_channel::bounded(1);
-            if tx.send(ApplyMsg::Now(WriteReq::Apply(reply))).is_ok() {
-                let _ = rx.recv();
-            }
+        if shared.applied_seq.load(Ordering::Acquire) < last && wal.used() >= WAL_MAX_BYTES {
+            self.wait_for_applier();
         }
+        let shared = &self.shared;
+        let Some(wal) = &mut self.wal else { return };
         if shared.applied_seq.load(Ordering::Acquire) >= last {
             if let Err(e) = wal.reset() {
                 tracing::error!(error = %e, "cannot restart the write-ahead log");
                 shared.poisoned.store(true, Ordering::Release);
             }
             self.unapplied_ids.clear();
+        }
+    }
+
+    /// Asks the applier thread to apply everything now, and waits for it.
+    fn wait_for_applier(&self) {
+        if let ApplyTarget::Thread(_, tx, _) = &self.apply {
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            if tx.send(ApplyMsg::Now(WriteReq::Apply(reply))).is_ok() {
+                let _ = rx.recv();
+            }
         }
     }
 
@@ -639,6 +652,9 @@ impl Core {
         if shared.poisoned.load(Ordering::Acquire) {
             fail_all(publishes, Vec::new(), || StorageError::Poisoned);
             return;
+        }
+        if shared.unapplied_bytes.load(Ordering::Acquire) >= MAX_UNAPPLIED_BYTES {
+            self.wait_for_applier();
         }
         self.maybe_restart_wal();
         let start_seq = shared.last_seq.load(Ordering::Acquire) + 1;
@@ -759,6 +775,9 @@ impl Core {
                 for (seq, event) in &group.events {
                     self.unapplied_ids.insert(id_key(event.id.to_bytes()), *seq);
                 }
+                shared
+                    .unapplied_bytes
+                    .fetch_add(unapplied.bytes(), Ordering::AcqRel);
                 queue.lock().push(unapplied);
             }
         }
@@ -872,6 +891,9 @@ struct Applier {
     /// A WAL holds the acknowledged groups (so a failed apply loses
     /// nothing, and reopening recovers them).
     wal_backed: bool,
+    /// Bytes of `unapplied` that the committer counted in
+    /// `Shared::unapplied_bytes` (taken off once applied).
+    counted_bytes: u64,
 }
 
 impl Applier {
@@ -879,6 +901,7 @@ impl Applier {
         Applier {
             shared,
             wal_backed,
+            counted_bytes: 0,
             unapplied: Vec::new(),
             unapplied_events: 0,
             oldest_unapplied: None,
@@ -951,6 +974,8 @@ impl Applier {
             // that follows them in time: take them after the requests.
             let groups = std::mem::take(&mut *queue.lock());
             for u in groups {
+                // The committer counted these in `Shared::unapplied_bytes`.
+                self.counted_bytes += u.bytes();
                 self.push(u);
             }
             self.tick(others, shutdown);
@@ -1066,6 +1091,9 @@ impl Applier {
                 if let Some(u) = self.unapplied.last() {
                     shared.applied_seq.store(u.group.last, Ordering::Release);
                 }
+                shared
+                    .unapplied_bytes
+                    .fetch_sub(std::mem::take(&mut self.counted_bytes), Ordering::AcqRel);
                 self.unapplied.clear();
                 self.unapplied_events = 0;
                 self.oldest_unapplied = None;

@@ -339,6 +339,9 @@ pub(crate) struct Shared {
     pub(crate) last_seq: AtomicU64,
     /// The last `seq` in the redb file (visible to read transactions).
     pub(crate) applied_seq: AtomicU64,
+    /// Bytes of records acknowledged through the WAL and not yet applied
+    /// (added by the committer, taken off by the applier once applied).
+    pub(crate) unapplied_bytes: AtomicU64,
     /// Plain (non-durable) live subscribers.
     pub(crate) live: Arc<Subscribers>,
     /// Fan-out order and the live durable subscribers (see `commit`).
@@ -470,6 +473,7 @@ impl DurableBus {
             poisoned: AtomicBool::new(false),
             last_seq: AtomicU64::new(last),
             applied_seq: AtomicU64::new(last),
+            unapplied_bytes: AtomicU64::new(0),
             live: Arc::new(Subscribers::new()),
             fan: Mutex::new(commit::FanState::new(last + 1)),
             durable: Mutex::new(HashMap::new()),
