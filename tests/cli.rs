@@ -1060,3 +1060,36 @@ fn check_exits_1_with_a_report_when_a_record_is_unsound() {
     assert_eq!(seqs(&String::from_utf8(out.stdout).unwrap()), [1, 2]);
     assert!(String::from_utf8_lossy(&out.stderr).contains('3'));
 }
+
+#[test]
+fn warnings_reach_stderr_and_follow_rust_log_v_and_q() {
+    let s = Scratch::new();
+    let other = Scratch::new();
+    s.ok(&["publish", "deploy.started", "--tenant", "acme"]);
+    other.ok(&["publish", "deploy.started", "--tenant", "acme"]);
+    let wal = s.path("events.redb.wal");
+    let foreign = other.path("events.redb.wal");
+    let run = |env: Option<&str>, flags: &[&str]| {
+        std::fs::copy(&foreign, &wal).unwrap();
+        let mut args = flags.to_vec();
+        args.extend(["publish", "deploy.started", "--tenant", "acme"]);
+        let mut cmd = s.cmd(&args);
+        cmd.env_remove("RUST_LOG");
+        if let Some(v) = env {
+            cmd.env("RUST_LOG", v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{flags:?}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let warned = run(None, &[]);
+    assert!(
+        warned.contains("WARN") && warned.contains("another log file"),
+        "{warned:?}"
+    );
+    assert!(run(None, &["-q"]).is_empty());
+    assert!(run(Some("off"), &[]).is_empty());
+    let info = run(None, &["-v"]);
+    assert!(info.contains("another log file"), "{info:?}");
+    assert!(run(Some("error"), &[]).is_empty());
+}

@@ -129,3 +129,101 @@ fn every_file_ctrlbus_creates_is_private() {
     assert_eq!(mode(&db), 0o600);
     assert_eq!(mode(&dir.path().join("lib.redb.wal")), 0o600);
 }
+
+#[test]
+fn table_output_escapes_control_characters() {
+    let s = Scratch::new();
+    let forged = "alice\u{1b}[2J\u{1b}]0;owned\u{7}\n99  2026-01-01T00:00:00Z  deploy.forged";
+    s.ok(&[
+        "publish",
+        "deploy.started",
+        "--tenant",
+        "acme\r",
+        "--actor",
+        forged,
+    ]);
+    for args in [
+        &["--format", "table", "replay"][..],
+        &["--format", "table", "tail"][..],
+    ] {
+        let out = s.ok(args);
+        assert!(
+            !out.bytes().any(|b| b == 0x1b || b == 0x07 || b == b'\r'),
+            "{args:?}: {out:?}"
+        );
+        assert_eq!(out.lines().count(), 2, "header and one row: {out}");
+        assert!(out.contains(r"alice\u{1b}[2J"), "{out}");
+        assert!(out.contains(r"\n99"), "{out}");
+    }
+    // JSON lines keep the exact value (escaped by JSON itself).
+    let json = &lines(&s.ok(&["replay"]))[0];
+    assert_eq!(json["actor_id"], forged);
+}
+
+#[test]
+fn secrets_can_come_from_a_file_or_stdin_instead_of_the_command_line() {
+    let s = Scratch::new();
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let file = s.path("secret.txt");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let add = |extra: &[&str]| {
+        let mut args = vec![
+            "webhooks",
+            "add",
+            "--tenant",
+            "acme",
+            "--url",
+            "http://127.0.0.1:9/x",
+            "--allow-private-targets",
+        ];
+        args.extend_from_slice(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let args = add(&["--secret-file", file.to_str().unwrap()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let added = &lines(&s.ok(&args))[0];
+    assert_eq!(added["secret"], secret);
+    let id = added["id"].as_str().unwrap().to_owned();
+
+    // rotate-secret from standard input.
+    let rotated = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    let out = s.with_stdin(
+        &["webhooks", "rotate-secret", &id, "--secret-file", "-"],
+        rotated.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        lines(&String::from_utf8(out.stdout).unwrap())[0]["secret"],
+        rotated
+    );
+
+    // Missing, empty, oversized and not-a-secret files are refused, and
+    // --secret with --secret-file is a usage error.
+    let empty = s.path("empty.txt");
+    std::fs::write(&empty, "\n").unwrap();
+    let big = s.path("big.txt");
+    std::fs::write(&big, "x".repeat(5000)).unwrap();
+    let junk = s.path("junk.txt");
+    std::fs::write(&junk, "not a secret").unwrap();
+    for (path, expect) in [
+        (s.path("missing.txt"), "cannot read the secret"),
+        (empty, "holds no secret"),
+        (big, "longer than 4096 bytes"),
+        (junk, "secret"),
+    ] {
+        let args = add(&["--secret-file", path.to_str().unwrap()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = s.fails(&args, 1);
+        cli_support::one_line_error(&err);
+        assert!(err.contains(expect), "{path:?}: {err}");
+        assert!(!err.contains("xxxx"), "the file's text is not echoed");
+    }
+    let args = add(&["--secret", secret, "--secret-file", file.to_str().unwrap()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    s.fails(&args, 2);
+    assert_eq!(lines(&s.ok(&["webhooks", "list"])).len(), 1);
+}

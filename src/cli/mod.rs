@@ -62,6 +62,13 @@ pub(crate) struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Json)]
     format: Format,
+    /// More log lines on standard error: -v info, -vv debug, -vvv trace
+    /// (default: warnings and errors, or what RUST_LOG says when set).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Only errors on standard error, no warnings.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -125,6 +132,7 @@ pub(crate) fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_exit(&e),
     };
+    init_logging(cli.verbose, cli.quiet);
     let mut out = Out::new(cli.format);
     let result = run(cli, &mut out).and_then(|()| out.flush().map_err(CliError::from));
     match result {
@@ -141,6 +149,34 @@ pub(crate) fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Sends the library's `tracing` events to standard error: `RUST_LOG` when
+/// set (`RUST_LOG=ctrlbus=debug`), else warnings and errors, more with
+/// `-v`, errors only with `-q`. Lines are plain text, no color unless
+/// standard error is a terminal.
+fn init_logging(verbose: u8, quiet: bool) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() && verbose == 0 && !quiet => {
+            EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(level))
+        }
+        _ => EnvFilter::new(level),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
 }
 
 /// Help and version go to standard output with 0; usage errors print one

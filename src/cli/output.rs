@@ -102,7 +102,15 @@ impl Out {
     }
 
     /// Writes an aligned table (no header line when `headers` is empty).
+    /// Control characters in cells are written as escapes (see
+    /// [`escape_cell`]): a field can't move the cursor, clear the screen,
+    /// set the title or forge a row.
     pub(crate) fn write_table(&mut self, headers: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
+        let rows: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| r.iter().map(|c| escape_cell(c)).collect())
+            .collect();
+        let rows = &rows;
         let cols = rows
             .iter()
             .map(Vec::len)
@@ -181,6 +189,34 @@ pub(crate) fn event_row(e: &LogEntry) -> Vec<String> {
     ]
 }
 
+/// A cell as it may reach a terminal: C0 and C1 control characters (ESC,
+/// newline, carriage return, tab, DEL …) and the Unicode bidirectional
+/// overrides become visible `\u{…}` escapes (`\n`, `\r`, `\t` for the
+/// common ones, and `\\` for a backslash so that an escape can't be
+/// forged); everything else is kept.
+pub(crate) fn escape_cell(s: &str) -> String {
+    let needs = |c: char| {
+        c.is_control()
+            || c == '\\'
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(needs) {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\\' => out.push_str("\\\\"),
+            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A JSON value as a table cell: strings bare, the rest as compact JSON.
 pub(crate) fn cell(v: &Value) -> String {
     match v {
@@ -197,5 +233,23 @@ fn truncate(s: &str, max: usize) -> String {
         let mut t: String = s.chars().take(max - 1).collect();
         t.push('…');
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_cell;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_cell("alice"), "alice");
+        assert_eq!(escape_cell("é ü 日本"), "é ü 日本");
+        assert_eq!(escape_cell("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(escape_cell("\x1b]0;pwned\x07"), "\\u{1b}]0;pwned\\u{7}");
+        assert_eq!(escape_cell("x\ny\rz\t"), "x\\ny\\rz\\t");
+        assert_eq!(escape_cell("\u{9b}31m"), "\\u{9b}31m");
+        assert_eq!(escape_cell("abc\u{202e}fed"), "abc\\u{202e}fed");
+        assert_eq!(escape_cell("a\\nb"), "a\\\\nb");
+        assert_eq!(escape_cell("\x7f"), "\\u{7f}");
     }
 }

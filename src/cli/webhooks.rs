@@ -1,13 +1,14 @@
 //! `ctrlbus webhooks`: registering and administering webhooks. `add` and
 //! `rotate-secret` are the only commands that print a secret.
 
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
 use ctrlbus::{Bus, Pattern, Webhook, WebhookId, WebhookUpdate};
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::error::Result;
+use super::error::{CliError, Result};
 use super::output::Out;
 use super::{open, values};
 
@@ -33,9 +34,14 @@ webhook-signature headers) with the secret; receivers verify with it.")]
         /// Event type pattern; repeat for several (default: every type).
         #[arg(long = "event", value_name = "PATTERN", value_parser = values::pattern)]
         events: Vec<Pattern>,
-        /// The signing secret (`whsec_…`; default: a new random one).
-        #[arg(long, value_name = "SECRET")]
+        /// The signing secret (`whsec_…`; default: a new random one). It
+        /// shows in the process list: prefer --secret-file.
+        #[arg(long, value_name = "SECRET", conflicts_with = "secret_file")]
         secret: Option<String>,
+        /// Read the signing secret from PATH (`-` for standard input), so
+        /// that it never appears on a command line.
+        #[arg(long, value_name = "PATH")]
+        secret_file: Option<PathBuf>,
         /// Allow a loopback, private or link-local target (for development);
         /// `deliver` needs it too.
         #[arg(long)]
@@ -98,9 +104,13 @@ Examples:
         /// The webhook's id.
         #[arg(value_parser = values::webhook_id)]
         id: WebhookId,
-        /// The new secret (`whsec_…`; default: a new random one).
-        #[arg(long, value_name = "SECRET")]
+        /// The new secret (`whsec_…`; default: a new random one). It shows
+        /// in the process list: prefer --secret-file.
+        #[arg(long, value_name = "SECRET", conflicts_with = "secret_file")]
         secret: Option<String>,
+        /// Read the new secret from PATH (`-` for standard input).
+        #[arg(long, value_name = "PATH")]
+        secret_file: Option<PathBuf>,
     },
     /// Delete a webhook; its pending deliveries fail, records stay for audit.
     #[command(after_help = "Example:\n  ctrlbus webhooks rm hook_01jddv1r7v0mzg0e3a8m0q0w4h")]
@@ -162,8 +172,10 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
             url,
             events,
             secret,
+            secret_file,
             allow_private_targets,
         } => {
+            let secret = secret_from(secret, secret_file.as_deref())?;
             let bus = open::writable(db, true)?;
             let created = bus
                 .webhooks()
@@ -219,7 +231,12 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
             bus.close();
             out.record(&hook)?;
         }
-        Command::RotateSecret { id, secret } => {
+        Command::RotateSecret {
+            id,
+            secret,
+            secret_file,
+        } => {
+            let secret = secret_from(secret, secret_file.as_deref())?;
             let bus = open::writable(db, false)?;
             let rotated = bus.webhooks().rotate_secret(id, secret.as_deref())?;
             bus.close();
@@ -245,4 +262,36 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
         }
     }
     Ok(())
+}
+
+/// Longest secret file read (a `whsec_` secret is about 50 bytes).
+const MAX_SECRET_FILE_BYTES: u64 = 4096;
+
+/// The secret given by `--secret`, or read from `--secret-file` (`-` for
+/// standard input), surrounding white space (a trailing newline) trimmed.
+fn secret_from(secret: Option<String>, file: Option<&Path>) -> Result<Option<String>> {
+    let Some(path) = file else {
+        return Ok(secret);
+    };
+    let name = path.display();
+    let mut text = String::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin()
+            .take(MAX_SECRET_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_SECRET_FILE_BYTES + 1).read_to_string(&mut text))
+    };
+    read.map_err(|e| CliError::msg(format!("cannot read the secret from {name}: {e}")))?;
+    if text.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(CliError::msg(format!(
+            "{name} is longer than {MAX_SECRET_FILE_BYTES} bytes: not a webhook secret"
+        )));
+    }
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(CliError::msg(format!("{name} holds no secret")));
+    }
+    Ok(Some(text.to_owned()))
 }
