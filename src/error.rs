@@ -760,6 +760,15 @@ pub enum WebhookError {
     Inactive(crate::id::WebhookId),
     /// A replay window ends before it starts. Nothing was written.
     InvalidWindow,
+    /// The webhook's stored record can't be used as it is (an unreadable
+    /// secret, pattern or URL: a damaged file); fix it with `update` or
+    /// `rotate_secret`. Nothing was written.
+    Unsound {
+        /// The webhook.
+        id: crate::id::WebhookId,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The bus is closed. Nothing was written.
     Closed,
     /// Storage failed; the change was not committed (a read-only listing
@@ -784,6 +793,9 @@ impl fmt::Display for WebhookError {
             }
             WebhookError::InvalidWindow => {
                 write!(f, "invalid replay window: `until` is before `since`")
+            }
+            WebhookError::Unsound { id, reason } => {
+                write!(f, "webhook {id} can't be used: {reason}")
             }
             WebhookError::Closed => write!(f, "webhook operation refused: the bus is closed"),
             WebhookError::Storage(e) => write!(f, "webhook operation failed, nothing changed: {e}"),

@@ -331,7 +331,8 @@ fn corrupted_record_is_an_error_naming_its_seq() {
             .collect();
         assert_eq!(rest, vec![events[3].clone()], "{what}");
         assert!(bus.recent_events(10, &Filter::all()).is_err(), "{what}");
-        // A durable subscription meeting it does not skip it or panic.
+        // A durable subscription meeting it dead-letters it with the real
+        // reason and goes on (issue 11: before, it retried it forever).
         let seen = Arc::new(AtomicU64::new(0));
         let s2 = seen.clone();
         let sub = bus
@@ -345,12 +346,28 @@ fn corrupted_record_is_an_error_naming_its_seq() {
                 },
             )
             .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while seen.load(Ordering::SeqCst) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: stuck on the corrupted record"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 3, "{what}: 1, 2 and 4");
+        assert_eq!(sub.position(), 4, "{what}");
         assert!(
-            sub.position() < 3,
-            "{what}: the subscription passed a corrupted record"
+            sub.last_error().is_some_and(|e| e.contains("seq 3")),
+            "{what}"
         );
-        assert!(sub.last_error().is_some(), "{what}");
+        let letters = bus.dead_letters("reader").unwrap();
+        assert_eq!(letters.len(), 1, "{what}");
+        assert_eq!(letters[0].seq, 3, "{what}");
+        assert!(
+            letters[0].error.contains("can't be decoded"),
+            "{what}: {}",
+            letters[0].error
+        );
         drop(sub);
         bus.delete_cursor("reader").unwrap();
         drop(bus);

@@ -671,3 +671,66 @@ fn only_one_worker_per_bus() {
         .unwrap()
         .stop();
 }
+
+/// G12: a slow endpoint holds at most its share of the senders, so another
+/// tenant's first attempt starts while the slow one's are still hanging.
+/// No clock is read: the slow receiver holds every request until the fast
+/// one has been reached, so with every sender stuck on the slow endpoint
+/// the fast delivery never arrives and the test fails at its deadline.
+#[test]
+fn a_slow_endpoint_delays_only_its_own_deliveries() {
+    let (_dir, bus) = open();
+    let released = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let gate = released.clone();
+    let started = Arc::new(AtomicUsize::new(0));
+    let starts = started.clone();
+    let slow = Receiver::start(Arc::new(move |_, _| {
+        starts.fetch_add(1, Ordering::SeqCst);
+        let (lock, cv) = &*gate;
+        let open = cv
+            .wait_timeout_while(lock.lock().unwrap(), Duration::from_secs(20), |r| !*r)
+            .unwrap();
+        drop(open);
+        (200, vec![])
+    }));
+    let fast = Receiver::ok();
+    let hooks = bus.webhooks().allow_private_targets(true);
+    hooks
+        .create(new_hook("slow-tenant", &slow.url, &[]))
+        .unwrap();
+    hooks
+        .create(new_hook("fast-tenant", &fast.url, &[]))
+        .unwrap();
+    // Ten deliveries to the slow endpoint are due before the fast one.
+    for _ in 0..10 {
+        bus.publish(Event::new(Type::DEPLOY_STARTED, "slow-tenant"))
+            .unwrap();
+    }
+    bus.publish(Event::new(Type::DEPLOY_STARTED, "fast-tenant"))
+        .unwrap();
+    let opts = DeliveryOptions {
+        workers: 2,
+        timeout: Duration::from_secs(30),
+        ..fast_opts(&[50])
+    };
+    let worker = DeliveryWorker::start(bus.clone(), opts).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fast.got().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let reached = !fast.got().is_empty();
+    let in_flight_at_slow = started.load(Ordering::SeqCst);
+    {
+        let (lock, cv) = &*released;
+        *lock.lock().unwrap() = true;
+        cv.notify_all();
+    }
+    assert!(reached, "the fast endpoint waited behind the slow one");
+    assert_eq!(
+        in_flight_at_slow, 1,
+        "attempts at the slow endpoint at once (half of two workers)"
+    );
+    assert!(worker.wait_idle(Some(Duration::from_secs(60))));
+    worker.stop();
+    assert_eq!(slow.got().len(), 10, "the slow endpoint still gets all");
+}

@@ -274,18 +274,31 @@ impl DurableSub {
                 tracing::warn!(subscription = %self.name, missed = seq - expected, "events removed by retention were skipped");
             }
             expected = seq + 1;
-            let (_, rec) = codec::decode_ref(&bytes)
-                .map_err(|r| ReadError::Storage(read::corrupted(seq, r)))?;
-            if self
-                .filter
-                .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
-            {
-                let event = rec
-                    .to_event()
-                    .map_err(|r| ReadError::Storage(read::corrupted(seq, r)))?;
-                if !self.deliver_with_retry(shared, seq, &event) {
-                    return Ok(true); // stopped
+            // A record that can't be decoded (disk corruption) is
+            // dead-lettered with its reason, never retried forever (G11);
+            // one whose filter fields decode is judged by them first.
+            let decoded = codec::decode_ref(&bytes).and_then(|(_, rec)| {
+                if self
+                    .filter
+                    .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
+                {
+                    rec.to_event().map(Some)
+                } else {
+                    Ok(None)
                 }
+            });
+            let delivered = match decoded {
+                Ok(None) => true,
+                Ok(Some(event)) => self.deliver_with_retry(shared, seq, &event),
+                Err(reason) => {
+                    let error = format!("the record at seq {seq} can't be decoded: {reason}");
+                    tracing::error!(subscription = %self.name, seq, %error, "dead-lettering an undecodable record");
+                    *self.last_error.lock() = Some(error.clone());
+                    self.dead_letter(shared, seq, error, 0)
+                }
+            };
+            if !delivered {
+                return Ok(true); // stopped
             }
             self.delivered.store(seq, Ordering::Release);
             if seq.saturating_sub(self.durable_at.load(Ordering::Acquire))
@@ -331,34 +344,40 @@ impl DurableSub {
             };
             *self.last_error.lock() = Some(error.clone());
             if attempt >= shared.opts.max_deliveries {
-                let record = to_bytes(&DeadLetterRecord {
-                    error: error.clone(),
-                    attempts: attempt,
-                    at_ns: now_ns(),
-                });
-                loop {
-                    // The dead letter and the cursor move past it commit together.
-                    self.delivered.store(seq, Ordering::Release);
-                    let (reply, rx) = crossbeam_channel::bounded(1);
-                    let sent = shared.tx.send(WriteReq::DeadLetter {
-                        name: self.name.clone(),
-                        seq,
-                        record: record.clone(),
-                        reply,
-                    });
-                    match sent.ok().and_then(|_| rx.recv().ok()) {
-                        Some(Ok(())) => {
-                            tracing::warn!(subscription = %self.name, seq, attempts = attempt, %error, "event moved to dead letters");
-                            return true;
-                        }
-                        _ => {
-                            self.delivered.store(seq - 1, Ordering::Release);
-                            if self.stopped() || shared.closed.load(Ordering::Acquire) {
-                                return false;
-                            }
-                            self.sleep(shared.opts.max_retry_backoff);
-                        }
+                return self.dead_letter(shared, seq, error, attempt);
+            }
+        }
+    }
+
+    /// Moves the event at `seq` to the dead letters, with the cursor past
+    /// it in the same commit; retries the commit until it holds. False if
+    /// the subscription was stopped first.
+    fn dead_letter(&self, shared: &Shared, seq: u64, error: String, attempts: u32) -> bool {
+        let record = to_bytes(&DeadLetterRecord {
+            error: error.clone(),
+            attempts,
+            at_ns: now_ns(),
+        });
+        loop {
+            self.delivered.store(seq, Ordering::Release);
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            let sent = shared.tx.send(WriteReq::DeadLetter {
+                name: self.name.clone(),
+                seq,
+                record: record.clone(),
+                reply,
+            });
+            match sent.ok().and_then(|_| rx.recv().ok()) {
+                Some(Ok(())) => {
+                    tracing::warn!(subscription = %self.name, seq, attempts, %error, "event moved to dead letters");
+                    return true;
+                }
+                _ => {
+                    self.delivered.store(seq - 1, Ordering::Release);
+                    if self.stopped() || shared.closed.load(Ordering::Acquire) {
+                        return false;
                     }
+                    self.sleep(shared.opts.max_retry_backoff);
                 }
             }
         }

@@ -195,6 +195,7 @@ pub(crate) fn check<D: ReadableDatabase>(
             }
         }
     }
+    crate::webhook::store::check_registry(&txn, &mut report.problems)?;
     Ok(report)
 }
 

@@ -93,7 +93,11 @@ impl Dispatcher {
             let id = k.value();
             let rec = decode_hook(v.value(), &id)?;
             if rec.active {
-                let patterns = rec.patterns();
+                // Unreadable patterns match every type of the tenant: the
+                // deliveries are made, and the worker fails each with the
+                // reason instead of sending it, so the events are neither
+                // sent where they may not belong nor lost without a trace.
+                let patterns = rec.patterns().unwrap_or_default();
                 by_tenant
                     .entry(rec.tenant_id)
                     .or_default()

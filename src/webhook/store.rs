@@ -70,28 +70,76 @@ pub(crate) struct HookRec {
 }
 
 impl HookRec {
-    pub(crate) fn patterns(&self) -> Vec<Pattern> {
+    /// The stored patterns, parsed. A pattern that no longer parses (a
+    /// damaged record) is an error naming it: matching "every type" in its
+    /// place would send a tenant's events the webhook never asked for.
+    pub(crate) fn patterns(&self) -> Result<Vec<Pattern>, String> {
         self.events
             .iter()
-            .filter_map(|p| Pattern::new(p.as_str()).ok())
+            .map(|p| {
+                Pattern::new(p.as_str())
+                    .map_err(|e| format!("its stored event pattern {p:?} is unreadable: {e}"))
+            })
             .collect()
     }
 
     /// The secrets that sign at `now_ns`: the current one, then the previous
-    /// one while its grace period lasts.
-    pub(crate) fn signing_secrets(&self, now_ns: i64) -> Vec<Secret> {
+    /// one while its grace period lasts. A stored secret that no longer
+    /// parses is an error: sending without a signature would fail open.
+    pub(crate) fn signing_secrets(&self, now_ns: i64) -> Result<Vec<Secret>, String> {
+        let unreadable = |which: &str| format!("its stored {which} secret is unreadable");
         let mut out = Vec::with_capacity(2);
-        if let Ok(s) = Secret::parse(&self.secret) {
-            out.push(s);
-        }
+        out.push(Secret::parse(&self.secret).map_err(|_| unreadable("signing"))?);
         if let Some((prev, until)) = &self.prev_secret
             && *until > now_ns
-            && let Ok(s) = Secret::parse(prev)
         {
-            out.push(s);
+            out.push(Secret::parse(prev).map_err(|_| unreadable("previous"))?);
         }
-        out
+        Ok(out)
     }
+
+    /// Why this webhook can't be delivered to as stored, if it can't: its
+    /// deliveries fail with this reason and `check` reports it.
+    pub(crate) fn unsound(&self, now_ns: i64) -> Option<String> {
+        self.patterns()
+            .err()
+            .or_else(|| self.signing_secrets(now_ns).err())
+            .or_else(|| {
+                super::url_policy::validate_url(&self.url)
+                    .err()
+                    .map(|e| format!("its stored URL is invalid: {e}"))
+            })
+    }
+}
+
+/// Problems of the stored webhooks, for `check`: records that don't decode
+/// and webhooks that can't be delivered to as stored.
+pub(crate) fn check_registry(
+    txn: &redb::ReadTransaction,
+    problems: &mut Vec<String>,
+) -> Result<(), StorageError> {
+    let table = match txn.open_table(WEBHOOKS) {
+        Ok(t) => t,
+        Err(e) if missing(&e) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let now = now_ns();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let id = k.value();
+        match decode_hook(v.value(), &id) {
+            Err(e) => problems.push(format!("webhook {}: {e}", hook_key(&id))),
+            Ok(rec) => {
+                if let Some(reason) = rec.unsound(now) {
+                    problems.push(format!(
+                        "webhook {}: {reason}; its deliveries fail until it is fixed",
+                        hook_key(&id)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A stored delivery.
@@ -317,7 +365,13 @@ fn to_webhook(id: [u8; 16], r: &HookRec) -> Webhook {
         updated_at: ts(r.updated_ns),
         tenant_id: r.tenant_id.clone(),
         url: r.url.clone(),
-        events: r.patterns(),
+        // What still parses: an unreadable pattern is reported by `check`
+        // and fails the webhook's deliveries, never widens its match.
+        events: r
+            .events
+            .iter()
+            .filter_map(|p| Pattern::new(p.as_str()).ok())
+            .collect(),
         active: r.active,
         disabled_reason: r.disabled_reason.clone(),
     }
@@ -1076,8 +1130,11 @@ impl Webhooks {
             Some(h) if !h.active => return Err(WebhookError::Inactive(id)),
             Some(h) => h,
         };
+        if let Some(reason) = hook.unsound(now_ns()) {
+            return Err(WebhookError::Unsound { id, reason });
+        }
         let filter = Filter {
-            types: hook.patterns(),
+            types: hook.patterns().unwrap_or_default(),
             tenant_id: Some(hook.tenant_id.clone()),
             instance_id: None,
         };

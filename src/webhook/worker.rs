@@ -96,6 +96,21 @@ pub struct DeliveryOptions {
     pub max_retry_after: Duration,
     /// Jitter on retry waits, as a fraction (default 0.1: ±10 %).
     pub jitter: f64,
+    /// Attempts in flight to one webhook at once (default 0: half the
+    /// workers, at least 1). A slow endpoint holds at most this many
+    /// senders, so other webhooks' first attempts start within one
+    /// attempt time (G12).
+    pub max_in_flight_per_webhook: usize,
+}
+
+impl DeliveryOptions {
+    /// The per-webhook cap in force.
+    fn per_webhook(&self) -> usize {
+        match self.max_in_flight_per_webhook {
+            0 => (self.workers / 2).max(1),
+            n => n,
+        }
+    }
 }
 
 impl Default for DeliveryOptions {
@@ -109,6 +124,7 @@ impl Default for DeliveryOptions {
             disable_after: Duration::from_secs(5 * 24 * 3600),
             max_retry_after: Duration::from_secs(3600),
             jitter: 0.1,
+            max_in_flight_per_webhook: 0,
         }
     }
 }
@@ -509,6 +525,18 @@ fn jittered(d: Duration, jitter: f64) -> Duration {
     d.mul_f64(1.0 - jitter + 2.0 * jitter * r)
 }
 
+/// A reader's error as a storage error (the scan is retried).
+fn read_error(e: crate::error::ReadError) -> StorageError {
+    match e {
+        crate::error::ReadError::Storage(s) => s,
+        other => StorageError::Corrupted {
+            table: "events",
+            key: String::new(),
+            reason: other.to_string(),
+        },
+    }
+}
+
 fn storage_err(e: impl Into<StorageError>) -> StorageError {
     e.into()
 }
@@ -623,6 +651,7 @@ fn claim(
     let hooks = txn.open_table(WEBHOOKS)?;
     let now = now_ns();
     let now_i = Instant::now();
+    let per_webhook = inner.opts.per_webhook();
     let mut hook_cache: HashMap<[u8; 16], Option<super::store::HookRec>> = HashMap::new();
     let mut orphans: Vec<([u8; 16], String)> = Vec::new();
     for row in due.iter()? {
@@ -665,7 +694,16 @@ fn claim(
             orphans.push((id, "webhook disabled".into()));
             continue;
         }
+        if let Some(reason) = hook.unsound(now) {
+            orphans.push((id, format!("not sent: the webhook {reason}")));
+            continue;
+        }
         let circuit = circuits.entry(rec.webhook).or_default();
+        // Fairness (G12): a webhook never holds more than its share of the
+        // senders, so a slow endpoint delays only its own deliveries.
+        if circuit.in_flight >= per_webhook {
+            continue;
+        }
         if circuit.failing {
             if circuit.in_flight > 0 {
                 continue;
@@ -678,14 +716,47 @@ fn claim(
             }
         }
         // The body: the event exactly as logged.
-        let event = crate::durable::LogReader::new(db, Position::Seq(rec.seq), &Filter::all())
-            .ok()
-            .and_then(|mut r| r.next())
-            .and_then(Result::ok)
-            .filter(|e| e.seq == rec.seq && e.event.id.to_bytes() == rec.event);
-        let Some(entry) = event else {
-            orphans.push((id, "the event is no longer in the log (retention)".into()));
-            continue;
+        let entry = match crate::durable::LogReader::new(db, Position::Seq(rec.seq), &Filter::all())
+            .map(|mut r| r.next())
+        {
+            // Storage failing now may pass: try again on a later pass.
+            Err(e) => return Err(read_error(e)),
+            Ok(Some(Err(crate::error::ReadError::Storage(e))))
+                if !matches!(e, StorageError::Corrupted { .. }) =>
+            {
+                return Err(e);
+            }
+            // A record that can't be decoded never will be: fail it (G11).
+            Ok(Some(Err(e))) => {
+                orphans.push((
+                    id,
+                    format!("the event at seq {} can't be read: {e}", rec.seq),
+                ));
+                continue;
+            }
+            Ok(Some(Ok(entry)))
+                if entry.seq == rec.seq && entry.event.id.to_bytes() == rec.event =>
+            {
+                entry
+            }
+            Ok(Some(Ok(entry))) if entry.seq == rec.seq => {
+                orphans.push((
+                    id,
+                    format!(
+                        "the event at seq {} is not the one delivered (another id)",
+                        rec.seq
+                    ),
+                ));
+                continue;
+            }
+            // Nothing at that seq: retention removed it.
+            Ok(_) => {
+                orphans.push((id, "the event is no longer in the log (retention)".into()));
+                continue;
+            }
+        };
+        let Ok(secrets) = hook.signing_secrets(now) else {
+            continue; // unreachable: `unsound` above checked them
         };
         let job = Job {
             delivery: id,
@@ -693,7 +764,7 @@ fn claim(
             url: hook.url.clone(),
             event_id: entry.event.id.to_string(),
             body: Arc::new(entry.event.to_json().into_bytes()),
-            secrets: hook.signing_secrets(now),
+            secrets,
         };
         in_flight.insert(id);
         circuit.in_flight += 1;
