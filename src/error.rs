@@ -350,6 +350,17 @@ pub enum PublishError {
     Storage(StorageError),
     /// A batch holds the same event id twice; nothing was written.
     DuplicateInBatch(EventId),
+    /// A batch's encoded events are larger than the limit
+    /// ([`DurableBusBuilder::max_batch_bytes`](crate::DurableBusBuilder::max_batch_bytes),
+    /// at most [`MAX_BATCH_BYTES`](crate::MAX_BATCH_BYTES)); nothing was
+    /// written. Split it: a batch is one write-ahead-log frame, all or
+    /// nothing.
+    BatchTooLarge {
+        /// The limit, in bytes of encoded events.
+        limit: usize,
+        /// The batch's size, in the same bytes.
+        size: usize,
+    },
 }
 
 impl fmt::Display for PublishError {
@@ -358,6 +369,10 @@ impl fmt::Display for PublishError {
             PublishError::Invalid(e) => write!(f, "publish refused: {e}"),
             PublishError::Closed => write!(f, "publish refused: the bus is closed"),
             PublishError::Storage(e) => write!(f, "publish failed, event not stored: {e}"),
+            PublishError::BatchTooLarge { limit, .. } => write!(
+                f,
+                "publish refused: the batch is larger than the limit of {limit} bytes; split it"
+            ),
             PublishError::DuplicateInBatch(id) => {
                 write!(
                     f,
@@ -493,6 +508,19 @@ pub enum OpenError {
     /// writable open performs; open it for writing once (any `ctrlbus`
     /// writing command does).
     NeedsRecovery(std::path::PathBuf),
+    /// The log was last written through a write-ahead log that may hold
+    /// acknowledged events the file does not, and that WAL is missing, or
+    /// is another log's, or an older copy. Opening anyway would lose those
+    /// events and reuse their `seq`s, so nothing was opened: put the WAL
+    /// back, or accept the loss explicitly
+    /// ([`DurableBusBuilder::accept_wal_loss`](crate::DurableBusBuilder::accept_wal_loss),
+    /// `ctrlbus --accept-wal-loss`).
+    WalMissing {
+        /// Where the WAL should be.
+        wal: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// An I/O error on the file.
     Io(std::path::PathBuf, std::io::Error),
     /// redb failed.
@@ -519,6 +547,12 @@ impl fmt::Display for OpenError {
                 f,
                 "{} needs recovery after a crash; open it for writing once to repair it",
                 p.display()
+            ),
+            OpenError::WalMissing { wal, reason } => write!(
+                f,
+                "the write-ahead log {} {reason}: it may hold acknowledged events the log file \
+                 does not; put it back, or accept their loss with --accept-wal-loss",
+                wal.display()
             ),
             OpenError::Io(p, e) => write!(f, "{}: {e}", p.display()),
             OpenError::Storage(e) => write!(f, "cannot open log: {e}"),

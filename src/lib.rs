@@ -54,8 +54,8 @@ pub mod __fuzz {
 pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};
 pub use durable::{
     CheckReport, CursorInfo, CursorState, DeadLetter, DurableBus, DurableBusBuilder,
-    DurableSubscription, LogEntry, LogReader, PendingPublish, Position, ReadOnlyLog, RedriveReport,
-    RetainReport, Retention, Stats,
+    DurableSubscription, LogEntry, LogReader, MAX_BATCH_BYTES, PendingPublish, Position,
+    ReadOnlyLog, RedriveReport, RetainReport, Retention, Stats,
 };
 pub use error::{
     CursorError, EventError, FilterError, HandlerError, IdError, OpenError, PublishError,

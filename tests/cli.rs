@@ -1093,3 +1093,73 @@ fn warnings_reach_stderr_and_follow_rust_log_v_and_q() {
     assert!(info.contains("another log file"), "{info:?}");
     assert!(run(Some("error"), &[]).is_empty());
 }
+
+#[test]
+fn after_a_kill_readers_recover_the_wal_and_a_deleted_wal_needs_accept_wal_loss() {
+    let s = Scratch::new();
+    let acks = s.path("acks.txt");
+    let mut child = s
+        .cmd(&[
+            "bench",
+            "publish",
+            "--events",
+            "1000000",
+            "--publishers",
+            "4",
+            "--payload-bytes",
+            "100",
+            "--acks",
+            acks.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("acknowledged events", || {
+        std::fs::read_to_string(&acks)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+            > 200
+    });
+    kill(&mut child); // SIGKILL
+    let acked = std::fs::read_to_string(&acks)
+        .unwrap()
+        .lines()
+        .filter(|l| l.len() == 30)
+        .count() as u64;
+    // A copy of the crashed state, for the deleted-WAL case below.
+    let copy = Scratch::new();
+    std::fs::copy(&s.db, &copy.db).unwrap();
+
+    // A reading command recovers first, so it counts every acknowledged event.
+    let out = s.run(&["stats"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("recovered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = &lines(&String::from_utf8(out.stdout).unwrap())[0];
+    assert!(stats["events"].as_u64().unwrap() >= acked, "{stats}");
+    s.ok(&["check"]);
+
+    // Without its WAL, the crashed log is refused by readers and writers.
+    for args in [
+        &["stats"][..],
+        &["publish", "deploy.started", "--tenant", "acme"][..],
+    ] {
+        let err = copy.fails(args, 1);
+        one_line_error(&err);
+        assert!(
+            err.contains("write-ahead log") && err.contains("--accept-wal-loss"),
+            "{args:?}: {err}"
+        );
+    }
+    let mut args = vec!["--accept-wal-loss"];
+    args.extend(["publish", "deploy.started", "--tenant", "acme"]);
+    copy.ok(&args);
+    copy.ok(&["check"]);
+}

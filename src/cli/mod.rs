@@ -69,6 +69,11 @@ pub(crate) struct Cli {
     /// Only errors on standard error, no warnings.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Open the log even though the write-ahead log it was written through
+    /// is missing, another log's or an older copy: the events acknowledged
+    /// through it and not yet in the file are lost, and their seqs reused.
+    #[arg(long, global = true)]
+    accept_wal_loss: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -133,6 +138,7 @@ pub(crate) fn main() -> ExitCode {
         Err(e) => return usage_exit(&e),
     };
     init_logging(cli.verbose, cli.quiet);
+    open::accept_wal_loss(cli.accept_wal_loss);
     let mut out = Out::new(cli.format);
     let result = run(cli, &mut out).and_then(|()| out.flush().map_err(CliError::from));
     match result {

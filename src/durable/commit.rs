@@ -101,6 +101,8 @@ pub(crate) enum WriteReq {
 
 pub(crate) struct PublishReq {
     items: Vec<Prepared>,
+    /// Bytes its records take in a WAL frame (at most `max_batch_bytes`).
+    bytes: usize,
     reply: OneshotSender<Result<Outcome, PublishError>>,
     /// When it was queued (the writer thread commits it after `LINGER`).
     queued: Instant,
@@ -308,6 +310,7 @@ pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending
         }
     }
     let mut items = Vec::with_capacity(events.len());
+    let mut bytes = 0usize;
     for event in events {
         event.validate(shared.opts.max_payload_bytes)?;
         let payload = if event.payload.is_empty() {
@@ -317,11 +320,19 @@ pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending
         };
         let mut record = Vec::with_capacity(64 + payload.len() + event.tenant_id.len());
         codec::encode(&event, 0, &payload, &mut record);
+        bytes += record.len() + 4;
         items.push(Prepared { event, record });
+    }
+    if bytes > shared.opts.max_batch_bytes {
+        return Err(PublishError::BatchTooLarge {
+            limit: shared.opts.max_batch_bytes,
+            size: bytes,
+        });
     }
     let (reply, rx) = oneshot();
     let req = PublishReq {
         items,
+        bytes,
         reply,
         queued: Instant::now(),
     };
@@ -466,6 +477,10 @@ pub(crate) struct Core {
     apply: ApplyTarget,
 }
 
+/// Most bytes of encoded events in one `publish_batch`, and in one group
+/// commit: each is one write-ahead-log frame, whose length is a `u32`.
+pub const MAX_BATCH_BYTES: usize = 256 << 20;
+
 /// WAL bytes after which the WAL restarts (once everything is applied).
 const WAL_RESTART_BYTES: u64 = 16 << 20;
 /// WAL bytes after which the writer waits for the applier to restart it.
@@ -532,15 +547,19 @@ impl Core {
     /// one group.
     pub(crate) fn commit_queued(&mut self) {
         let max = self.shared.opts.max_group_events;
+        let max_bytes = self.shared.opts.max_batch_bytes;
         let publishes = {
             let mut q = self.shared.queue.lock();
-            let mut count = 0;
+            let (mut count, mut bytes) = (0, 0);
+            // A group is one WAL frame: bounded in events and in bytes (so
+            // its u32 length can't overflow; one request always fits).
             let n = q
                 .reqs
                 .iter()
                 .position(|r| {
                     count += r.items.len();
-                    count > max
+                    bytes += r.bytes;
+                    count > max || bytes > max_bytes
                 })
                 .unwrap_or(q.reqs.len())
                 .max(1)
@@ -605,9 +624,19 @@ impl Core {
             && (shared.opts.sync || shared.opts.shared_reads)
             && !shared.poisoned.load(Ordering::Acquire)
             && shared.applied_seq.load(Ordering::Acquire) >= shared.last_seq.load(Ordering::Acquire)
-            && let Err(e) = wal.trim()
         {
-            tracing::warn!(error = %e, "cannot trim the write-ahead log on close");
+            // The file holds every event: record the WAL clean, then give
+            // its space back. A crash between the two leaves frames the
+            // file already has, which the next open skips.
+            let clean = super::recovery::WalState {
+                in_use: false,
+                generation: wal.generation() + 1,
+            };
+            if let Err(e) = super::recovery::write_state(shared, clean) {
+                tracing::warn!(error = %e, "cannot record the write-ahead log clean on close");
+            } else if let Err(e) = wal.trim() {
+                tracing::warn!(error = %e, "cannot trim the write-ahead log on close");
+            }
         }
     }
 
@@ -1198,18 +1227,21 @@ pub(crate) fn recover(
         let mut events = txn.open_table(EVENTS)?;
         let mut by_id = txn.open_table(BY_ID)?;
         let mut appended: Vec<(u64, Event, i64)> = Vec::new();
-        for frame in frames {
+        'frames: for frame in frames {
             for (i, record) in frame.records.iter().enumerate() {
                 let seq = frame.first_seq + i as u64;
                 if seq < next {
                     continue; // already in the redb file
                 }
                 if seq > next {
-                    return Err(StorageError::Corrupted {
-                        table: "wal",
-                        key: format!("seq {seq}"),
-                        reason: format!("expected seq {next}"),
-                    });
+                    // A gap between the file and the WAL: damage. What
+                    // follows can't be placed in `seq` order (G3).
+                    tracing::warn!(
+                        expected = next,
+                        found = seq,
+                        "a write-ahead-log frame is out of sequence; the log ends before it"
+                    );
+                    break 'frames;
                 }
                 let (append, rec) =
                     codec::decode_ref(record).map_err(|r| super::read::corrupted(seq, r))?;
@@ -1289,6 +1321,7 @@ mod tests {
             }
             reqs.push(PublishReq {
                 items: Vec::new(),
+                bytes: 0,
                 reply,
                 queued: Instant::now(),
             });

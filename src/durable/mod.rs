@@ -29,6 +29,7 @@ mod commit;
 mod open;
 mod read;
 mod recent_ids;
+mod recovery;
 mod subscription;
 mod tables;
 mod upkeep;
@@ -49,6 +50,7 @@ pub use subscription::{CursorInfo, CursorState, DeadLetter, DurableSubscription,
 pub use upkeep::{CheckReport, RetainReport, Retention, Stats};
 
 pub(crate) use commit::AppendHook;
+pub use commit::MAX_BATCH_BYTES;
 
 /// Decodes a stored record into its append time and event (for fuzzing).
 pub(crate) fn codec_decode_to_event(bytes: &[u8]) -> Result<(i64, Event), String> {
@@ -89,6 +91,7 @@ pub(crate) struct Options {
     pub(crate) shared_reads: bool,
     pub(crate) max_payload_bytes: usize,
     pub(crate) max_group_events: usize,
+    pub(crate) max_batch_bytes: usize,
     pub(crate) ack_flush_interval: Duration,
     pub(crate) ack_flush_events: u64,
     pub(crate) max_deliveries: u32,
@@ -96,6 +99,7 @@ pub(crate) struct Options {
     pub(crate) max_retry_backoff: Duration,
     pub(crate) slow_handler: Duration,
     pub(crate) wal: bool,
+    pub(crate) accept_wal_loss: bool,
     pub(crate) apply_interval: Duration,
     pub(crate) wal_faults: Option<Arc<AtomicU64>>,
     pub(crate) retention: Option<Retention>,
@@ -111,6 +115,7 @@ impl Default for Options {
             shared_reads: true,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_group_events: 8192,
+            max_batch_bytes: MAX_BATCH_BYTES,
             ack_flush_interval: Duration::from_millis(100),
             ack_flush_events: 1000,
             max_deliveries: 5,
@@ -118,6 +123,7 @@ impl Default for Options {
             max_retry_backoff: Duration::from_secs(5),
             slow_handler: Duration::from_millis(250),
             wal: true,
+            accept_wal_loss: false,
             apply_interval: Duration::from_millis(20),
             wal_faults: None,
             retention: None,
@@ -187,6 +193,15 @@ impl DurableBusBuilder {
         self
     }
 
+    /// Largest `publish_batch`, in bytes of encoded events (default and
+    /// most: [`MAX_BATCH_BYTES`], 256 MiB). A batch is one write-ahead-log
+    /// frame, written whole or not at all; a larger one is refused with
+    /// [`PublishError::BatchTooLarge`]. Group commits stay within it too.
+    pub fn max_batch_bytes(mut self, bytes: usize) -> Self {
+        self.opts.max_batch_bytes = bytes.clamp(1, MAX_BATCH_BYTES);
+        self
+    }
+
     /// How often acknowledged cursor positions are stored when nothing is
     /// published (default 100 ms). Positions are also stored with every
     /// group commit.
@@ -230,9 +245,21 @@ impl DurableBusBuilder {
     /// the file (`<path>.wal`, default true): one fsync per group commit
     /// instead of redb's two-phase commit, which is about 2.4 fsyncs. The
     /// records are applied to the redb file, durably, every `apply_interval`
-    /// and at close. Ignored for [`DurableBusBuilder::open_backend`].
+    /// and at close. Ignored for [`DurableBusBuilder::open_backend`]. Turned
+    /// off on a log whose WAL holds events, it replays them first: an
+    /// existing WAL is never skipped.
     pub fn write_ahead_log(mut self, on: bool) -> Self {
         self.opts.wal = on;
+        self
+    }
+
+    /// Open even when the write-ahead log the file says it was written
+    /// through is missing, another log's, or an older copy (default false:
+    /// [`OpenError::WalMissing`]). The events acknowledged through that WAL
+    /// and not yet in the file are then lost, and their `seq`s reused: for
+    /// an operator who has decided so, never a default.
+    pub fn accept_wal_loss(mut self, accept: bool) -> Self {
+        self.opts.accept_wal_loss = accept;
         self
     }
 
@@ -485,25 +512,14 @@ impl DurableBus {
         crate::webhook::install(&shared).map_err(OpenError::Storage)?;
         let mut wal = None;
         let mut last_append = last_append;
-        if let (Some(path), true) = (&shared.path, shared.opts.wal) {
-            let wal_path = wal::path_for(path);
-            let (mut w, frames) = wal::Wal::open(
-                &wal_path,
-                log_id,
-                shared.opts.sync,
-                shared.opts.wal_faults.clone(),
-            )
-            .map_err(|e| OpenError::Io(wal_path.clone(), e))?;
-            if !frames.is_empty() {
-                let n = commit::recover(&shared, &mut w, frames).map_err(OpenError::Storage)?;
-                if n > 0 {
-                    tracing::info!(events = n, "replayed events from the write-ahead log");
-                }
+        if let Some(path) = shared.path.clone() {
+            let before = shared.last_seq.load(Ordering::Acquire);
+            wal = recovery::open_wal(&shared, &path, log_id)?;
+            if shared.last_seq.load(Ordering::Acquire) != before {
                 let txn = redb::ReadableDatabase::begin_read(&shared.db)
                     .map_err(|e| OpenError::Storage(e.into()))?;
                 last_append = commit::last_append_ns(&txn).map_err(OpenError::Storage)?;
             }
-            wal = Some(w);
         }
         *shared.core.lock() = Some(commit::Core::new(shared.clone(), wal, last_append));
         let writer_shared = shared.clone();
@@ -550,8 +566,9 @@ impl DurableBus {
     /// again.
     ///
     /// # Errors
-    /// [`PublishError::Invalid`] (naming the bad event) or
-    /// [`PublishError::DuplicateInBatch`]: nothing written.
+    /// [`PublishError::Invalid`] (naming the bad event),
+    /// [`PublishError::DuplicateInBatch`] or [`PublishError::BatchTooLarge`]:
+    /// nothing written.
     /// [`PublishError::Storage`]: the commit failed, nothing written.
     /// [`PublishError::Closed`].
     pub fn publish_batch(&self, events: Vec<Event>) -> Result<Vec<Receipt>, PublishError> {
@@ -683,7 +700,11 @@ impl DurableBus {
     /// [`StorageError`] when storage fails; problems found are in the report.
     pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport, StorageError> {
         let _ = self.sync_reads();
-        upkeep::check(&self.handle.shared.db, progress)
+        upkeep::check(
+            &self.handle.shared.db,
+            self.handle.shared.path.as_deref(),
+            progress,
+        )
     }
 
     /// Removes the oldest events per `policy`. Sequence numbers are never

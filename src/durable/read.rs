@@ -321,6 +321,8 @@ fn write_json_line(seq: u64, rec: &RecordRef<'_>, out: &mut Vec<u8>) -> Result<(
 /// the owner as soon as it is made.
 pub struct ReadOnlyLog {
     pub(crate) db: redb::ReadOnlyDatabase,
+    /// The file (its WAL is beside it).
+    path: std::path::PathBuf,
 }
 
 impl ReadOnlyLog {
@@ -345,7 +347,23 @@ impl ReadOnlyLog {
         let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;
         super::open::check_format(&txn, path)?;
         drop(txn);
-        Ok(ReadOnlyLog { db })
+        Ok(ReadOnlyLog {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Acknowledged events that wait in the log's write-ahead log with no
+    /// process to apply them: the last writer was killed and nobody has
+    /// opened the log for writing since. This reader does not see them; a
+    /// writable open ([`DurableBus::open`](crate::DurableBus::open)) recovers
+    /// them. 0 while the owner runs (it applies them itself).
+    ///
+    /// # Errors
+    /// [`StorageError`] when the file can't be read.
+    pub fn unrecovered_events(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read()?;
+        super::recovery::unrecovered(&txn, &self.path)
     }
 
     /// A streaming reader from `from`, yielding events matching `filter`.
@@ -387,7 +405,7 @@ impl ReadOnlyLog {
     /// [`StorageError`] when storage fails (corruption is reported in the
     /// returned report, not as an error).
     pub fn check(&self) -> Result<super::CheckReport, StorageError> {
-        super::upkeep::check(&self.db, &mut |_, _| {})
+        super::upkeep::check(&self.db, Some(&self.path), &mut |_, _| {})
     }
 
     /// The dead letters of one subscription, oldest first.

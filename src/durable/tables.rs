@@ -43,6 +43,9 @@ pub(crate) const META_RETAINED: &str = "retained_through";
 /// 16 random bytes naming this log; its WAL carries them, so a WAL left
 /// beside another file is never replayed into it.
 pub(crate) const META_LOG_ID: &str = "log_id";
+/// Whether a write-ahead log holds acknowledged events the file may not:
+/// `[in_use u8][generation u64 LE]` (see `recovery`).
+pub(crate) const META_WAL: &str = "wal";
 
 fn config() -> impl bincode::config::Config {
     bincode::config::standard()

@@ -81,6 +81,11 @@ pub struct CheckReport {
     pub index_entries_checked: u64,
     /// Cursors verified.
     pub cursors_checked: u64,
+    /// Acknowledged events in the write-ahead log and not yet in the file.
+    /// While the owner runs, these are applied within `apply_interval`;
+    /// with no owner (after a crash) they are a problem until a writable
+    /// open recovers them.
+    pub wal_pending_events: u64,
     /// Every problem found, one line each (empty when sound).
     pub problems: Vec<String>,
 }
@@ -97,6 +102,7 @@ impl CheckReport {
 /// every cursor record.
 pub(crate) fn check<D: ReadableDatabase>(
     db: &D,
+    path: Option<&Path>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CheckReport, StorageError> {
     const MAX_PROBLEMS: usize = 1000;
@@ -196,6 +202,9 @@ pub(crate) fn check<D: ReadableDatabase>(
         }
     }
     crate::webhook::store::check_registry(&txn, &mut report.problems)?;
+    if let Some(path) = path {
+        super::recovery::check_wal(&txn, path, &mut report)?;
+    }
     Ok(report)
 }
 

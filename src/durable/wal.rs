@@ -87,6 +87,15 @@ impl Wal {
         faults: Option<Arc<AtomicU64>>,
     ) -> io::Result<(Wal, Vec<Frame>)> {
         let mut file = crate::files::open_or_create(path)?;
+        // Held while this process owns the log: a reader (`check`, `stats`)
+        // in another process tells a live owner from a crashed one by it.
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("{} is in use by another process", path.display()),
+            ),
+            std::fs::TryLockError::Error(e) => e,
+        })?;
         let len = file.metadata()?.len();
         let mut header = [0u8; HEADER_USED];
         let mut foreign = false;
@@ -133,36 +142,7 @@ impl Wal {
     }
 
     fn recover(&mut self, len: u64) -> io::Result<Vec<Frame>> {
-        let mut frames = Vec::new();
-        let mut pos = HEADER_LEN;
-        let mut head = [0u8; FRAME_HEAD];
-        while pos + FRAME_HEAD as u64 <= len {
-            if !read_full(&mut self.file, pos, &mut head)? {
-                break;
-            }
-            let magic = u32::from_le_bytes(head[0..4].try_into().unwrap_or_default());
-            let generation = u64::from_le_bytes(head[4..12].try_into().unwrap_or_default());
-            let plen = u32::from_le_bytes(head[12..16].try_into().unwrap_or_default()) as u64;
-            let crc = u32::from_le_bytes(head[16..20].try_into().unwrap_or_default());
-            if magic != FRAME_MAGIC
-                || generation != self.generation
-                || pos + FRAME_HEAD as u64 + plen > len
-            {
-                break;
-            }
-            let mut payload = vec![0u8; plen as usize];
-            if !read_full(&mut self.file, pos + FRAME_HEAD as u64, &mut payload)? {
-                break;
-            }
-            if frame_crc(generation, &payload) != crc {
-                break;
-            }
-            let Some(frame) = parse_payload(&payload) else {
-                break;
-            };
-            frames.push(frame);
-            pos += FRAME_HEAD as u64 + plen;
-        }
+        let (frames, pos) = read_frames(&mut self.file, self.generation, len)?;
         self.pos = pos;
         Ok(frames)
     }
@@ -177,12 +157,21 @@ impl Wal {
         buf.clear();
         buf.resize(FRAME_HEAD, 0);
         buf.extend_from_slice(&first_seq.to_le_bytes());
-        buf.extend_from_slice(&(records.len() as u32).to_le_bytes());
+        let count = u32::try_from(records.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many records"))?;
+        buf.extend_from_slice(&count.to_le_bytes());
         for r in records {
             buf.extend_from_slice(&(r.len() as u32).to_le_bytes());
             buf.extend_from_slice(r);
         }
-        let plen = (buf.len() - FRAME_HEAD) as u32;
+        // Groups and batches are capped well below this (`MAX_BATCH_BYTES`):
+        // a length that does not fit is refused, never wrapped.
+        let plen = u32::try_from(buf.len() - FRAME_HEAD).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a write-ahead-log frame over 4 GiB",
+            )
+        })?;
         let crc = frame_crc(self.generation, &buf[FRAME_HEAD..]);
         buf[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
         buf[4..12].copy_from_slice(&self.generation.to_le_bytes());
@@ -243,6 +232,11 @@ impl Wal {
         })
     }
 
+    /// The current generation.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Bytes of frames in the current generation.
     pub(crate) fn used(&self) -> u64 {
         self.pos - HEADER_LEN
@@ -290,6 +284,113 @@ impl Wal {
         self.allocated = self.allocated.max(HEADER_LEN);
         Ok(())
     }
+}
+
+/// Reads the valid frames of `generation` from a WAL of `len` bytes, and
+/// where the next frame would go. Recovery stops at the first frame that
+/// is torn (magic, generation, length or CRC wrong) or out of sequence: a
+/// frame whose CRC holds but whose first `seq` does not follow the frame
+/// before it can only be damage, and what follows it can't be placed in
+/// `seq` order, so it is the end of the log (with a warning).
+fn read_frames(file: &mut File, generation: u64, len: u64) -> io::Result<(Vec<Frame>, u64)> {
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut pos = HEADER_LEN;
+    let mut head = [0u8; FRAME_HEAD];
+    while pos + FRAME_HEAD as u64 <= len {
+        if !read_full(file, pos, &mut head)? {
+            break;
+        }
+        let magic = u32::from_le_bytes(head[0..4].try_into().unwrap_or_default());
+        let frame_generation = u64::from_le_bytes(head[4..12].try_into().unwrap_or_default());
+        let plen = u64::from(u32::from_le_bytes(
+            head[12..16].try_into().unwrap_or_default(),
+        ));
+        let crc = u32::from_le_bytes(head[16..20].try_into().unwrap_or_default());
+        if magic != FRAME_MAGIC
+            || frame_generation != generation
+            || pos + FRAME_HEAD as u64 + plen > len
+        {
+            break;
+        }
+        let mut payload = vec![0u8; usize::try_from(plen).unwrap_or(usize::MAX)];
+        if !read_full(file, pos + FRAME_HEAD as u64, &mut payload)? {
+            break;
+        }
+        if frame_crc(generation, &payload) != crc {
+            break;
+        }
+        let Some(frame) = parse_payload(&payload) else {
+            break;
+        };
+        if let Some(prev) = frames.last() {
+            let expected = prev.first_seq + prev.records.len() as u64;
+            if frame.first_seq != expected {
+                tracing::warn!(
+                    expected,
+                    found = frame.first_seq,
+                    "a write-ahead-log frame is out of sequence; the log ends before it"
+                );
+                break;
+            }
+        }
+        frames.push(frame);
+        pos += FRAME_HEAD as u64 + plen;
+    }
+    Ok((frames, pos))
+}
+
+/// What a WAL file holds, read without changing or locking it (for
+/// `check` and read-only opens).
+pub(crate) struct WalInfo {
+    pub(crate) generation: u64,
+    pub(crate) log_id: [u8; 16],
+    pub(crate) frames: Vec<Frame>,
+    /// Whether a process holds the WAL (the log's owner is running).
+    pub(crate) owned: bool,
+}
+
+/// Reads the WAL at `path` read-only. `Ok(None)` when there is no WAL
+/// file, or it is empty (never written).
+///
+/// # Errors
+/// The I/O error, or `InvalidData` for a file that is not a ctrlbus WAL.
+pub(crate) fn inspect(path: &Path) -> io::Result<Option<WalInfo>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut header = [0u8; HEADER_USED];
+    let parsed = if len >= HEADER_LEN && read_full(&mut file, 0, &mut header)? {
+        parse_header(&header)
+    } else {
+        None
+    };
+    let Some((generation, log_id)) = parsed else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a ctrlbus WAL", path.display()),
+        ));
+    };
+    let owned = match file.try_lock_shared() {
+        Ok(()) => {
+            let _ = file.unlock();
+            false
+        }
+        Err(std::fs::TryLockError::WouldBlock) => true,
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
+    };
+    let (frames, _) = read_frames(&mut file, generation, len)?;
+    Ok(Some(WalInfo {
+        generation,
+        log_id,
+        frames,
+        owned,
+    }))
 }
 
 fn frame_crc(generation: u64, payload: &[u8]) -> u32 {

@@ -1,0 +1,337 @@
+//! The write-ahead log is never silently skipped (G2, G3, G10): a log killed
+//! with frames the file does not hold yet is recovered whatever the options
+//! of the next open, a missing or stale WAL is refused unless its loss is
+//! accepted, an out-of-sequence frame ends the log with a warning, and
+//! `check` reports frames waiting in the WAL.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ctrlbus::{
+    Bus, DurableBus, Event, EventId, Filter, OpenError, Position, PublishError, ReadOnlyLog, Type,
+};
+
+const CHILD: &str = "CTRLBUS_WAL_CHILD";
+
+/// The child: publishes `n` events with applies held off for an hour,
+/// prints their ids, then waits to be killed: the WAL holds them, the redb
+/// file does not.
+#[test]
+fn wal_child() {
+    let Ok(spec) = std::env::var(CHILD) else {
+        return;
+    };
+    let (path, n) = spec.split_once('|').unwrap();
+    let bus = DurableBus::builder()
+        .apply_interval(Duration::from_secs(3600))
+        .open(path)
+        .unwrap();
+    let mut out = std::io::stdout().lock();
+    for _ in 0..n.parse::<usize>().unwrap() {
+        let r = bus
+            .publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+            .unwrap();
+        writeln!(out, "{} {}", r.seq, r.id).unwrap();
+    }
+    writeln!(out, "ready").unwrap();
+    out.flush().unwrap();
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+/// Publishes `n` events (after any already there) in a child killed with
+/// SIGKILL once they are acknowledged; their `(seq, id)`s.
+fn killed_with_frames_pending(path: &Path, n: usize) -> Vec<(u64, EventId)> {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "wal_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD, format!("{}|{n}", path.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut acked = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.ends_with("ready") {
+            break;
+        }
+        // The harness may print `test wal_child ... ` before the first.
+        let mut tokens = line.split_whitespace().rev();
+        if let (Some(id), Some(seq)) = (tokens.next(), tokens.next())
+            && let (Ok(seq), Ok(id)) = (seq.parse(), EventId::parse(id))
+        {
+            acked.push((seq, id));
+        }
+    }
+    assert_eq!(acked.len(), n, "the child did not acknowledge every event");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    acked
+}
+
+/// Repairs the redb file after the kill the way any redb writer would,
+/// without ctrlbus (so without replaying the WAL): the state a failed
+/// recovery leaves, where a read-only open works and the WAL still holds
+/// acknowledged events.
+fn repair_file_only(path: &Path) {
+    drop(
+        redb::Database::builder()
+            .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
+            .open(path)
+            .unwrap(),
+    );
+}
+
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.redb");
+    (dir, path)
+}
+
+fn wal_of(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.wal", path.display()))
+}
+
+/// Every `(seq, id)` in the log, in order.
+fn contents(bus: &DurableBus) -> Vec<(u64, EventId)> {
+    bus.read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.seq, e.event.id)
+        })
+        .collect()
+}
+
+#[test]
+fn the_file_alone_misses_the_events_the_test_relies_on() {
+    // The harness itself: the child's events are in the WAL only.
+    let (_dir, path) = scratch();
+    let acked = killed_with_frames_pending(&path, 5);
+    assert_eq!(acked.len(), 5);
+    repair_file_only(&path);
+    let log = ReadOnlyLog::open(&path).unwrap();
+    assert_eq!(log.stats().unwrap().events, 0, "applied before the kill");
+}
+
+#[test]
+fn opening_without_the_wal_still_recovers_it_first() {
+    let (_dir, path) = scratch();
+    let acked = killed_with_frames_pending(&path, 5);
+    let bus = DurableBus::builder()
+        .write_ahead_log(false)
+        .open(&path)
+        .unwrap();
+    assert_eq!(contents(&bus), acked, "every acknowledged event, same seq");
+    // New events continue the order, reusing nothing.
+    let next = bus
+        .publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+        .unwrap();
+    assert_eq!(next.seq, 6);
+    drop(bus);
+    // A later open with the WAL replays no stale frame on top.
+    let bus = DurableBus::open(&path).unwrap();
+    let all = contents(&bus);
+    assert_eq!(all.len(), 6);
+    assert_eq!(&all[..5], &acked[..]);
+    assert_eq!(all[5], (6, next.id));
+    assert!(bus.check(&mut |_, _| {}).unwrap().is_sound());
+}
+
+#[test]
+fn a_wal_deleted_after_a_crash_is_refused_unless_the_loss_is_accepted() {
+    let (_dir, path) = scratch();
+    let acked = killed_with_frames_pending(&path, 3);
+    std::fs::remove_file(wal_of(&path)).unwrap();
+    for wal in [true, false] {
+        let err = DurableBus::builder()
+            .write_ahead_log(wal)
+            .open(&path)
+            .unwrap_err();
+        assert!(
+            matches!(&err, OpenError::WalMissing { reason, .. } if reason.contains("missing")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--accept-wal-loss"), "{err}");
+    }
+    // A truncated WAL (its header gone) is not a WAL: refused too.
+    std::fs::write(wal_of(&path), b"").unwrap();
+    assert!(matches!(
+        DurableBus::open(&path),
+        Err(OpenError::WalMissing { .. })
+    ));
+    let bus = DurableBus::builder()
+        .accept_wal_loss(true)
+        .open(&path)
+        .unwrap();
+    assert!(contents(&bus).is_empty(), "the loss, as accepted");
+    let r = bus
+        .publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+        .unwrap();
+    assert_eq!(r.seq, acked[0].0, "the lost seqs are reused, as documented");
+    drop(bus);
+    // Accepted once: opens normally from then on.
+    DurableBus::open(&path).unwrap();
+}
+
+#[test]
+fn a_stale_or_foreign_wal_is_refused_after_a_crash() {
+    let (dir, path) = scratch();
+    // An older copy of this log's WAL, taken before more was published.
+    {
+        let bus = DurableBus::open(&path).unwrap();
+        bus.publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+            .unwrap();
+    }
+    let old_copy = dir.path().join("old.wal");
+    std::fs::copy(wal_of(&path), &old_copy).unwrap();
+    let acked = killed_with_frames_pending(&path, 3);
+    std::fs::copy(&old_copy, wal_of(&path)).unwrap();
+    let err = DurableBus::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, OpenError::WalMissing { reason, .. } if reason.contains("older copy")),
+        "{err}"
+    );
+    // Another log's WAL.
+    let (_other_dir, other) = scratch();
+    DurableBus::open(&other).unwrap();
+    std::fs::copy(wal_of(&other), wal_of(&path)).unwrap();
+    let err = DurableBus::open(&path).unwrap_err();
+    assert!(
+        matches!(&err, OpenError::WalMissing { reason, .. } if reason.contains("another log")),
+        "{err}"
+    );
+    assert_eq!(acked.len(), 3);
+}
+
+#[test]
+fn a_wal_deleted_after_a_clean_close_loses_nothing() {
+    let (_dir, path) = scratch();
+    let ids: Vec<_> = {
+        let bus = DurableBus::open(&path).unwrap();
+        (0..3)
+            .map(|_| {
+                bus.publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+                    .unwrap()
+                    .id
+            })
+            .collect()
+    };
+    std::fs::remove_file(wal_of(&path)).unwrap();
+    let bus = DurableBus::open(&path).unwrap();
+    let got: Vec<_> = contents(&bus).into_iter().map(|(_, id)| id).collect();
+    assert_eq!(got, ids);
+}
+
+/// Byte offset of the frame holding `seq` in a WAL whose frames each hold
+/// one record; frames are `[magic][generation][len][crc]` + payload.
+fn frame_offsets(wal: &[u8]) -> Vec<usize> {
+    let mut at = 4096;
+    let mut out = Vec::new();
+    while at + 20 <= wal.len() && wal[at..at + 4] == 0xC7B0_5E01u32.to_le_bytes() {
+        out.push(at);
+        let len = u32::from_le_bytes(wal[at + 12..at + 16].try_into().unwrap()) as usize;
+        at += 20 + len;
+    }
+    out
+}
+
+#[test]
+fn an_out_of_sequence_frame_ends_the_log_with_a_warning() {
+    let (_dir, path) = scratch();
+    let acked = killed_with_frames_pending(&path, 4);
+    // Rewrite frame 3's first seq (3 → 9), with a valid CRC: not a torn
+    // write, but no longer in sequence.
+    let wal_path = wal_of(&path);
+    let mut wal = std::fs::read(&wal_path).unwrap();
+    let offsets = frame_offsets(&wal);
+    assert_eq!(offsets.len(), 4, "one frame per publish");
+    let at = offsets[2];
+    wal[at + 20..at + 28].copy_from_slice(&9u64.to_le_bytes());
+    let len = u32::from_le_bytes(wal[at + 12..at + 16].try_into().unwrap()) as usize;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&wal[at + 4..at + 12]);
+    h.update(&(len as u32).to_le_bytes());
+    h.update(&wal[at + 20..at + 20 + len]);
+    wal[at + 16..at + 20].copy_from_slice(&h.finalize().to_le_bytes());
+    std::fs::write(&wal_path, &wal).unwrap();
+
+    // check (read-only) reports what waits in the WAL.
+    repair_file_only(&path);
+    let report = ReadOnlyLog::open(&path).unwrap().check().unwrap();
+    assert_eq!(report.wal_pending_events, 2, "{report:?}");
+    assert!(!report.is_sound());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("write-ahead log") && p.contains("seq 1-2")),
+        "{:?}",
+        report.problems
+    );
+
+    let bus = DurableBus::open(&path).unwrap();
+    assert_eq!(contents(&bus), acked[..2].to_vec(), "up to the bad frame");
+    let r = bus
+        .publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+        .unwrap();
+    assert_eq!(r.seq, 3);
+    let report = bus.check(&mut |_, _| {}).unwrap();
+    assert!(report.is_sound(), "{report:?}");
+    assert_eq!(report.wal_pending_events, 0);
+}
+
+#[test]
+fn check_reports_frames_waiting_in_the_wal_after_a_crash() {
+    let (_dir, path) = scratch();
+    killed_with_frames_pending(&path, 3);
+    repair_file_only(&path);
+    let report = ReadOnlyLog::open(&path).unwrap().check().unwrap();
+    assert_eq!(report.wal_pending_events, 3);
+    assert!(!report.is_sound(), "{report:?}");
+    // Recovered by the next writable open.
+    drop(DurableBus::open(&path).unwrap());
+    let report = ReadOnlyLog::open(&path).unwrap().check().unwrap();
+    assert_eq!(report.wal_pending_events, 0);
+    assert!(report.is_sound(), "{report:?}");
+    assert_eq!(report.events_checked, 3);
+}
+
+#[test]
+fn a_batch_at_its_byte_limit_is_taken_and_one_byte_past_is_refused_whole() {
+    let (_dir, path) = scratch();
+    let batch = || -> Vec<Event> {
+        (0..3)
+            .map(|i| Event::new(Type::DEPLOY_STARTED, "acme").with_payload_value("i", i))
+            .collect()
+    };
+    let size = {
+        let bus = DurableBus::builder()
+            .max_batch_bytes(1)
+            .open(&path)
+            .unwrap();
+        match bus.publish_batch(batch()) {
+            Err(PublishError::BatchTooLarge { limit: 1, size }) => size,
+            other => panic!("{other:?}"),
+        }
+    };
+    let bus = DurableBus::builder()
+        .max_batch_bytes(size - 1)
+        .open(&path)
+        .unwrap();
+    let err = bus.publish_batch(batch()).unwrap_err();
+    assert!(err.to_string().contains("split it"), "{err}");
+    assert_eq!(bus.last_seq(), 0, "nothing written");
+    drop(bus);
+    let bus = DurableBus::builder()
+        .max_batch_bytes(size)
+        .open(&path)
+        .unwrap();
+    assert_eq!(bus.publish_batch(batch()).unwrap().len(), 3);
+    // Single publishes count one by one: they group below the limit.
+    for _ in 0..10 {
+        bus.publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+            .unwrap();
+    }
+    assert_eq!(bus.last_seq(), 13);
+}
