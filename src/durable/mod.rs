@@ -27,6 +27,8 @@
 mod codec;
 mod commit;
 mod open;
+#[cfg(test)]
+mod power_loss;
 mod read;
 mod recent_ids;
 mod recovery;
@@ -102,6 +104,8 @@ pub(crate) struct Options {
     pub(crate) accept_wal_loss: bool,
     pub(crate) apply_interval: Duration,
     pub(crate) wal_faults: Option<Arc<AtomicU64>>,
+    /// Wraps the WAL's file (the power-loss tests' simulated disk).
+    pub(crate) wal_io: Option<wal::WalIoWrap>,
     pub(crate) retention: Option<Retention>,
     pub(crate) retention_interval: Duration,
 }
@@ -126,6 +130,7 @@ impl Default for Options {
             accept_wal_loss: false,
             apply_interval: Duration::from_millis(20),
             wal_faults: None,
+            wal_io: None,
             retention: None,
             retention_interval: Duration::from_secs(60),
         }

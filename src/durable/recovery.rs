@@ -153,6 +153,7 @@ pub(crate) fn open_wal(
         log_id,
         shared.opts.sync,
         shared.opts.wal_faults.clone(),
+        shared.opts.wal_io.as_ref(),
     )
     .map_err(io)?;
     if !frames.is_empty() {

@@ -57,6 +57,57 @@ pub(crate) fn path_for(log: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The WAL's file layer: what the WAL does to its file, and nothing else.
+/// `std::fs::File` in production; the power-loss tests put a file here that
+/// keeps unsynced writes apart, to drop them (whole or torn) at a "power
+/// cut".
+pub(crate) trait WalIo: Send {
+    /// The file's length.
+    fn len(&mut self) -> io::Result<u64>;
+    /// Reads exactly `buf.len()` bytes at `pos`; false at end of file.
+    fn read_at(&mut self, pos: u64, buf: &mut [u8]) -> io::Result<bool>;
+    /// Writes all of `data` at `pos`.
+    fn write_at(&mut self, pos: u64, data: &[u8]) -> io::Result<()>;
+    /// Truncates or extends the file.
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// `fdatasync`.
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// `fsync`.
+    fn sync_all(&mut self) -> io::Result<()>;
+}
+
+impl WalIo for File {
+    fn len(&mut self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn read_at(&mut self, pos: u64, buf: &mut [u8]) -> io::Result<bool> {
+        read_full(self, pos, buf)
+    }
+    fn write_at(&mut self, pos: u64, data: &[u8]) -> io::Result<()> {
+        self.seek(SeekFrom::Start(pos))?;
+        self.write_all(data)
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        File::sync_all(self)
+    }
+}
+
+/// Wraps the WAL's file once it is open and locked (tests: power loss).
+#[derive(Clone)]
+pub(crate) struct WalIoWrap(pub(crate) Arc<dyn Fn(File) -> Box<dyn WalIo> + Send + Sync>);
+
+impl std::fmt::Debug for WalIoWrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WalIoWrap")
+    }
+}
+
 /// One recovered frame.
 pub(crate) struct Frame {
     pub(crate) first_seq: u64,
@@ -64,7 +115,7 @@ pub(crate) struct Frame {
 }
 
 pub(crate) struct Wal {
-    file: File,
+    file: Box<dyn WalIo>,
     generation: u64,
     log_id: [u8; 16],
     /// Where the next frame goes.
@@ -85,8 +136,9 @@ impl Wal {
         log_id: [u8; 16],
         sync: bool,
         faults: Option<Arc<AtomicU64>>,
+        wrap: Option<&WalIoWrap>,
     ) -> io::Result<(Wal, Vec<Frame>)> {
-        let mut file = crate::files::open_or_create(path)?;
+        let file = crate::files::open_or_create(path)?;
         // Held while this process owns the log: a reader (`check`, `stats`)
         // in another process tells a live owner from a crashed one by it.
         file.try_lock().map_err(|e| match e {
@@ -96,10 +148,14 @@ impl Wal {
             ),
             std::fs::TryLockError::Error(e) => e,
         })?;
-        let len = file.metadata()?.len();
+        let mut file: Box<dyn WalIo> = match wrap {
+            Some(w) => (w.0)(file),
+            None => Box::new(file),
+        };
+        let len = file.len()?;
         let mut header = [0u8; HEADER_USED];
         let mut foreign = false;
-        let generation = if len >= HEADER_LEN && read_full(&mut file, 0, &mut header)? {
+        let generation = if len >= HEADER_LEN && file.read_at(0, &mut header)? {
             let (generation, id) = parse_header(&header).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -142,7 +198,7 @@ impl Wal {
     }
 
     fn recover(&mut self, len: u64) -> io::Result<Vec<Frame>> {
-        let (frames, pos) = read_frames(&mut self.file, self.generation, len)?;
+        let (frames, pos) = read_frames(self.file.as_mut(), self.generation, len)?;
         self.pos = pos;
         Ok(frames)
     }
@@ -194,12 +250,11 @@ impl Wal {
             } else {
                 end.div_ceil(GROW) * GROW
             };
-            self.file.seek(SeekFrom::Start(self.allocated))?;
             let zeros = vec![0u8; 1 << 20];
             let mut at = self.allocated;
             while at < target {
                 let n = ((target - at) as usize).min(zeros.len());
-                self.file.write_all(&zeros[..n])?;
+                self.file.write_at(at, &zeros[..n])?;
                 at += n as u64;
             }
             if self.sync {
@@ -207,13 +262,12 @@ impl Wal {
             }
             self.allocated = target;
         }
-        self.file.seek(SeekFrom::Start(self.pos))?;
         if self.inject_fault() {
             // A torn write: half the frame reaches the file.
-            self.file.write_all(&frame[..frame.len() / 2])?;
+            self.file.write_at(self.pos, &frame[..frame.len() / 2])?;
             return Err(io::Error::other("injected write failure"));
         }
-        self.file.write_all(frame)?;
+        self.file.write_at(self.pos, frame)?;
         if self.inject_fault() {
             return Err(io::Error::other("injected fsync failure"));
         }
@@ -276,8 +330,7 @@ impl Wal {
         h[20..36].copy_from_slice(&self.log_id);
         let crc = crc32fast::hash(&h[0..36]);
         h[36..40].copy_from_slice(&crc.to_le_bytes());
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.write_all(&h)?;
+        self.file.write_at(0, &h)?;
         if self.sync {
             self.file.sync_data()?;
         }
@@ -292,12 +345,12 @@ impl Wal {
 /// frame whose CRC holds but whose first `seq` does not follow the frame
 /// before it can only be damage, and what follows it can't be placed in
 /// `seq` order, so it is the end of the log (with a warning).
-fn read_frames(file: &mut File, generation: u64, len: u64) -> io::Result<(Vec<Frame>, u64)> {
+fn read_frames(file: &mut dyn WalIo, generation: u64, len: u64) -> io::Result<(Vec<Frame>, u64)> {
     let mut frames: Vec<Frame> = Vec::new();
     let mut pos = HEADER_LEN;
     let mut head = [0u8; FRAME_HEAD];
     while pos + FRAME_HEAD as u64 <= len {
-        if !read_full(file, pos, &mut head)? {
+        if !file.read_at(pos, &mut head)? {
             break;
         }
         let magic = u32::from_le_bytes(head[0..4].try_into().unwrap_or_default());
@@ -313,7 +366,7 @@ fn read_frames(file: &mut File, generation: u64, len: u64) -> io::Result<(Vec<Fr
             break;
         }
         let mut payload = vec![0u8; usize::try_from(plen).unwrap_or(usize::MAX)];
-        if !read_full(file, pos + FRAME_HEAD as u64, &mut payload)? {
+        if !file.read_at(pos + FRAME_HEAD as u64, &mut payload)? {
             break;
         }
         if frame_crc(generation, &payload) != crc {
@@ -454,21 +507,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         {
-            let (mut wal, _) = Wal::open(&path, ID, true, None).unwrap();
+            let (mut wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
             wal.append(1, [b"a".as_slice()].into_iter()).unwrap();
         }
-        let (mut wal, frames) = Wal::open(&path, [8; 16], true, None).unwrap();
+        let (mut wal, frames) = Wal::open(&path, [8; 16], true, None, None).unwrap();
         assert!(
             frames.is_empty(),
             "frames of another log must not be replayed"
         );
         wal.append(1, [b"b".as_slice()].into_iter()).unwrap();
         drop(wal);
-        let (_, frames) = Wal::open(&path, [8; 16], true, None).unwrap();
+        let (_, frames) = Wal::open(&path, [8; 16], true, None, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].records, vec![b"b".to_vec()]);
         // And the first log no longer claims it.
-        let (_, frames) = Wal::open(&path, ID, true, None).unwrap();
+        let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
         assert!(frames.is_empty());
     }
 
@@ -477,14 +530,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         {
-            let (mut wal, frames) = Wal::open(&path, ID, true, None).unwrap();
+            let (mut wal, frames) = Wal::open(&path, ID, true, None, None).unwrap();
             assert!(frames.is_empty());
             wal.append(1, [b"a".as_slice(), b"bc".as_slice()].into_iter())
                 .unwrap();
             wal.append(3, [b"".as_slice()].into_iter()).unwrap();
         }
         {
-            let (mut wal, frames) = Wal::open(&path, ID, true, None).unwrap();
+            let (mut wal, frames) = Wal::open(&path, ID, true, None, None).unwrap();
             assert_eq!(frames.len(), 2);
             assert_eq!(frames[0].first_seq, 1);
             assert_eq!(frames[0].records, vec![b"a".to_vec(), b"bc".to_vec()]);
@@ -492,7 +545,7 @@ mod tests {
             wal.reset().unwrap();
             wal.append(4, [b"d".as_slice()].into_iter()).unwrap();
         }
-        let (_, frames) = Wal::open(&path, ID, true, None).unwrap();
+        let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].first_seq, 4);
     }
@@ -502,7 +555,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         {
-            let (mut wal, _) = Wal::open(&path, ID, true, None).unwrap();
+            let (mut wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
             wal.append(1, [b"first".as_slice()].into_iter()).unwrap();
             wal.append(2, [b"second".as_slice()].into_iter()).unwrap();
         }
@@ -511,7 +564,7 @@ mod tests {
         let second = HEADER_LEN as usize + FRAME_HEAD + 12 + 4 + 5 + FRAME_HEAD + 14;
         bytes[second] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let (_, frames) = Wal::open(&path, ID, true, None).unwrap();
+        let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].records, vec![b"first".to_vec()]);
     }
@@ -521,6 +574,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.wal");
         std::fs::write(&path, vec![1u8; 5000]).unwrap();
-        assert!(Wal::open(&path, ID, true, None).is_err());
+        assert!(Wal::open(&path, ID, true, None, None).is_err());
     }
 }
