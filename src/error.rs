@@ -233,8 +233,9 @@ impl std::error::Error for FilterError {}
 
 /// What a handler returns when it could not process an event.
 ///
-/// Any `std::error::Error` converts into it with `?`, and
-/// [`HandlerError::msg`] makes one from a message. On a durable subscription
+/// Any `std::error::Error` converts into it with `?`, a message with
+/// `.into()` (`Err("boom".into())`), as `Box<dyn Error + Send + Sync>` does,
+/// and [`HandlerError::msg`] makes one from anything `Display`. On a durable subscription
 /// the event is retried and, after the configured number of deliveries, moved
 /// to the subscription's dead letters; nothing is lost.
 pub struct HandlerError(Box<dyn std::error::Error + Send + Sync>);
@@ -246,9 +247,12 @@ impl HandlerError {
     }
 }
 
-impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+/// Whatever converts into `Box<dyn Error + Send + Sync>` converts into a
+/// `HandlerError`: any error with `?`, and a message with `.into()`
+/// (`Err("boom".into())`, `Err(format!("bad {x}").into())`).
+impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for HandlerError {
     fn from(e: E) -> HandlerError {
-        HandlerError(Box::new(e))
+        HandlerError(e.into())
     }
 }
 
@@ -919,5 +923,42 @@ impl std::error::Error for DeliveryError {
 impl From<StorageError> for DeliveryError {
     fn from(e: StorageError) -> Self {
         DeliveryError::Storage(e)
+    }
+}
+
+#[cfg(test)]
+mod handler_error_tests {
+    use super::HandlerError;
+
+    fn message() -> Result<(), HandlerError> {
+        Err("boom".into())
+    }
+
+    fn formatted(n: u32) -> Result<(), HandlerError> {
+        Err(format!("bad {n}").into())
+    }
+
+    fn question_mark() -> Result<(), HandlerError> {
+        std::fs::read("/nonexistent/ctrlbus/handler")?;
+        Ok(())
+    }
+
+    fn boxed() -> Result<(), HandlerError> {
+        let e: Box<dyn std::error::Error + Send + Sync> = "boxed".into();
+        Err(e.into())
+    }
+
+    #[test]
+    fn a_first_handler_compiles_the_obvious_ways() {
+        assert_eq!(message().unwrap_err().to_string(), "boom");
+        assert_eq!(formatted(7).unwrap_err().to_string(), "bad 7");
+        assert!(
+            question_mark()
+                .unwrap_err()
+                .to_string()
+                .contains("No such file")
+        );
+        assert_eq!(boxed().unwrap_err().to_string(), "boxed");
+        assert_eq!(HandlerError::msg(42).to_string(), "42");
     }
 }

@@ -49,7 +49,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use redb::{Durability, ReadableTable};
+use redb::ReadableTable;
 
 use super::codec;
 use super::recent_ids::{IdHasher, RecentIds};
@@ -616,12 +616,11 @@ impl Core {
             refuse(req);
         }
         refuse_queued(&self.shared);
-        // Everything is durable in the redb file (its commits are durable
-        // unless sync is off without shared reads): the WAL's frames are no
-        // longer needed, nor most of its space.
+        // Everything is durable in the redb file (with a WAL, the applier's
+        // commits always are: `txn`): the WAL's frames are no longer
+        // needed, nor most of its space.
         let shared = &self.shared;
         if let Some(wal) = &mut self.wal
-            && (shared.opts.sync || shared.opts.shared_reads)
             && !shared.poisoned.load(Ordering::Acquire)
             && shared.applied_seq.load(Ordering::Acquire) >= shared.last_seq.load(Ordering::Acquire)
         {
@@ -1039,17 +1038,9 @@ impl Applier {
         let subs: Vec<Arc<DurableSub>> = shared.durable.lock().values().cloned().collect();
         let mut cursor_writes: Vec<(Arc<DurableSub>, u64)> = Vec::new();
         let result = (|| -> Result<(), StorageError> {
-            let mut txn = shared.db.begin_write()?;
-            // redb refuses non-durable commits when other processes may read
-            // the file (SingleWriter), so `sync(false)` only skips the WAL's
-            // fsync there.
-            let immediate = shared.opts.sync || shared.opts.shared_reads;
-            txn.set_durability(if immediate {
-                Durability::Immediate
-            } else {
-                Durability::None
-            })?;
-            txn.set_quick_repair(shared.opts.quick_repair);
+            // Not `txn::write`: the poison check was made above, and a
+            // failed apply must still answer `others`.
+            let txn = super::txn::begin(&shared)?;
             {
                 let mut events = txn.open_table(EVENTS)?;
                 let mut by_id = txn.open_table(BY_ID)?;
@@ -1221,8 +1212,7 @@ pub(crate) fn recover(
 ) -> Result<u64, StorageError> {
     let mut next = shared.last_seq.load(Ordering::Acquire) + 1;
     let mut replayed = 0u64;
-    let mut txn = shared.db.begin_write()?;
-    txn.set_quick_repair(shared.opts.quick_repair);
+    let txn = super::txn::begin(shared)?;
     {
         let mut events = txn.open_table(EVENTS)?;
         let mut by_id = txn.open_table(BY_ID)?;

@@ -34,6 +34,7 @@ mod recent_ids;
 mod recovery;
 mod subscription;
 mod tables;
+pub(crate) mod txn;
 mod upkeep;
 mod wal;
 
@@ -490,7 +491,7 @@ impl DurableBus {
         opts: Options,
     ) -> Result<DurableBus, OpenError> {
         let shown = path.clone().unwrap_or_else(|| PathBuf::from("<backend>"));
-        let log_id = open::prepare(&db, &shown)?;
+        let log_id = open::prepare(&db, &shown, &opts)?;
         let txn =
             redb::ReadableDatabase::begin_read(&db).map_err(|e| OpenError::Storage(e.into()))?;
         let last = read::last_assigned(&txn).map_err(OpenError::Storage)?;

@@ -132,13 +132,17 @@ pub(crate) fn check_format(txn: &redb::ReadTransaction, path: &Path) -> Result<b
 
 /// Checks an opened writable database, creates the tables of a new log, and
 /// returns the log's id (made on first open).
-pub(crate) fn prepare(db: &redb::Database, path: &Path) -> Result<[u8; 16], OpenError> {
+pub(crate) fn prepare(
+    db: &redb::Database,
+    path: &Path,
+    opts: &super::Options,
+) -> Result<[u8; 16], OpenError> {
     let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;
     let fresh = check_format(&txn, path)?;
     drop(txn);
     // Create any table a newer build of the same format added; cheap when
     // they all exist.
-    let txn = db.begin_write().map_err(|e| OpenError::Storage(e.into()))?;
+    let txn = super::txn::structural(db, opts).map_err(OpenError::Storage)?;
     let log_id;
     {
         let st = |e: redb::TableError| OpenError::Storage(e.into());

@@ -70,8 +70,7 @@ pub(crate) fn read_state(txn: &redb::ReadTransaction) -> Result<Option<WalState>
 
 /// Records the WAL state, durably.
 pub(crate) fn write_state(shared: &Shared, state: WalState) -> Result<(), StorageError> {
-    let mut txn = shared.db.begin_write()?;
-    txn.set_quick_repair(shared.opts.quick_repair);
+    let txn = super::txn::structural(&shared.db, &shared.opts)?;
     txn.open_table(META)?
         .insert(META_WAL, state.encode().as_slice())?;
     txn.commit()?;

@@ -461,11 +461,14 @@ impl DurableSubscription {
                     }
                 }
             };
-            let txn = shared.db.begin_write().map_err(StorageError::from)?;
+            // The handler runs before the write transaction opens: user
+            // code never holds the write lock (every publish waits on it).
+            let outcome = event.map(|e| fanout::call(self.sub.id, self.sub.handler.as_ref(), &e));
+            let txn = super::txn::write(&shared)?;
             {
                 let mut dead = txn.open_table(DEAD_LETTERS).map_err(StorageError::from)?;
                 let key = (self.sub.name.as_str(), letter.seq);
-                match event.map(|e| fanout::call(self.sub.id, self.sub.handler.as_ref(), &e)) {
+                match outcome {
                     None => {
                         dead.remove(key).map_err(StorageError::from)?;
                         report.gone += 1;
@@ -752,7 +755,7 @@ pub(crate) fn subscribe(
     drop(txn);
     record.filter_json = filter_json;
     record.updated_ns = now;
-    let wtxn = shared.db.begin_write().map_err(StorageError::from)?;
+    let wtxn = super::txn::write(shared)?;
     {
         let mut cursors = wtxn.open_table(CURSORS).map_err(StorageError::from)?;
         cursors
@@ -809,7 +812,7 @@ pub(crate) fn seek(
     position: Position,
 ) -> Result<CursorInfo, CursorError> {
     check_inactive(shared, name)?;
-    let txn = shared.db.begin_write().map_err(StorageError::from)?;
+    let txn = super::txn::write(shared)?;
     {
         let mut cursors = txn.open_table(CURSORS).map_err(StorageError::from)?;
         let mut rec: CursorRecord = match cursors.get(name).map_err(StorageError::from)? {
@@ -834,7 +837,7 @@ pub(crate) fn seek(
 
 pub(crate) fn delete(shared: &Shared, name: &str) -> Result<(), CursorError> {
     check_inactive(shared, name)?;
-    let txn = shared.db.begin_write().map_err(StorageError::from)?;
+    let txn = super::txn::write(shared)?;
     {
         let mut cursors = txn.open_table(CURSORS).map_err(StorageError::from)?;
         if cursors.remove(name).map_err(StorageError::from)?.is_none() {

@@ -237,7 +237,7 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
         .max_age
         .map(|age| now_ns().saturating_sub(age.as_nanos().min(i64::MAX as u128) as i64));
     loop {
-        let txn = shared.db.begin_write()?;
+        let txn = super::txn::write(shared)?;
         let removed_now;
         {
             let mut events = txn.open_table(EVENTS)?;

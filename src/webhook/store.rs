@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use redb::{Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::signing::Secret;
@@ -556,17 +556,7 @@ pub(crate) fn list_attempts<D: ReadableDatabase>(
 // ---- writes ----
 
 pub(crate) fn write_txn(shared: &Shared) -> Result<redb::WriteTransaction, StorageError> {
-    if shared.poisoned.load(Ordering::Acquire) {
-        return Err(StorageError::Poisoned);
-    }
-    let mut txn = shared.db.begin_write()?;
-    txn.set_durability(if shared.opts.sync {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })?;
-    txn.set_quick_repair(shared.opts.quick_repair);
-    Ok(txn)
+    crate::durable::txn::write(shared)
 }
 
 /// Bumps the registry version (the dispatcher reloads its cache).
