@@ -286,8 +286,17 @@ pub enum StorageError {
         reason: String,
     },
     /// The bus is poisoned: an earlier commit failed in a way that leaves the
-    /// in-memory state uncertain. Reopen the file.
+    /// in-memory state uncertain, or one of its background threads panicked.
+    /// Reopen the file.
     Poisoned,
+    /// The commit this operation shared with others (a group commit, or an
+    /// apply of several groups) failed; `reason` is that failure, reported
+    /// to each operation of the commit. What it means for durability is
+    /// said where it is returned.
+    CommitFailed {
+        /// The underlying error, as text.
+        reason: String,
+    },
 }
 
 impl fmt::Display for StorageError {
@@ -300,9 +309,11 @@ impl fmt::Display for StorageError {
             StorageError::Poisoned => {
                 write!(
                     f,
-                    "the log is unusable after an earlier storage failure; reopen it"
+                    "the log is unusable after an earlier storage failure or a panic in one of \
+                     its background threads (see the error log); reopen it"
                 )
             }
+            StorageError::CommitFailed { reason } => write!(f, "the commit failed: {reason}"),
         }
     }
 }

@@ -215,6 +215,48 @@ impl Nudger {
     }
 }
 
+/// Poisons what a background thread serves if the thread panics (after
+/// fjall's `PoisonDart`): dropped while unwinding, it sets `flag` and runs
+/// `on_panic`, so the bus fails with a clear error instead of waiting for a
+/// thread that is gone. Hold it for the thread's whole life.
+pub(crate) struct PoisonDart<'a> {
+    flag: &'a AtomicBool,
+    thread: &'static str,
+    on_panic: Option<Box<dyn FnOnce() + 'a>>,
+}
+
+impl<'a> PoisonDart<'a> {
+    /// A dart for the thread named `thread`, poisoning `flag`.
+    pub(crate) fn new(flag: &'a AtomicBool, thread: &'static str) -> PoisonDart<'a> {
+        PoisonDart {
+            flag,
+            thread,
+            on_panic: None,
+        }
+    }
+
+    /// Also runs `f` if the thread panics (to wake whoever waits on it).
+    pub(crate) fn on_panic(mut self, f: impl FnOnce() + 'a) -> PoisonDart<'a> {
+        self.on_panic = Some(Box::new(f));
+        self
+    }
+}
+
+impl Drop for PoisonDart<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.flag.store(true, Ordering::Release);
+            tracing::error!(
+                thread = self.thread,
+                "a ctrlbus background thread panicked; the bus refuses further work until reopened"
+            );
+            if let Some(f) = self.on_panic.take() {
+                f();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,3 +316,4 @@ mod tests {
         assert_eq!(t.join().unwrap(), None);
     }
 }
+

@@ -62,7 +62,7 @@ use crate::error::{PublishError, StorageError};
 use crate::event::Event;
 use crate::fanout::dispatch_to;
 use crate::id::EventId;
-use crate::sync::{Condvar, Mutex, Nudger, OneshotSender, Waited, Waker, oneshot};
+use crate::sync::{Condvar, Mutex, Nudger, OneshotSender, PoisonDart, Waited, Waker, oneshot};
 use crate::time::now_ns;
 
 /// Something that writes beside the events in their own transaction (the
@@ -493,6 +493,13 @@ const MAX_UNAPPLIED: usize = 20_000;
 /// `WAL_MAX_BYTES` twice over: records, and events kept for fan-out).
 const MAX_UNAPPLIED_BYTES: u64 = 8 << 20;
 
+/// The largest event id in the file's id index (0 when empty).
+fn max_id_in_file(shared: &Shared) -> Result<u128, StorageError> {
+    let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
+    let table = txn.open_table(BY_ID)?;
+    Ok(table.last()?.map_or(0, |(k, _)| k.value()))
+}
+
 impl Core {
     pub(crate) fn new(shared: Arc<Shared>, wal: Option<Wal>, last_append: i64) -> Core {
         let applier = Applier::new(shared.clone(), wal.is_some());
@@ -512,11 +519,12 @@ impl Core {
             ApplyTarget::Inline(applier)
         };
         // The largest id in the file (the WAL, if any, was replayed into it).
-        let max_id = redb::ReadableDatabase::begin_read(&shared.db)
-            .ok()
-            .and_then(|txn| txn.open_table(BY_ID).ok())
-            .and_then(|t| t.last().ok().flatten().map(|(k, _)| k.value()))
-            .unwrap_or(0);
+        // If it can't be read, every publish looks its id up in the index:
+        // skipping the duplicate check would accept an id twice.
+        let max_id = max_id_in_file(&shared).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the largest event id; checking every id");
+            u128::MAX
+        });
         Core {
             shared,
             wal,
@@ -741,8 +749,9 @@ impl Core {
             Ok(())
         })();
         if let Err(e) = lookup {
-            fail_all(publishes, Vec::new(), || {
-                StorageError::Redb(redb::Error::Io(std::io::Error::other(e.to_string())))
+            let reason = e.to_string();
+            fail_all(publishes, Vec::new(), || StorageError::CommitFailed {
+                reason: reason.clone(),
             });
             return;
         }
@@ -767,9 +776,9 @@ impl Core {
             tracing::error!(error = %e, "write-ahead log append failed; the log refuses writes until reopened");
             // After a failed fsync the page cache cannot be trusted.
             shared.poisoned.store(true, Ordering::Release);
-            let msg = e.to_string();
-            fail_all(publishes, Vec::new(), || {
-                StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+            let reason = e.to_string();
+            fail_all(publishes, Vec::new(), || StorageError::CommitFailed {
+                reason: reason.clone(),
             });
             return;
         }
@@ -792,9 +801,8 @@ impl Core {
                 a.push(unapplied);
                 if !a.apply(Vec::new()) {
                     // Not durable: nobody may see it.
-                    let msg = "commit failed".to_string();
-                    fail_all(publishes, Vec::new(), || {
-                        StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+                    fail_all(publishes, Vec::new(), || StorageError::CommitFailed {
+                        reason: "the commit of this group failed (logged)".into(),
                     });
                     return;
                 }
@@ -820,6 +828,7 @@ impl Core {
 /// publisher committed within `LINGER` (a publish submitted and not yet
 /// waited for), and shuts down.
 pub(crate) fn run_writer(shared: Arc<Shared>, rx: Receiver<WriteReq>) {
+    let _dart = PoisonDart::new(&shared.poisoned, "ctrlbus-writer");
     // Without the applier thread (no WAL) this thread runs the timed
     // applies and acknowledgement flushes: wake at least this often.
     let tick = match shared.core.lock().as_ref() {
@@ -975,6 +984,8 @@ impl Applier {
     /// The applier thread's loop (with a WAL): wakes every
     /// `apply_interval` (or `ack_flush_interval`, if shorter), or when asked.
     fn run(mut self, rx: Receiver<ApplyMsg>, queue: ApplyQueue) {
+        let shared = self.shared.clone();
+        let _dart = PoisonDart::new(&shared.poisoned, "ctrlbus-apply");
         let cadence = self
             .shared
             .opts
@@ -1094,9 +1105,9 @@ impl Applier {
                     self.unapplied_events = 0;
                     self.oldest_unapplied = None;
                 }
-                let msg = e.to_string();
-                fail_all(Vec::new(), others, || {
-                    StorageError::Redb(redb::Error::Io(std::io::Error::other(msg.clone())))
+                let reason = e.to_string();
+                fail_all(Vec::new(), others, || StorageError::CommitFailed {
+                    reason: reason.clone(),
                 });
                 false
             }

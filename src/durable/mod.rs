@@ -24,6 +24,8 @@
 //! fails or is slow; the switch back to live happens under the fan-out lock
 //! at an exact `seq`, so there is no gap and no duplicate.
 
+#[cfg(test)]
+mod background_panics;
 mod codec;
 mod commit;
 mod open;
@@ -551,9 +553,20 @@ impl DurableBus {
 
     /// Waits until every acknowledged event is in the redb file, so that a
     /// read transaction begun now sees all of them.
-    pub(crate) fn sync_reads(&self) -> Result<(), String> {
+    ///
+    /// # Errors
+    /// [`StorageError::Poisoned`] when the bus can no longer apply (a read
+    /// would miss acknowledged events), [`StorageError::CommitFailed`] when
+    /// the apply failed or the writer did not answer.
+    pub(crate) fn sync_reads(&self) -> Result<(), StorageError> {
         let shared = &self.handle.shared;
-        commit::ensure_applied(shared, shared.last_seq.load(Ordering::Acquire))
+        commit::ensure_applied(shared, shared.last_seq.load(Ordering::Acquire)).map_err(|reason| {
+            if shared.poisoned.load(Ordering::Acquire) {
+                StorageError::Poisoned
+            } else {
+                StorageError::CommitFailed { reason }
+            }
+        })
     }
 
     /// The file's path, if opened from one.
@@ -611,8 +624,9 @@ impl DurableBus {
         if shared.closed.load(Ordering::Acquire) {
             return Err(ReadError::Closed);
         }
-        // Best effort: a poisoned bus still serves what is in the file.
-        let _ = self.sync_reads();
+        // A read must see every event acknowledged before it (G1 … G4):
+        // when they can't be applied, say so rather than read less.
+        self.sync_reads()?;
         LogReader::new(&shared.db, from, filter)
     }
 
@@ -638,7 +652,7 @@ impl DurableBus {
         handler: H,
     ) -> Result<DurableSubscription, SubscribeError> {
         // The start position may name events acknowledged through the WAL.
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         subscription::subscribe(&self.handle.shared, name, filter, start, Box::new(handler))
     }
 
@@ -647,7 +661,7 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails or a cursor record is corrupted.
     pub fn cursors(&self) -> Result<Vec<CursorInfo>, StorageError> {
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         subscription::list_cursors(&self.handle.shared.db, Some(&self.handle.shared))
     }
 
@@ -656,7 +670,7 @@ impl DurableBus {
     /// # Errors
     /// [`CursorError::Unknown`] for a name with no cursor.
     pub fn cursor(&self, name: &str) -> Result<CursorInfo, CursorError> {
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         subscription::get_cursor(&self.handle.shared.db, Some(&self.handle.shared), name)
     }
 
@@ -669,7 +683,7 @@ impl DurableBus {
     /// [`CursorError::UnknownEvent`], [`CursorError::Storage`]. Nothing is
     /// changed on error.
     pub fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError> {
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         subscription::seek(&self.handle.shared, name, position)
     }
 
@@ -695,7 +709,7 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails.
     pub fn stats(&self) -> Result<Stats, StorageError> {
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         upkeep::stats(&self.handle.shared.db, self.handle.shared.path.as_deref())
     }
 
@@ -705,7 +719,7 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails; problems found are in the report.
     pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport, StorageError> {
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         upkeep::check(
             &self.handle.shared.db,
             self.handle.shared.path.as_deref(),
@@ -721,7 +735,7 @@ impl DurableBus {
     /// [`StorageError`]; on error nothing was removed.
     pub fn retain(&self, policy: &Retention) -> Result<RetainReport, StorageError> {
         // Count and age the events acknowledged through the WAL too.
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         upkeep::retain(&self.handle.shared, policy)
     }
 
@@ -740,7 +754,7 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails.
     pub fn last_append_time(&self) -> Result<Option<Timestamp>, StorageError> {
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         let txn = redb::ReadableDatabase::begin_read(&self.handle.shared.db)?;
         let ns = commit::last_append_ns(&txn)?;
         Ok((ns != i64::MIN).then(|| crate::time::ts(ns)))
@@ -768,7 +782,7 @@ impl Bus for DurableBus {
     }
 
     fn recent_events(&self, limit: usize, filter: &Filter) -> Result<Vec<Event>, ReadError> {
-        let _ = self.sync_reads();
+        self.sync_reads()?;
         upkeep::recent(&self.handle.shared, limit, filter)
     }
 

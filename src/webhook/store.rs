@@ -150,16 +150,14 @@ pub(crate) struct DeliRec {
     pub(crate) webhook: [u8; 16],
     pub(crate) event: [u8; 16],
     pub(crate) seq: u64,
-    pub(crate) status: u8,
+    /// Stored as its variant index (0, 1, 2: the bytes the `u8` it replaced
+    /// had); any other byte fails to decode, as a corrupted record.
+    pub(crate) status: DeliveryStatus,
     pub(crate) status_code: u16,
     pub(crate) attempts: u32,
     pub(crate) next_retry_ns: Option<i64>,
     pub(crate) error: String,
 }
-
-pub(crate) const PENDING: u8 = 0;
-pub(crate) const SUCCEEDED: u8 = 1;
-pub(crate) const FAILED: u8 = 2;
 
 /// One stored attempt.
 #[derive(Serialize, Deserialize, Clone)]
@@ -261,14 +259,6 @@ pub enum DeliveryStatus {
 }
 
 impl DeliveryStatus {
-    fn from_u8(v: u8) -> DeliveryStatus {
-        match v {
-            PENDING => DeliveryStatus::Pending,
-            SUCCEEDED => DeliveryStatus::Succeeded,
-            _ => DeliveryStatus::Failed,
-        }
-    }
-
     /// `"pending"`, `"succeeded"` or `"failed"`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -385,7 +375,7 @@ fn to_delivery(id: [u8; 16], r: &DeliRec) -> WebhookDelivery {
         webhook_id: WebhookId::from_bytes(r.webhook),
         event_id: EventId::from_bytes(r.event),
         seq: r.seq,
-        status: DeliveryStatus::from_u8(r.status),
+        status: r.status,
         status_code: r.status_code,
         attempts: r.attempts,
         next_retry: r.next_retry_ns.map(ts),
@@ -477,9 +467,7 @@ pub(crate) fn list_deliveries<D: ReadableDatabase>(
                 out: &mut Vec<WebhookDelivery>|
      -> Result<bool, StorageError> {
         let rec = decode_deli(bytes, &id)?;
-        if q.status
-            .is_none_or(|s| s == DeliveryStatus::from_u8(rec.status))
-        {
+        if q.status.is_none_or(|s| s == rec.status) {
             out.push(to_delivery(id, &rec));
         }
         Ok(out.len() < limit)
@@ -607,7 +595,7 @@ pub(crate) fn insert_delivery(
         webhook: hook,
         event: event.to_bytes(),
         seq,
-        status: PENDING,
+        status: DeliveryStatus::Pending,
         status_code: 0,
         attempts: 0,
         next_retry_ns: Some(now),
@@ -639,14 +627,14 @@ pub(crate) fn fail_pending(
             Some(v) => decode_deli(v.value(), &d)?,
             None => continue,
         };
-        if rec.status != PENDING {
+        if rec.status != DeliveryStatus::Pending {
             continue;
         }
         let mut rec = rec;
         if let Some(at) = rec.next_retry_ns.take() {
             due.remove((at, d))?;
         }
-        rec.status = FAILED;
+        rec.status = DeliveryStatus::Failed;
         rec.error = reason.to_owned();
         rec.updated_ns = now;
         deliveries.insert(d, encode_record(&rec).as_slice())?;
@@ -797,8 +785,10 @@ impl Webhooks {
     /// redb file (with a write-ahead log, events are applied to it, and
     /// their deliveries created, a little after `publish` returns). Best
     /// effort: a closed or poisoned bus still serves what is in the file.
-    fn sync(&self) {
-        let _ = self.bus.sync_reads();
+    /// Waits until every acknowledged event is applied, with the deliveries
+    /// it created, so that what follows sees them.
+    fn sync(&self) -> Result<(), StorageError> {
+        self.bus.sync_reads()
     }
 
     /// A write transaction, after every acknowledged event was applied with
@@ -807,7 +797,7 @@ impl Webhooks {
         if self.shared.closed.load(Ordering::Acquire) {
             return Err(WebhookError::Closed);
         }
-        self.sync();
+        self.sync()?;
         Ok(write_txn(&self.shared)?)
     }
 
@@ -867,7 +857,7 @@ impl Webhooks {
     /// # Errors
     /// [`WebhookError::UnknownWebhook`], [`WebhookError::Storage`].
     pub fn get(&self, id: WebhookId) -> Result<Webhook, WebhookError> {
-        self.sync();
+        self.sync()?;
         get_webhook(&self.shared.db, id)
     }
 
@@ -876,7 +866,7 @@ impl Webhooks {
     /// # Errors
     /// [`StorageError`] when storage fails or a record is corrupted.
     pub fn list(&self, tenant: Option<&str>) -> Result<Vec<Webhook>, StorageError> {
-        self.sync();
+        self.sync()?;
         list_webhooks(&self.shared.db, tenant)
     }
 
@@ -1025,7 +1015,7 @@ impl Webhooks {
     /// # Errors
     /// [`StorageError`] when storage fails or a record is corrupted.
     pub fn deliveries(&self, q: &DeliveryQuery) -> Result<Vec<WebhookDelivery>, StorageError> {
-        self.sync();
+        self.sync()?;
         list_deliveries(&self.shared.db, q)
     }
 
@@ -1034,7 +1024,7 @@ impl Webhooks {
     /// # Errors
     /// [`WebhookError::UnknownDelivery`], [`WebhookError::Storage`].
     pub fn delivery(&self, id: DeliveryId) -> Result<WebhookDelivery, WebhookError> {
-        self.sync();
+        self.sync()?;
         get_delivery(&self.shared.db, id)
     }
 
@@ -1043,7 +1033,7 @@ impl Webhooks {
     /// # Errors
     /// [`WebhookError::UnknownDelivery`], [`WebhookError::Storage`].
     pub fn attempts(&self, id: DeliveryId) -> Result<Vec<DeliveryAttempt>, WebhookError> {
-        self.sync();
+        self.sync()?;
         list_attempts(&self.shared.db, id)
     }
 
@@ -1079,8 +1069,8 @@ impl Webhooks {
             if let Some(at) = rec.next_retry_ns {
                 due.remove((at, key)).map_err(StorageError::from)?;
             }
-            if rec.status != PENDING {
-                rec.status = PENDING;
+            if rec.status != DeliveryStatus::Pending {
+                rec.status = DeliveryStatus::Pending;
                 rec.error = String::new();
             }
             rec.next_retry_ns = Some(now);
@@ -1114,19 +1104,31 @@ impl Webhooks {
             return Err(WebhookError::InvalidWindow);
         }
         let key = id.to_bytes();
-        let txn = self.open()?;
-        let hook = match load_hook(&txn, &key)? {
-            None => return Err(WebhookError::UnknownWebhook(id)),
-            Some(h) if !h.active => return Err(WebhookError::Inactive(id)),
-            Some(h) => h,
-        };
-        if let Some(reason) = hook.unsound(now_ns()) {
-            return Err(WebhookError::Unsound { id, reason });
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(WebhookError::Closed);
         }
-        let filter = Filter {
-            types: hook.patterns().unwrap_or_default(),
-            tenant_id: Some(hook.tenant_id.clone()),
-            instance_id: None,
+        self.sync()?;
+        // 1. Find the events with a read transaction: the scan never holds
+        // the write lock (the applier, and with it every in-process read,
+        // would wait for it).
+        let check = |hook: Option<HookRec>| -> Result<HookRec, WebhookError> {
+            match hook {
+                None => Err(WebhookError::UnknownWebhook(id)),
+                Some(h) if !h.active => Err(WebhookError::Inactive(id)),
+                Some(h) => match h.unsound(now_ns()) {
+                    Some(reason) => Err(WebhookError::Unsound { id, reason }),
+                    None => Ok(h),
+                },
+            }
+        };
+        let read_hook = || -> Result<HookRec, WebhookError> {
+            let txn = self.shared.db.begin_read().map_err(StorageError::from)?;
+            let table = txn.open_table(WEBHOOKS).map_err(StorageError::from)?;
+            let found = match table.get(key).map_err(StorageError::from)? {
+                Some(v) => Some(decode_hook(v.value(), &key)?),
+                None => None,
+            };
+            check(found)
         };
         let map_read = |e: crate::error::ReadError| match e {
             crate::error::ReadError::Storage(s) => WebhookError::Storage(s),
@@ -1136,34 +1138,106 @@ impl Webhooks {
                 reason: other.to_string(),
             }),
         };
-        // The reader sees the log as committed before this transaction: the
-        // writer thread cannot commit while we hold the write lock.
-        let mut reader =
-            crate::durable::LogReader::new(&self.shared.db, Position::Time(since), &filter)
-                .map_err(map_read)?;
-        if let Some(u) = until {
-            reader = reader.until(u);
-        }
+        let scan = |hook: &HookRec| -> Result<Vec<(u64, crate::id::EventId)>, WebhookError> {
+            let filter = Filter {
+                types: hook.patterns().unwrap_or_default(),
+                tenant_id: Some(hook.tenant_id.clone()),
+                instance_id: None,
+            };
+            let mut reader =
+                crate::durable::LogReader::new(&self.shared.db, Position::Time(since), &filter)
+                    .map_err(map_read)?;
+            if let Some(u) = until {
+                reader = reader.until(u);
+            }
+            // 24 bytes an event: a window of a million events takes 24 MB.
+            reader
+                .map(|entry| entry.map(|e| (e.seq, e.event.id)).map_err(map_read))
+                .collect()
+        };
+        let (txn, found) = loop {
+            let hook = read_hook()?;
+            let found = scan(&hook)?;
+            // 2. Create the deliveries in one write transaction, with the
+            // webhook checked again: if it changed meanwhile, scan again.
+            let txn = self.open()?;
+            let now_hook = check(load_hook(&txn, &key)?)?;
+            if now_hook.tenant_id == hook.tenant_id && now_hook.events == hook.events {
+                break (txn, found);
+            }
+        };
         let now = now_ns();
-        let mut ids = Vec::new();
+        let mut ids = Vec::with_capacity(found.len());
         {
             let mut deliveries = txn.open_table(DELIVERIES).map_err(StorageError::from)?;
             let mut due = txn.open_table(DUE).map_err(StorageError::from)?;
             let mut by_hook = txn.open_table(BY_HOOK).map_err(StorageError::from)?;
-            for entry in reader {
-                let entry = entry.map_err(map_read)?;
+            for (seq, event_id) in found {
                 ids.push(insert_delivery(
                     &mut deliveries,
                     &mut due,
                     &mut by_hook,
                     key,
-                    entry.event.id,
-                    entry.seq,
+                    event_id,
+                    seq,
                     now,
                 )?);
             }
         }
         self.commit(txn)?;
         Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `DeliRec` as files before the status enum stored it.
+    #[derive(Serialize)]
+    struct DeliRecV1 {
+        created_ns: i64,
+        updated_ns: i64,
+        webhook: [u8; 16],
+        event: [u8; 16],
+        seq: u64,
+        status: u8,
+        status_code: u16,
+        attempts: u32,
+        next_retry_ns: Option<i64>,
+        error: String,
+    }
+
+    fn v1(status: u8) -> Vec<u8> {
+        encode_record(&DeliRecV1 {
+            created_ns: 1,
+            updated_ns: 2,
+            webhook: [3; 16],
+            event: [4; 16],
+            seq: 5,
+            status,
+            status_code: 200,
+            attempts: 1,
+            next_retry_ns: None,
+            error: String::new(),
+        })
+    }
+
+    #[test]
+    fn stored_statuses_read_back_and_an_unknown_one_is_corruption() {
+        for (byte, status) in [
+            (0, DeliveryStatus::Pending),
+            (1, DeliveryStatus::Succeeded),
+            (2, DeliveryStatus::Failed),
+        ] {
+            let rec = decode_deli(&v1(byte), &[9; 16]).unwrap();
+            assert_eq!(rec.status, status);
+            assert_eq!(rec.seq, 5);
+            assert_eq!(encode_record(&rec), v1(byte), "the same bytes as before");
+        }
+        assert!(matches!(
+            decode_deli(&v1(3), &[9; 16]),
+            Err(StorageError::Corrupted { .. })
+        ));
     }
 }

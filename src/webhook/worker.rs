@@ -39,14 +39,14 @@ use redb::{ReadableDatabase, ReadableTable};
 use super::dispatch::{Dispatcher, dispatcher};
 use super::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, signature_header};
 use super::store::{
-    ATTEMPTS, AttemptRec, DELIVERIES, DUE, FAILED, PENDING, SUCCEEDED, WEBHOOKS, decode_deli,
-    decode_hook, disable_in, load_hook, now_ns, store_hook, write_txn,
+    ATTEMPTS, AttemptRec, DELIVERIES, DUE, DeliveryStatus, WEBHOOKS, decode_deli, decode_hook,
+    disable_in, load_hook, now_ns, store_hook, write_txn,
 };
 use super::url_policy::{UrlPolicy, is_forbidden, validate_url};
 use crate::durable::{DurableBus, Position, Shared, encode_record};
 use crate::error::{DeliveryError, StorageError, UrlError};
 use crate::filter::Filter;
-use crate::sync::{Condvar, Mutex};
+use crate::sync::{Condvar, Mutex, PoisonDart};
 
 /// How much of a response body is kept in the attempt log.
 pub const RESPONSE_LOG_BYTES: usize = 1024;
@@ -380,13 +380,17 @@ impl DeliveryWorker {
 
     /// Waits until every event acknowledged before this call is in the file
     /// and a scheduling pass that started after that found no pending
-    /// delivery and none in flight. Returns false on timeout or if
-    /// the worker stopped.
+    /// delivery and none in flight. Returns false on timeout, if the worker
+    /// stopped, or if the log can't apply what was acknowledged (poisoned).
     pub fn wait_idle(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
         // Events acknowledged before this call must be in the redb file,
         // with their deliveries, before a pass can call itself idle.
-        let _ = self.bus.sync_reads();
+        if let Err(e) = self.bus.sync_reads() {
+            // Deliveries of the events not applied can't be seen: not idle.
+            tracing::error!(error = %e, "waiting for idle: the log can't apply");
+            return false;
+        }
         let mut idle = self.inner.idle.lock();
         let target = idle.started + 1;
         self.inner.dispatcher.wake();
@@ -565,6 +569,12 @@ fn settle(
 
 /// The scheduler: claim due deliveries, hand them out, record outcomes.
 fn scheduler_loop(inner: &Inner, jobs: Sender<Job>, outcomes: Receiver<Outcome>) {
+    // A panic here stops this worker (not the bus): `wait_idle` returns
+    // false instead of waiting for a scheduler that is gone.
+    let _dart = PoisonDart::new(&inner.stop, "ctrlbus-webhook-scheduler").on_panic(|| {
+        inner.idle.lock().stopped = true;
+        inner.idle_cv.notify_all();
+    });
     let mut in_flight: HashSet<[u8; 16]> = HashSet::new();
     let mut circuits: HashMap<[u8; 16], Circuit> = HashMap::new();
     // Jobs queued ahead of the senders, so that outcomes arrive while the
@@ -673,7 +683,7 @@ fn claim(
             continue;
         };
         let rec = decode_deli(v.value(), &id)?;
-        if rec.status != PENDING {
+        if rec.status != DeliveryStatus::Pending {
             continue;
         }
         let hook = match hook_cache.entry(rec.webhook) {
@@ -785,13 +795,13 @@ fn claim(
                 };
                 let mut rec = decode_deli(v.value(), id)?;
                 drop(v);
-                if rec.status != PENDING {
+                if rec.status != DeliveryStatus::Pending {
                     continue;
                 }
                 if let Some(at) = rec.next_retry_ns.take() {
                     due.remove((at, *id))?;
                 }
-                rec.status = FAILED;
+                rec.status = DeliveryStatus::Failed;
                 rec.error = reason.clone();
                 rec.updated_ns = now;
                 deliveries.insert(id, encode_record(&rec).as_slice())?;
@@ -840,7 +850,7 @@ fn record(
             })
             .as_slice(),
         )?;
-        let was_pending = rec.status == PENDING;
+        let was_pending = rec.status == DeliveryStatus::Pending;
         rec.updated_ns = now;
         if o.status_code != 0 {
             rec.status_code = o.status_code;
@@ -851,7 +861,7 @@ fn record(
                 txn.open_table(DUE)?.remove((at, o.delivery))?;
             }
             if o.success {
-                rec.status = SUCCEEDED;
+                rec.status = DeliveryStatus::Succeeded;
                 rec.error = String::new();
                 circuit_updates.push((o.hook, true, Duration::ZERO));
             } else {
@@ -870,7 +880,7 @@ fn record(
                         circuit_updates.push((o.hook, false, wait));
                     }
                     _ => {
-                        rec.status = FAILED;
+                        rec.status = DeliveryStatus::Failed;
                         let last = opts
                             .retry_schedule
                             .last()

@@ -1,0 +1,64 @@
+//! A background thread that panics poisons the bus with a clear error; no
+//! caller waits for it forever.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::{AppendHook, DurableBus};
+use crate::bus::Bus;
+use crate::error::{PublishError, ReadError, StorageError};
+use crate::event::{Event, Type};
+use crate::filter::Filter;
+
+/// Panics inside the applier's transaction once armed.
+struct Bomb(AtomicBool);
+
+impl AppendHook for Bomb {
+    fn on_append(
+        &self,
+        _txn: &redb::WriteTransaction,
+        _appended: &[(u64, &Event)],
+        _append_ns: i64,
+    ) -> Result<(), StorageError> {
+        assert!(!self.0.load(Ordering::SeqCst), "boom in a hook");
+        Ok(())
+    }
+}
+
+#[test]
+fn a_panicking_applier_poisons_the_bus_and_nobody_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::builder()
+        .apply_interval(Duration::from_millis(1))
+        .open(dir.path().join("log.redb"))
+        .unwrap();
+    let bomb = Arc::new(Bomb(AtomicBool::new(false)));
+    bus.shared().hooks.write().push(bomb.clone());
+    bus.publish(Event::new(Type::DEPLOY_STARTED, "t")).unwrap();
+    bomb.0.store(true, Ordering::SeqCst);
+    // Acknowledged through the WAL; the applier then panics applying it.
+    let acked = bus.publish(Event::new(Type::DEPLOY_STARTED, "t"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !bus.shared().poisoned.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "never poisoned");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Every later call fails, naming the cause, and returns.
+    let err = bus
+        .publish(Event::new(Type::DEPLOY_STARTED, "t"))
+        .unwrap_err();
+    assert!(
+        matches!(err, PublishError::Storage(StorageError::Poisoned)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("background threads"), "{err}");
+    if acked.is_ok() {
+        // A read would miss that event: refused, not silently short.
+        assert!(matches!(
+            bus.read(super::Position::Beginning, &Filter::all()),
+            Err(ReadError::Storage(StorageError::Poisoned))
+        ));
+    }
+    drop(bus); // closing returns too
+}
