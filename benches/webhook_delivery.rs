@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ctrlbus::webhook::http_agent;
 use ctrlbus::{DeliveryOptions, DeliveryWorker, DurableBus, Event, NewWebhook, Type};
 
 const BATCH: u64 = 500;
@@ -54,7 +53,18 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(5));
 
     let body = event().to_json().into_bytes();
-    let agent = http_agent(&opts(1));
+    // The peer: a plain ureq agent as deliveries configure theirs (keep-
+    // alive, no redirects, statuses as responses, the same timeouts).
+    let o = opts(1);
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .proxy(None)
+            .timeout_connect(Some(o.connect_timeout))
+            .timeout_global(Some(o.timeout))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build(),
+    );
     g.bench_function("plain_loop/1", |b| {
         b.iter(|| {
             for _ in 0..BATCH {

@@ -38,6 +38,7 @@ mod event;
 mod fanout;
 mod files;
 mod filter;
+#[cfg(feature = "fuzzing")]
 mod fuzzing;
 mod id;
 mod limits;
@@ -46,9 +47,10 @@ mod sync;
 mod time;
 pub mod webhook;
 
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod __fuzz {
-    //! Fuzz entry points; not part of the API.
+    //! Fuzz entry points (feature `fuzzing`); not part of the API.
     pub use crate::fuzzing::*;
 }
 pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};

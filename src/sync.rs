@@ -316,4 +316,3 @@ mod tests {
         assert_eq!(t.join().unwrap(), None);
     }
 }
-

@@ -748,6 +748,7 @@ fn retention_never_reuses_seqs_and_reports_missed() {
 /// A record that decodes but holds an invalid event (here a type with
 /// capitals): both the event reader and the JSON-lines writer report a
 /// corruption naming its seq, and stop there.
+#[cfg(feature = "fuzzing")] // the record encoder is a test hook
 #[test]
 fn a_record_with_an_invalid_event_is_reported_with_its_seq() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,6 +16,7 @@
 //! in the file although `publish` reported an error; that is allowed. Such an
 //! event must still be whole, have the next `seq`, and never be followed by
 //! an acknowledged event that reuses its `seq`.
+#![cfg(feature = "fuzzing")] // uses fault injection through open_backend_with_wal, test hooks behind the feature
 
 mod common;
 use common::recorder;

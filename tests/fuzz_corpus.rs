@@ -4,6 +4,7 @@
 //!
 //! `cargo test --test fuzz_corpus -- --ignored write_seeds` regenerates the
 //! seed files from real records, events, filters, times and signatures.
+#![cfg(feature = "fuzzing")] // uses the fuzz entry points, test hooks behind the feature
 
 use std::path::PathBuf;
 

@@ -5,6 +5,7 @@
 //! acknowledged event with its seq, in order, sound. A failed publish's
 //! event may survive only when its frame was written in full (fsync
 //! failure after the write), as G2 allows.
+#![cfg(feature = "fuzzing")] // uses the WAL fault countdown, test hooks behind the feature
 
 mod common;
 use common::recorder;

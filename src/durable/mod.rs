@@ -58,12 +58,14 @@ pub(crate) use commit::AppendHook;
 pub use commit::MAX_BATCH_BYTES;
 
 /// Decodes a stored record into its append time and event (for fuzzing).
+#[cfg(feature = "fuzzing")]
 pub(crate) fn codec_decode_to_event(bytes: &[u8]) -> Result<(i64, Event), String> {
     let (append, rec) = codec::decode_ref(bytes)?;
     Ok((append, rec.to_event()?))
 }
 
 /// Encodes an event as a stored record (for fuzzing).
+#[cfg(feature = "fuzzing")]
 pub(crate) fn codec_encode(event: &Event, append_ns: i64) -> Vec<u8> {
     let mut out = Vec::new();
     let payload = if event.payload.is_empty() {
@@ -283,6 +285,7 @@ impl DurableBusBuilder {
     /// Fault injection for tests: each write and each fsync of a WAL frame
     /// takes one from `countdown`; the step that finds it at zero fails (a
     /// write fails after writing half the frame). Not part of the API.
+    #[cfg(feature = "fuzzing")]
     #[doc(hidden)]
     pub fn wal_fault_countdown(mut self, countdown: Arc<AtomicU64>) -> Self {
         self.opts.wal_faults = Some(countdown);
@@ -337,6 +340,7 @@ impl DurableBusBuilder {
     /// [`DurableBusBuilder::open`] does, WAL included, but reaches its redb
     /// file through `backend` (a wrapper around that file), so that the
     /// applier's commits can be made to fail. Not part of the API.
+    #[cfg(any(test, feature = "fuzzing"))]
     #[doc(hidden)]
     pub fn open_backend_with_wal(
         self,

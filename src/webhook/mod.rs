@@ -26,12 +26,9 @@ pub use store::{
     CreatedWebhook, DEFAULT_ROTATION_GRACE, DeliveryAttempt, DeliveryQuery, DeliveryStatus,
     NewWebhook, Webhook, WebhookDelivery, WebhookUpdate, Webhooks,
 };
-pub use url_policy::{
-    MAX_URL_LEN, ParsedTarget, Scheme, UrlPolicy, check_addresses, is_forbidden, validate_url,
-};
+pub use url_policy::MAX_URL_LEN;
 pub use worker::{
     DEFAULT_RETRY_SCHEDULE, DeliveryOptions, DeliveryWorker, RESPONSE_LOG_BYTES, USER_AGENT,
-    http_agent,
 };
 
 use crate::durable::Shared;

@@ -68,6 +68,7 @@ pub enum Scheme {
 
 impl Scheme {
     /// The scheme as written in a URL: `"http"` or `"https"`.
+    #[cfg(test)]
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -103,6 +104,8 @@ pub struct ParsedTarget {
     path_and_query: String,
 }
 
+// Read by the tests: production uses the validated URL string.
+#[cfg(test)]
 impl ParsedTarget {
     /// The URL exactly as given to [`validate_url`].
     #[must_use]

@@ -139,7 +139,7 @@ impl Default for DeliveryOptions {
 /// `HTTPS_PROXY` and `ALL_PROXY` from the environment and send every
 /// delivery to the proxy, so that the address policy would judge only the
 /// proxy's address while the proxy connects anywhere.
-pub fn http_agent(opts: &DeliveryOptions) -> ureq::Agent {
+pub(crate) fn http_agent(opts: &DeliveryOptions) -> ureq::Agent {
     let config = ureq::Agent::config_builder()
         .proxy(None)
         .timeout_connect(Some(opts.connect_timeout))
