@@ -53,6 +53,13 @@ pub mod __fuzz {
     //! Fuzz entry points (feature `fuzzing`); not part of the API.
     pub use crate::fuzzing::*;
 }
+/// The append hooks every [`DurableBus`] gets: the webhook dispatcher. The
+/// log (`durable`) knows hooks only through its trait; this is where the
+/// crate wires its parts together.
+pub(crate) fn append_hooks() -> Vec<durable::HookFactory> {
+    vec![std::sync::Arc::new(webhook::append_hook)]
+}
+
 pub use bus::{Bus, Handler, HandlerFailure, Receipt, Subscription, SubscriptionId};
 pub use durable::{
     CheckReport, CursorInfo, CursorState, DeadLetter, DurableBus, DurableBusBuilder,

@@ -24,6 +24,10 @@ impl AppendHook for Bomb {
         assert!(!self.0.load(Ordering::SeqCst), "boom in a hook");
         Ok(())
     }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
 }
 
 #[test]

@@ -65,21 +65,6 @@ use crate::id::EventId;
 use crate::sync::{Condvar, Mutex, Nudger, OneshotSender, PoisonDart, Waited, Waker, oneshot};
 use crate::time::now_ns;
 
-/// Something that writes beside the events in their own transaction (the
-/// webhook dispatcher creates delivery records this way, so that no crash
-/// can separate an event from its deliveries).
-pub(crate) trait AppendHook: Send + Sync {
-    /// Called inside the write transaction, after the events are inserted.
-    fn on_append(
-        &self,
-        txn: &redb::WriteTransaction,
-        appended: &[(u64, &Event)],
-        append_ns: i64,
-    ) -> Result<(), StorageError>;
-    /// Called after the transaction committed.
-    fn after_commit(&self) {}
-}
-
 /// A request to the writer thread.
 pub(crate) enum WriteReq {
     /// Store acknowledged positions now; reply when durable.

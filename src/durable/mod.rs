@@ -28,6 +28,7 @@
 mod background_panics;
 mod codec;
 mod commit;
+mod hooks;
 mod open;
 #[cfg(test)]
 mod power_loss;
@@ -54,8 +55,8 @@ pub use read::{LogEntry, LogReader, Position, ReadOnlyLog};
 pub use subscription::{CursorInfo, CursorState, DeadLetter, DurableSubscription, RedriveReport};
 pub use upkeep::{CheckReport, RetainReport, Retention, Stats};
 
-pub(crate) use commit::AppendHook;
 pub use commit::MAX_BATCH_BYTES;
+pub(crate) use hooks::{AppendHook, HookFactories, HookFactory};
 
 /// Decodes a stored record into its append time and event (for fuzzing).
 #[cfg(feature = "fuzzing")]
@@ -156,6 +157,8 @@ impl Default for Options {
 #[derive(Debug, Clone, Default)]
 pub struct DurableBusBuilder {
     opts: Options,
+    /// Installed on each bus opened, before recovery.
+    hooks: HookFactories,
 }
 
 impl DurableBusBuilder {
@@ -319,7 +322,7 @@ impl DurableBusBuilder {
             .redb_builder()
             .create(path)
             .map_err(|e| open::map_open_error(path, e))?;
-        DurableBus::start(db, Some(path.to_path_buf()), self.opts)
+        DurableBus::start(db, Some(path.to_path_buf()), self.opts, self.hooks.make())
     }
 
     /// Opens or creates a log on a custom redb storage backend (fault
@@ -333,7 +336,7 @@ impl DurableBusBuilder {
             .redb_builder()
             .create_with_backend(backend)
             .map_err(|e| open::map_open_error(Path::new("<backend>"), e))?;
-        DurableBus::start(db, None, self.opts)
+        DurableBus::start(db, None, self.opts, self.hooks.make())
     }
 
     /// Fault injection for tests: opens the log at `path` as
@@ -352,7 +355,7 @@ impl DurableBusBuilder {
             .redb_builder()
             .create_with_backend(backend)
             .map_err(|e| open::map_open_error(path, e))?;
-        DurableBus::start(db, Some(path.to_path_buf()), self.opts)
+        DurableBus::start(db, Some(path.to_path_buf()), self.opts, self.hooks.make())
     }
 
     fn redb_builder(&self) -> redb::Builder {
@@ -495,9 +498,10 @@ impl DurableBus {
         db: redb::Database,
         path: Option<PathBuf>,
         opts: Options,
+        hooks: Vec<Arc<dyn AppendHook>>,
     ) -> Result<DurableBus, OpenError> {
         let shown = path.clone().unwrap_or_else(|| PathBuf::from("<backend>"));
-        let log_id = open::prepare(&db, &shown, &opts)?;
+        let log_id = open::prepare(&db, &shown, &opts, &hooks)?;
         let txn =
             redb::ReadableDatabase::begin_read(&db).map_err(|e| OpenError::Storage(e.into()))?;
         let last = read::last_assigned(&txn).map_err(OpenError::Storage)?;
@@ -516,12 +520,13 @@ impl DurableBus {
             live: Arc::new(Subscribers::new()),
             fan: Mutex::new(commit::FanState::new(last + 1)),
             durable: Mutex::new(HashMap::new()),
-            hooks: RwLock::new(Vec::new()),
+            // Installed before the WAL is replayed below: replayed events
+            // reach every hook, as live ones do.
+            hooks: RwLock::new(hooks),
             core: Mutex::new(None),
             queue: Mutex::new(commit::PublishQueue::default()),
             tx,
         });
-        crate::webhook::install(&shared).map_err(OpenError::Storage)?;
         let mut wal = None;
         let mut last_append = last_append;
         if let Some(path) = shared.path.clone() {
@@ -724,9 +729,11 @@ impl DurableBus {
     /// [`StorageError`] when storage fails; problems found are in the report.
     pub fn check(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CheckReport, StorageError> {
         self.sync_reads()?;
+        let hooks = self.handle.shared.hooks.read().clone();
         upkeep::check(
             &self.handle.shared.db,
             self.handle.shared.path.as_deref(),
+            &hooks,
             progress,
         )
     }

@@ -136,6 +136,7 @@ pub(crate) fn prepare(
     db: &redb::Database,
     path: &Path,
     opts: &super::Options,
+    hooks: &[std::sync::Arc<dyn super::AppendHook>],
 ) -> Result<[u8; 16], OpenError> {
     let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;
     let fresh = check_format(&txn, path)?;
@@ -171,7 +172,9 @@ pub(crate) fn prepare(
         txn.open_table(BY_ID).map_err(st)?;
         txn.open_table(CURSORS).map_err(st)?;
         txn.open_table(DEAD_LETTERS).map_err(st)?;
-        crate::webhook::create_tables(&txn).map_err(OpenError::Storage)?;
+        for hook in hooks {
+            hook.create_tables(&txn).map_err(OpenError::Storage)?;
+        }
     }
     txn.commit().map_err(|e| OpenError::Storage(e.into()))?;
     Ok(log_id)

@@ -405,7 +405,8 @@ impl ReadOnlyLog {
     /// [`StorageError`] when storage fails (corruption is reported in the
     /// returned report, not as an error).
     pub fn check(&self) -> Result<super::CheckReport, StorageError> {
-        super::upkeep::check(&self.db, Some(&self.path), &mut |_, _| {})
+        let hooks = super::HookFactories::default().make();
+        super::upkeep::check(&self.db, Some(&self.path), &hooks, &mut |_, _| {})
     }
 
     /// The dead letters of one subscription, oldest first.

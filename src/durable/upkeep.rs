@@ -103,6 +103,7 @@ impl CheckReport {
 pub(crate) fn check<D: ReadableDatabase>(
     db: &D,
     path: Option<&Path>,
+    hooks: &[std::sync::Arc<dyn super::AppendHook>],
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CheckReport, StorageError> {
     const MAX_PROBLEMS: usize = 1000;
@@ -201,7 +202,9 @@ pub(crate) fn check<D: ReadableDatabase>(
             }
         }
     }
-    crate::webhook::store::check_registry(&txn, &mut report.problems)?;
+    for hook in hooks {
+        hook.check(&txn, &mut report.problems)?;
+    }
     if let Some(path) = path {
         super::recovery::check_wal(&txn, path, &mut report)?;
     }

@@ -21,8 +21,8 @@
 //! the registry).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
 
 use crossbeam_channel::{Receiver, Sender};
 use redb::ReadableTable;
@@ -34,7 +34,7 @@ use crate::durable::{AppendHook, Shared};
 use crate::error::StorageError;
 use crate::event::Event;
 use crate::filter::Pattern;
-use crate::sync::{Mutex, RwLock};
+use crate::sync::RwLock;
 
 /// One active webhook, as dispatch needs it.
 struct ActiveHook {
@@ -165,35 +165,36 @@ impl AppendHook for Dispatcher {
             self.wake();
         }
     }
+
+    fn create_tables(&self, txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+        super::create_tables(txn)
+    }
+
+    fn check(
+        &self,
+        txn: &redb::ReadTransaction,
+        problems: &mut Vec<String>,
+    ) -> Result<(), StorageError> {
+        super::store::check_registry(txn, problems)
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
 }
 
-/// The dispatcher of each open bus, found by the address of its `Shared`.
-/// `Shared` owns its dispatcher (through its hook list), so a dead `Weak`
-/// means the bus is gone; a new bus at the same address replaces the entry.
-static DISPATCHERS: Mutex<Vec<(usize, Weak<Dispatcher>)>> = Mutex::new(Vec::new());
-
-fn key(shared: &Arc<Shared>) -> usize {
-    Arc::as_ptr(shared) as usize
+/// A new dispatcher, as a bus's append hook (see `crate::append_hooks`).
+pub(crate) fn hook() -> Arc<dyn AppendHook> {
+    Arc::new(Dispatcher::new())
 }
 
-/// Installs a dispatcher on a bus being opened.
-pub(crate) fn install(shared: &Arc<Shared>) {
-    let d = Arc::new(Dispatcher::new());
-    let mut all = DISPATCHERS.lock();
-    all.retain(|(k, w)| w.strong_count() > 0 && *k != key(shared));
-    all.push((key(shared), Arc::downgrade(&d)));
-    drop(all);
-    shared.hooks.write().push(d);
-}
-
-/// The dispatcher of a bus.
+/// The dispatcher of a bus: its append hook of that type.
 pub(crate) fn dispatcher(shared: &Arc<Shared>) -> Option<Arc<Dispatcher>> {
-    let k = key(shared);
-    DISPATCHERS
-        .lock()
+    shared
+        .hooks
+        .read()
         .iter()
-        .find(|(key, _)| *key == k)
-        .and_then(|(_, w)| w.upgrade())
+        .find_map(|h| h.clone().into_any().downcast::<Dispatcher>().ok())
 }
 
 /// Wakes the delivery worker of a bus, if any (after a registry change).

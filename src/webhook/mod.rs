@@ -31,7 +31,6 @@ pub use worker::{
     DEFAULT_RETRY_SCHEDULE, DeliveryOptions, DeliveryWorker, RESPONSE_LOG_BYTES, USER_AGENT,
 };
 
-use crate::durable::Shared;
 use crate::error::StorageError;
 
 /// Creates the webhook tables in a new or upgraded log.
@@ -45,8 +44,7 @@ pub(crate) fn create_tables(txn: &redb::WriteTransaction) -> Result<(), StorageE
     Ok(())
 }
 
-/// Installs the webhook dispatcher on an opened bus.
-pub(crate) fn install(shared: &std::sync::Arc<Shared>) -> Result<(), StorageError> {
-    dispatch::install(shared);
-    Ok(())
+/// The webhook dispatcher as an append hook, for each new bus.
+pub(crate) fn append_hook() -> std::sync::Arc<dyn crate::durable::AppendHook> {
+    dispatch::hook()
 }
