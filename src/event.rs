@@ -336,14 +336,24 @@ impl Event {
     /// [`EventError::FieldTooLong`], [`EventError::Timestamp`],
     /// [`EventError::TooDeep`], [`EventError::PayloadTooLarge`].
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), EventError> {
-        limits::check_field_lengths(&self.tenant_id, &self.actor_id)?;
-        limits::check_timestamp(self.timestamp)?;
+        self.validate_but_size()?;
         if self.payload.is_empty() {
             return Ok(());
         }
-        // Depth first: measuring the size serializes, which recurses.
-        limits::check_payload_depth(self.payload.values())?;
         self.check_payload_size_slow(max_payload_bytes)
+    }
+
+    /// [`Event::validate`] but for the payload's size, for a caller that
+    /// serializes the payload anyway and measures that (the durable
+    /// publish path: one serialization, not two). The depth check comes
+    /// first: serializing recurses.
+    pub(crate) fn validate_but_size(&self) -> Result<(), EventError> {
+        limits::check_field_lengths(&self.tenant_id, &self.actor_id)?;
+        limits::check_timestamp(self.timestamp)?;
+        if !self.payload.is_empty() {
+            limits::check_payload_depth(self.payload.values())?;
+        }
+        Ok(())
     }
 
     /// The event as one line of compact JSON (the webhook body).

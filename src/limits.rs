@@ -84,8 +84,14 @@ pub(crate) fn check_no_leap_second(s: &str) -> Result<(), EventError> {
 pub(crate) fn check_payload_depth<'a>(
     payload: impl Iterator<Item = &'a Value>,
 ) -> Result<(), EventError> {
-    // (value, its depth); the payload's own values are at depth 3.
-    let mut stack: Vec<(&Value, usize)> = payload.map(|v| (v, 3)).collect();
+    // (value, its depth); the payload's own values are at depth 3. A flat
+    // payload (no nested object or array) allocates nothing.
+    let mut stack: Vec<(&Value, usize)> = Vec::new();
+    for v in payload {
+        if matches!(v, Value::Array(_) | Value::Object(_)) {
+            stack.push((v, 3));
+        }
+    }
     while let Some((v, depth)) = stack.pop() {
         let children: Box<dyn Iterator<Item = &Value>> = match v {
             Value::Array(a) => Box::new(a.iter()),

@@ -297,11 +297,17 @@ pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending
     let mut items = Vec::with_capacity(events.len());
     let mut bytes = 0usize;
     for event in events {
-        event.validate(shared.opts.max_payload_bytes)?;
+        event.validate_but_size()?;
         let payload = if event.payload.is_empty() {
             Vec::new()
         } else {
-            event.payload_json()
+            let p = event.payload_json();
+            if p.len() > shared.opts.max_payload_bytes {
+                return Err(PublishError::Invalid(crate::EventError::PayloadTooLarge {
+                    limit: shared.opts.max_payload_bytes,
+                }));
+            }
+            p
         };
         let mut record = Vec::with_capacity(64 + payload.len() + event.tenant_id.len());
         codec::encode(&event, 0, &payload, &mut record);
