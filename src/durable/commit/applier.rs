@@ -1,0 +1,272 @@
+//! The applier: moves acknowledged groups from memory (and the WAL) into the
+//! redb file, with the append hooks, the dead letters and the
+//! subscriptions' positions, in one durable commit every `apply_interval`;
+//! runs retention. With a WAL it runs on its own thread (`ctrlbus-apply`);
+//! without one, inline in the committer.
+
+use super::*;
+
+/// Events durable in the WAL but not yet in the redb file.
+pub(super) struct Unapplied {
+    pub(super) group: Arc<Group>,
+    pub(super) records: Vec<Vec<u8>>,
+    pub(super) append_ns: i64,
+    /// When the writer acknowledged it: `apply_interval` counts from here.
+    pub(super) acked_at: Instant,
+}
+
+impl Unapplied {
+    /// Bytes of its records (what `Shared::unapplied_bytes` counts).
+    pub(super) fn bytes(&self) -> u64 {
+        self.records.iter().map(|r| r.len() as u64).sum()
+    }
+}
+
+/// What the writer tells the applier (groups go through the shared queue,
+/// which does not wake it: the applier works on its own cadence).
+pub(super) enum ApplyMsg {
+    /// `FlushAcks`, `DeadLetter` or `Apply`: apply now, then answer.
+    Now(WriteReq),
+    Shutdown,
+}
+
+/// Groups handed from the writer to the applier, in `seq` order.
+pub(super) type ApplyQueue = Arc<Mutex<Vec<Unapplied>>>;
+
+/// Applies acknowledged groups, dead letters and subscription positions to
+/// the redb file, in durable commits; runs retention.
+pub(super) struct Applier {
+    shared: Arc<Shared>,
+    /// Groups acknowledged, not yet applied; in `seq` order.
+    unapplied: Vec<Unapplied>,
+    unapplied_events: usize,
+    oldest_unapplied: Option<Instant>,
+    last_flush: Instant,
+    last_retention: Instant,
+    /// A WAL holds the acknowledged groups (so a failed apply loses
+    /// nothing, and reopening recovers them).
+    wal_backed: bool,
+    /// Bytes of `unapplied` that the committer counted in
+    /// `Shared::unapplied_bytes` (taken off once applied).
+    counted_bytes: u64,
+}
+
+impl Applier {
+    pub(super) fn new(shared: Arc<Shared>, wal_backed: bool) -> Applier {
+        Applier {
+            shared,
+            wal_backed,
+            counted_bytes: 0,
+            unapplied: Vec::new(),
+            unapplied_events: 0,
+            oldest_unapplied: None,
+            last_flush: Instant::now(),
+            last_retention: Instant::now(),
+        }
+    }
+
+    pub(super) fn push(&mut self, u: Unapplied) {
+        self.unapplied_events += u.records.len();
+        self.oldest_unapplied.get_or_insert(u.acked_at);
+        self.unapplied.push(u);
+    }
+
+    /// How long to wait for work before the next timed apply or flush.
+    pub(super) fn timeout(&self) -> Duration {
+        let mut t = self.shared.opts.ack_flush_interval;
+        if let Some(oldest) = self.oldest_unapplied {
+            t = t.min(
+                self.shared
+                    .opts
+                    .apply_interval
+                    .saturating_sub(oldest.elapsed()),
+            );
+        }
+        t.max(Duration::from_micros(100))
+    }
+
+    /// Applies when due (or when `others` or `force` ask), then retention.
+    pub(super) fn tick(&mut self, others: Vec<WriteReq>, force: bool) {
+        let due = self
+            .oldest_unapplied
+            .is_some_and(|t| t.elapsed() >= self.shared.opts.apply_interval)
+            || self.unapplied_events >= MAX_UNAPPLIED;
+        let acks = self.last_flush.elapsed() >= self.shared.opts.ack_flush_interval
+            && acks_dirty(&self.shared);
+        if force || !others.is_empty() || due || acks {
+            self.apply(others);
+        }
+        self.maybe_retain();
+    }
+
+    /// The applier thread's loop (with a WAL): wakes every
+    /// `apply_interval` (or `ack_flush_interval`, if shorter), or when asked.
+    pub(super) fn run(mut self, rx: Receiver<ApplyMsg>, queue: ApplyQueue) {
+        let shared = self.shared.clone();
+        let _dart = PoisonDart::new(&shared.poisoned, "ctrlbus-apply");
+        let cadence = self
+            .shared
+            .opts
+            .apply_interval
+            .min(self.shared.opts.ack_flush_interval);
+        loop {
+            let mut others = Vec::new();
+            let mut shutdown = false;
+            let mut take = |msg: ApplyMsg| match msg {
+                ApplyMsg::Now(req) => {
+                    others.push(req);
+                    false
+                }
+                ApplyMsg::Shutdown => true,
+            };
+            match rx.recv_timeout(cadence) {
+                Ok(msg) => shutdown |= take(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => shutdown = true,
+            }
+            while let Ok(msg) = rx.try_recv() {
+                shutdown |= take(msg);
+            }
+            // Groups in the queue were acknowledged before any request
+            // that follows them in time: take them after the requests.
+            let groups = std::mem::take(&mut *queue.lock());
+            for u in groups {
+                // The committer counted these in `Shared::unapplied_bytes`.
+                self.counted_bytes += u.bytes();
+                self.push(u);
+            }
+            self.tick(others, shutdown);
+            if shutdown {
+                break;
+            }
+        }
+    }
+
+    pub(super) fn maybe_retain(&mut self) {
+        if let Some(policy) = self.shared.opts.retention.clone()
+            && self.last_retention.elapsed() >= self.shared.opts.retention_interval
+        {
+            self.last_retention = Instant::now();
+            self.apply(Vec::new());
+            if let Err(e) = upkeep::retain(&self.shared, &policy) {
+                tracing::warn!(error = %e, "retention failed");
+            }
+        }
+    }
+
+    /// Applies every unapplied group to redb, with the hooks, the dead letters
+    /// in `others` and the subscriptions' positions, in one durable commit.
+    /// True on success. A failure poisons the bus when a WAL holds the
+    /// events (reopening recovers them from it).
+    pub(super) fn apply(&mut self, others: Vec<WriteReq>) -> bool {
+        let shared = self.shared.clone();
+        if shared.poisoned.load(Ordering::Acquire) {
+            fail_all(Vec::new(), others, || StorageError::Poisoned);
+            return false;
+        }
+        let subs: Vec<Arc<DurableSub>> = shared.durable.lock().values().cloned().collect();
+        let mut cursor_writes: Vec<(Arc<DurableSub>, u64)> = Vec::new();
+        let result = (|| -> Result<(), StorageError> {
+            // Not `txn::write`: the poison check was made above, and a
+            // failed apply must still answer `others`.
+            let txn = crate::durable::txn::begin(&shared)?;
+            {
+                let mut events = txn.open_table(EVENTS)?;
+                let mut by_id = txn.open_table(BY_ID)?;
+                for u in &self.unapplied {
+                    for ((seq, event), record) in u.group.events.iter().zip(&u.records) {
+                        events.insert(*seq, record.as_slice())?;
+                        by_id.insert(id_key(event.id.to_bytes()), *seq)?;
+                    }
+                }
+            }
+            for u in &self.unapplied {
+                let appended: Vec<(u64, &Event)> =
+                    u.group.events.iter().map(|(s, e)| (*s, e)).collect();
+                for hook in shared.hooks.read().iter() {
+                    hook.on_append(&txn, &appended, u.append_ns)?;
+                }
+            }
+            {
+                let mut dead = txn.open_table(DEAD_LETTERS)?;
+                for req in &others {
+                    if let WriteReq::DeadLetter {
+                        name, seq, record, ..
+                    } = req
+                    {
+                        dead.insert((name.as_str(), *seq), record.as_slice())?;
+                    }
+                }
+                let mut cursors = txn.open_table(CURSORS)?;
+                let now = now_ns();
+                for sub in &subs {
+                    if let Some((record, delivered)) = sub.record_to_store(now) {
+                        cursors.insert(sub.name.as_str(), to_bytes(&record).as_slice())?;
+                        cursor_writes.push((sub.clone(), delivered));
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        self.last_flush = Instant::now();
+        match result {
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed");
+                if self.wal_backed || matches!(&e, StorageError::Redb(redb::Error::PreviousIo)) {
+                    shared.poisoned.store(true, Ordering::Release);
+                }
+                if !self.wal_backed {
+                    // Without a WAL the group was not durable; forget it (its
+                    // publishers are told by the caller).
+                    self.unapplied.clear();
+                    self.unapplied_events = 0;
+                    self.oldest_unapplied = None;
+                }
+                let reason = e.to_string();
+                fail_all(Vec::new(), others, || StorageError::CommitFailed {
+                    reason: reason.clone(),
+                });
+                false
+            }
+            Ok(()) => {
+                for (sub, delivered) in cursor_writes {
+                    sub.mark_stored(delivered);
+                }
+                for sub in &subs {
+                    sub.mark_durable();
+                }
+                let applied_any = !self.unapplied.is_empty();
+                if let Some(u) = self.unapplied.last() {
+                    shared.applied_seq.store(u.group.last, Ordering::Release);
+                }
+                shared
+                    .unapplied_bytes
+                    .fetch_sub(std::mem::take(&mut self.counted_bytes), Ordering::AcqRel);
+                self.unapplied.clear();
+                self.unapplied_events = 0;
+                self.oldest_unapplied = None;
+                if applied_any {
+                    for hook in shared.hooks.read().iter() {
+                        hook.after_commit();
+                    }
+                }
+                for req in others {
+                    match req {
+                        WriteReq::FlushAcks(Some(r))
+                        | WriteReq::DeadLetter { reply: r, .. }
+                        | WriteReq::Apply(r) => {
+                            let _ = r.send(Ok(()));
+                        }
+                        _ => {}
+                    }
+                }
+                true
+            }
+        }
+    }
+}
+
+fn acks_dirty(shared: &Shared) -> bool {
+    shared.durable.lock().values().any(|s| s.ack_dirty())
+}
