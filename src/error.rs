@@ -745,8 +745,8 @@ pub enum UrlError {
         /// The resolver's message.
         message: String,
     },
-    /// The host resolves to an address that [`is_forbidden`](crate::webhook::is_forbidden) refuses
-    /// (loopback, private, link-local, …) and private targets are not allowed.
+    /// The host resolves to a loopback, private, link-local or otherwise
+    /// reserved address, and private targets are not allowed.
     ForbiddenAddress {
         /// The host that was looked up.
         host: String,
