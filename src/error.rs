@@ -183,8 +183,7 @@ impl fmt::Display for EventError {
                     "invalid event: payload is larger than the limit of {limit} bytes"
                 )
             }
-            EventError::Timestamp(m) => write!(f, "invalid event: {m}"),
-            EventError::Json(m) => write!(f, "invalid event: {m}"),
+            EventError::Timestamp(m) | EventError::Json(m) => write!(f, "invalid event: {m}"),
             EventError::FieldTooLong { field, limit } => {
                 write!(
                     f,

@@ -519,7 +519,7 @@ pub fn parse_rfc3339(s: &str) -> Result<Timestamp, EventError> {
     Ok(t)
 }
 
-/// Formats an instant as RFC 3339 in UTC, fraction trimmed (Go's RFC3339Nano).
+/// Formats an instant as RFC 3339 in UTC, fraction trimmed (Go's `RFC3339Nano`).
 pub fn format_rfc3339(t: Timestamp) -> String {
     t.to_string()
 }

@@ -183,8 +183,8 @@ impl redb::StorageBackend for FailingMemory {
 /// from the input; then reopens the storage and checks that every
 /// acknowledged event is there, in order, and that the log is sound.
 pub fn storage(data: &[u8]) {
-    let countdown =
-        data.first().copied().unwrap_or(0) as u64 * 4 + data.get(1).copied().unwrap_or(0) as u64;
+    let countdown = u64::from(data.first().copied().unwrap_or(0)) * 4
+        + u64::from(data.get(1).copied().unwrap_or(0));
     let events = data.len().clamp(1, 64);
     let mem = FailingMemory {
         bytes: Arc::new(crate::sync::RwLock::new(Vec::new())),

@@ -1,4 +1,4 @@
-//! Prefixed, sortable identifiers (the TypeID string form).
+//! Prefixed, sortable identifiers (the `TypeID` string form).
 //!
 //! An identifier is a 128-bit [ULID](https://github.com/ulid/spec) written as
 //! a prefix, an underscore and 26 lowercase Crockford base32 characters, as in
@@ -21,7 +21,7 @@ use crate::sync::Mutex;
 
 /// Length of the ULID part of an id.
 const ULID_CHARS: usize = 26;
-/// Lowercase Crockford base32, the TypeID alphabet.
+/// Lowercase Crockford base32, the `TypeID` alphabet.
 const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
 static GENERATOR: Mutex<Generator> = Mutex::new(Generator::new());
@@ -117,7 +117,8 @@ macro_rules! prefixed_id {
                 // A ULID's 48-bit millisecond timestamp is always within
                 // jiff's range (up to year 9999 is 2.5e14 ms; 2^48 is 2.8e14),
                 // so clamp rather than fail for the last few centuries.
-                let ms = self.0.timestamp_ms().min(253_402_207_200_000) as i64;
+                let ms = i64::try_from(self.0.timestamp_ms().min(253_402_207_200_000))
+                    .unwrap_or(i64::MAX);
                 Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MAX)
             }
 

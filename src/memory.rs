@@ -148,13 +148,12 @@ impl Bus for InMemoryBus {
                 state.ring.push_back(Arc::clone(&event));
                 (event, evicted)
             };
-            let subscribers = match &state.subscribers {
-                Some(list) => Arc::clone(list),
-                None => {
-                    let list = inner.subscribers.snapshot();
-                    state.subscribers = Some(Arc::clone(&list));
-                    list
-                }
+            let subscribers = if let Some(list) = &state.subscribers {
+                Arc::clone(list)
+            } else {
+                let list = inner.subscribers.snapshot();
+                state.subscribers = Some(Arc::clone(&list));
+                list
             };
             (seq, event, subscribers, evicted)
         };

@@ -147,6 +147,7 @@ impl<T: Send + 'static> OneshotReceiver<T> {
 
     /// The value if it is there (`Some(None)` if the sender was dropped
     /// without sending); `None` while it is still awaited. Consumes a nudge.
+    #[allow(clippy::option_option)] // two absences that mean different things
     pub(crate) fn try_take(&mut self) -> Option<Option<T>> {
         match take(&mut self.slot.state.lock()) {
             Some(Waited::Done(v)) => Some(v),

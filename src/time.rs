@@ -88,8 +88,7 @@ fn parse_dur(s: &str, kind: &'static str) -> Result<Duration, TimeError> {
         let unit_len = rest
             .char_indices()
             .find(|(_, c)| c.is_ascii_digit())
-            .map(|(i, _)| i)
-            .unwrap_or(rest.len());
+            .map_or(rest.len(), |(i, _)| i);
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -164,7 +163,8 @@ pub fn parse_time_at(s: &str, now: Timestamp) -> Result<Timestamp, TimeError> {
 /// An instant as stored: unix nanoseconds, clamped to `i64` (good until
 /// the year 2262).
 pub(crate) fn ns(t: Timestamp) -> i64 {
-    t.as_nanosecond().clamp(i64::MIN as i128, i64::MAX as i128) as i64
+    t.as_nanosecond()
+        .clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
 
 /// Now, as stored (see [`ns`]).

@@ -138,6 +138,8 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
         if latencies.is_empty() {
             return 0;
         }
+        // A non-negative rank (p is in 0..=1), at most the length.
+        #[allow(clippy::cast_sign_loss)]
         let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
         u64::from(latencies[i])
     };
@@ -151,7 +153,7 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
         p50_us: pct(0.50),
         p99_us: pct(0.99),
         p999_us: pct(0.999),
-        max_us: latencies.last().copied().map(u64::from).unwrap_or(0),
+        max_us: latencies.last().copied().map_or(0, u64::from),
         elapsed_ms: elapsed.as_millis() as u64,
     })?;
     Ok(())

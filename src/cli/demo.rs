@@ -116,9 +116,10 @@ impl Receiver {
                     Ok(()) => "signature verified".to_owned(),
                     Err(e) => format!("SIGNATURE REJECTED: {e}"),
                 };
-                let what = Event::from_json(&body)
-                    .map(|e| format!("{} ({}) {}", e.event_type, e.tenant_id, e.id))
-                    .unwrap_or_else(|e| format!("unreadable body: {e}"));
+                let what = Event::from_json(&body).map_or_else(
+                    |e| format!("unreadable body: {e}"),
+                    |e| format!("{} ({}) {}", e.event_type, e.tenant_id, e.id),
+                );
                 count.fetch_add(1, Ordering::SeqCst);
                 note(format!("      webhook receiver <- {what}, {verdict}"));
                 let _ = req.respond(tiny_http::Response::empty(204));
@@ -255,8 +256,8 @@ fn guided(dir: &Path, keep: bool) -> Result {
     say(format!(
         "   child killed after {} acknowledged publishes (seq {}..{}).",
         acked.len(),
-        acked.first().map(|a| a.0).unwrap_or(0),
-        acked.last().map(|a| a.0).unwrap_or(0)
+        acked.first().map_or(0, |a| a.0),
+        acked.last().map_or(0, |a| a.0)
     ))?;
     say("")?;
 

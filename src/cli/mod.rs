@@ -63,7 +63,7 @@ pub(crate) struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = Format::Json)]
     format: Format,
     /// More log lines on standard error: -v info, -vv debug, -vvv trace
-    /// (default: warnings and errors, or what RUST_LOG says when set).
+    /// (default: warnings and errors, or what `RUST_LOG` says when set).
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
     /// Only errors on standard error, no warnings.

@@ -2,6 +2,7 @@
 //! `--format table`. Everything goes through [`Out`] so that a closed pipe
 //! surfaces as an error the caller turns into a quiet exit.
 
+use std::fmt::Write as _;
 use std::io::{self, BufWriter, Stdout, Write};
 
 use ctrlbus::LogEntry;
@@ -210,7 +211,9 @@ pub(crate) fn escape_cell(s: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             '\\' => out.push_str("\\\\"),
-            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c if needs(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
             c => out.push(c),
         }
     }

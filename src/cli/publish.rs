@@ -153,8 +153,8 @@ impl Source {
 
     fn len(&self) -> u64 {
         match self {
-            Source::File(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-            Source::Stdin(f) => f.metadata().map(|m| m.len()).unwrap_or(0),
+            Source::File(p) => std::fs::metadata(p).map_or(0, |m| m.len()),
+            Source::Stdin(f) => f.metadata().map_or(0, |m| m.len()),
         }
     }
 

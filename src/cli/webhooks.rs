@@ -28,7 +28,7 @@ webhook-signature headers) with the secret; receivers verify with it.")]
         /// The only tenant whose events it receives.
         #[arg(long, value_name = "T")]
         tenant: String,
-        /// Where deliveries are POSTed (http or https).
+        /// Where deliveries are `POSTed` (http or https).
         #[arg(long, value_name = "URL")]
         url: String,
         /// Event type pattern; repeat for several (default: every type).

@@ -92,6 +92,7 @@ pub(crate) const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// The options of a [`DurableBus`], set through [`DurableBusBuilder`].
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // each is an independent switch
 pub(crate) struct Options {
     pub(crate) cache_bytes: usize,
     pub(crate) sync: bool,
@@ -643,7 +644,7 @@ impl DurableBus {
     ///
     /// The first time `name` is used, the cursor starts at `start`; later,
     /// the stored cursor wins and delivery resumes after its last handled
-    /// event (JetStream durable-consumer semantics). The filter given here
+    /// event (`JetStream` durable-consumer semantics). The filter given here
     /// replaces the stored one. The subscription catches up from the log on
     /// its own thread, then receives new events synchronously inside
     /// `publish`, in `seq` order, each at least once.

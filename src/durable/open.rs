@@ -156,17 +156,16 @@ pub(crate) fn prepare(
             .get(META_LOG_ID)
             .map_err(|e| OpenError::Storage(e.into()))?
             .and_then(|v| v.value().try_into().ok());
-        log_id = match existing {
-            Some(id) => id,
-            None => {
-                let mut id = [0u8; 16];
-                getrandom::fill(&mut id).map_err(|e| {
-                    OpenError::Io(path.to_path_buf(), std::io::Error::other(e.to_string()))
-                })?;
-                meta.insert(META_LOG_ID, id.as_slice())
-                    .map_err(|e| OpenError::Storage(e.into()))?;
-                id
-            }
+        log_id = if let Some(id) = existing {
+            id
+        } else {
+            let mut id = [0u8; 16];
+            getrandom::fill(&mut id).map_err(|e| {
+                OpenError::Io(path.to_path_buf(), std::io::Error::other(e.to_string()))
+            })?;
+            meta.insert(META_LOG_ID, id.as_slice())
+                .map_err(|e| OpenError::Storage(e.into()))?;
+            id
         };
         txn.open_table(EVENTS).map_err(st)?;
         txn.open_table(BY_ID).map_err(st)?;

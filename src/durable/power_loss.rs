@@ -468,6 +468,9 @@ fn round(path: &Path, expect: &mut Expect, seed: u64) {
 
 #[test]
 fn power_loss_keeps_every_acknowledged_event() {
+    // A log takes up to CHAIN cuts in a row, then a new one starts, so a
+    // round's checks (the whole log) stay bounded however many rounds run.
+    const CHAIN: u64 = 20;
     let rounds: u64 = std::env::var("CTRLBUS_POWER_LOSS_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -477,9 +480,6 @@ fn power_loss_keeps_every_acknowledged_event() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed);
     let mut acked = 0;
-    // A log takes up to CHAIN cuts in a row, then a new one starts, so a
-    // round's checks (the whole log) stay bounded however many rounds run.
-    const CHAIN: u64 = 20;
     for chain in 0..rounds.div_ceil(CHAIN) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.redb");

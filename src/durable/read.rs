@@ -84,7 +84,7 @@ pub(crate) fn last_assigned(txn: &redb::ReadTransaction) -> Result<u64, StorageE
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
         Err(e) => return Err(e.into()),
     };
-    let last = events.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    let last = events.last()?.map_or(0, |(k, _)| k.value());
     Ok(last.max(retained_through(txn)?))
 }
 
@@ -140,7 +140,7 @@ fn seek_time(
     hi: u64,
     target: i128,
 ) -> Result<u64, ReadError> {
-    let target = target.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+    let target = target.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
     let (mut lo, mut hi) = (lo, hi + 1); // answer in [lo, hi]
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
@@ -262,7 +262,7 @@ impl LogReader {
     /// [`ReadError::Storage`] for a storage failure or a corrupted record
     /// (the error names its `seq`).
     pub fn write_next_json(&mut self, out: &mut Vec<u8>) -> Option<Result<u64, ReadError>> {
-        self.next_raw(|seq, _, rec| write_json_line(seq, rec, out).map(|_| seq))
+        self.next_raw(|seq, _, rec| write_json_line(seq, rec, out).map(|()| seq))
     }
 }
 

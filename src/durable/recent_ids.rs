@@ -50,7 +50,7 @@ impl RecentIds {
 }
 
 /// A fast hasher for event ids (an FxHash-style multiply), in place of
-/// SipHash: the ids are not attacker-chosen keys of an exposed table (a
+/// `SipHash`: the ids are not attacker-chosen keys of an exposed table (a
 /// client choosing colliding ids only slows its own duplicate checks), and
 /// the writer hashes every event twice per group. ULIDs end in 80 random
 /// bits that the monotonic generator increments within a millisecond, so

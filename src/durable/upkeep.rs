@@ -61,7 +61,7 @@ pub(crate) fn stats<D: ReadableDatabase>(
     };
     Ok(Stats {
         events: events.len()?,
-        first_seq: bounds.map(|b| b.0).unwrap_or(0),
+        first_seq: bounds.map_or(0, |b| b.0),
         last_seq: read::last_assigned(&txn)?,
         first_appended_at,
         last_appended_at,
@@ -246,10 +246,7 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
             let mut events = txn.open_table(EVENTS)?;
             let mut by_id = txn.open_table(BY_ID)?;
             let count = events.len()?;
-            let over_count = policy
-                .max_events
-                .map(|m| count.saturating_sub(m))
-                .unwrap_or(0);
+            let over_count = policy.max_events.map_or(0, |m| count.saturating_sub(m));
             let mut over_bytes = match policy.max_bytes {
                 Some(max) => {
                     let stats = txn.stats()?;
@@ -287,7 +284,7 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
                 }
                 let mut meta = txn.open_table(META)?;
                 let prev = match meta.get(META_RETAINED)? {
-                    Some(v) => v.value().try_into().map(u64::from_be_bytes).unwrap_or(0),
+                    Some(v) => v.value().try_into().map_or(0, u64::from_be_bytes),
                     None => 0,
                 };
                 meta.insert(
@@ -295,7 +292,7 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
                     last_removed.max(prev).to_be_bytes().as_slice(),
                 )?;
             }
-            report.first_seq = events.first()?.map(|(k, _)| k.value()).unwrap_or(0);
+            report.first_seq = events.first()?.map_or(0, |(k, _)| k.value());
             if let Some(floor) = floor {
                 // Idle cursors now behind the oldest event skip to it and
                 // count what they missed (running ones do so as they read).

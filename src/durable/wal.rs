@@ -2,7 +2,7 @@
 //!
 //! redb commits durably in two phases when other processes may read the file
 //! (`SingleWriter`) or when quick repair is on, which costs about 2.4 fsyncs
-//! per commit on these machines against about one for SQLite's WAL (see
+//! per commit on these machines against about one for `SQLite`'s WAL (see
 //! BENCHMARKS.md). So, when a log is opened from a path, each group commit
 //! first appends its new records to `<log>.wal` and `fdatasync`s it (one
 //! fsync, the acknowledgement point of G2); the writer applies the

@@ -120,7 +120,7 @@ impl AppendHook for Dispatcher {
     ) -> Result<(), StorageError> {
         let version = {
             let meta = txn.open_table(HOOK_META)?;
-            meta.get(META_VERSION)?.map(|g| g.value()).unwrap_or(0)
+            meta.get(META_VERSION)?.map_or(0, |g| g.value())
         };
         let mut cache = self.cache.read().clone();
         if cache.version != Some(version) {

@@ -712,7 +712,7 @@ mod tests {
         let s = secret_a();
         let good = sign(&s, ID, TS, BODY);
         for bad in [
-            "".to_owned(),
+            String::new(),
             "   ".to_owned(),
             "v1".to_owned(),
             "v1,".to_owned(),

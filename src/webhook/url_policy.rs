@@ -52,7 +52,7 @@ impl UrlPolicy {
     /// # Errors
     ///
     /// As [`check_addresses`].
-    pub fn check(&self, target: &ParsedTarget) -> Result<Vec<SocketAddr>, UrlError> {
+    pub fn check(self, target: &ParsedTarget) -> Result<Vec<SocketAddr>, UrlError> {
         check_addresses(&target.host, target.port, self)
     }
 }
@@ -370,7 +370,7 @@ fn invalid(reason: impl Into<String>) -> UrlError {
 pub fn check_addresses(
     host: &str,
     port: u16,
-    policy: &UrlPolicy,
+    policy: UrlPolicy,
 ) -> Result<Vec<SocketAddr>, UrlError> {
     let resolve_error = |message: String| UrlError::Resolve {
         host: host.to_owned(),
@@ -664,6 +664,7 @@ mod tests {
 
     #[test]
     fn validate_url_accepts() {
+        use Scheme::{Http, Https};
         let ok = |url: &str, scheme, host: &str, port, pq: &str| {
             let t = validate_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert_eq!(t.as_str(), url);
@@ -672,7 +673,6 @@ mod tests {
             assert_eq!(t.port(), port, "{url}");
             assert_eq!(t.path_and_query(), pq, "{url}");
         };
-        use Scheme::{Http, Https};
         ok("https://example.com", Https, "example.com", 443, "/");
         ok("http://example.com", Http, "example.com", 80, "/");
         ok("https://example.com/", Https, "example.com", 443, "/");
@@ -879,11 +879,11 @@ mod tests {
         assert!(!deny.allow_private);
 
         assert_eq!(
-            check_addresses("8.8.8.8", 443, &deny),
+            check_addresses("8.8.8.8", 443, deny),
             Ok(vec!["8.8.8.8:443".parse().unwrap()])
         );
         assert_eq!(
-            check_addresses("2606:4700:4700::1111", 443, &deny),
+            check_addresses("2606:4700:4700::1111", 443, deny),
             Ok(vec!["[2606:4700:4700::1111]:443".parse().unwrap()])
         );
         for host in [
@@ -896,7 +896,7 @@ mod tests {
         ] {
             let ip: IpAddr = host.parse().unwrap();
             assert_eq!(
-                check_addresses(host, 80, &deny),
+                check_addresses(host, 80, deny),
                 Err(UrlError::ForbiddenAddress {
                     host: host.to_owned(),
                     addr: ip
@@ -904,7 +904,7 @@ mod tests {
                 "{host}"
             );
             assert_eq!(
-                check_addresses(host, 80, &allow),
+                check_addresses(host, 80, allow),
                 Ok(vec![SocketAddr::new(ip, 80)]),
                 "{host}"
             );
@@ -915,7 +915,7 @@ mod tests {
     fn check_addresses_resolves_names() {
         // `localhost` resolves from /etc/hosts, without DNS.
         let deny = UrlPolicy::default();
-        match check_addresses("localhost", 8080, &deny) {
+        match check_addresses("localhost", 8080, deny) {
             Err(UrlError::ForbiddenAddress { host, addr }) => {
                 assert_eq!(host, "localhost");
                 assert!(addr.is_loopback(), "{addr}");
@@ -925,7 +925,7 @@ mod tests {
         let allowed = check_addresses(
             "localhost",
             8080,
-            &UrlPolicy {
+            UrlPolicy {
                 allow_private: true,
             },
         )
@@ -945,7 +945,7 @@ mod tests {
     #[test]
     fn check_addresses_resolve_failure() {
         // `.invalid` never resolves (RFC 6761).
-        match check_addresses("no-such-host.invalid", 443, &UrlPolicy::default()) {
+        match check_addresses("no-such-host.invalid", 443, UrlPolicy::default()) {
             Err(UrlError::Resolve { host, message }) => {
                 assert_eq!(host, "no-such-host.invalid");
                 assert!(!message.is_empty());

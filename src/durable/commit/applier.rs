@@ -210,59 +210,56 @@ impl Applier {
             Ok(())
         })();
         self.last_flush = Instant::now();
-        match result {
-            Err(e) => {
-                tracing::error!(error = %e, "commit failed");
-                if self.wal_backed || matches!(&e, StorageError::Redb(redb::Error::PreviousIo)) {
-                    shared.poisoned.store(true, Ordering::Release);
-                }
-                if !self.wal_backed {
-                    // Without a WAL the group was not durable; forget it (its
-                    // publishers are told by the caller).
-                    self.unapplied.clear();
-                    self.unapplied_events = 0;
-                    self.oldest_unapplied = None;
-                }
-                let reason = e.to_string();
-                fail_all(Vec::new(), others, || StorageError::CommitFailed {
-                    reason: reason.clone(),
-                });
-                false
+        if let Err(e) = result {
+            tracing::error!(error = %e, "commit failed");
+            if self.wal_backed || matches!(&e, StorageError::Redb(redb::Error::PreviousIo)) {
+                shared.poisoned.store(true, Ordering::Release);
             }
-            Ok(()) => {
-                for (sub, delivered) in cursor_writes {
-                    sub.mark_stored(delivered);
-                }
-                for sub in &subs {
-                    sub.mark_durable();
-                }
-                let applied_any = !self.unapplied.is_empty();
-                if let Some(u) = self.unapplied.last() {
-                    shared.applied_seq.store(u.group.last, Ordering::Release);
-                }
-                shared
-                    .unapplied_bytes
-                    .fetch_sub(std::mem::take(&mut self.counted_bytes), Ordering::AcqRel);
+            if !self.wal_backed {
+                // Without a WAL the group was not durable; forget it (its
+                // publishers are told by the caller).
                 self.unapplied.clear();
                 self.unapplied_events = 0;
                 self.oldest_unapplied = None;
-                if applied_any {
-                    for hook in shared.hooks.read().iter() {
-                        hook.after_commit();
-                    }
-                }
-                for req in others {
-                    match req {
-                        WriteReq::FlushAcks(Some(r))
-                        | WriteReq::DeadLetter { reply: r, .. }
-                        | WriteReq::Apply(r) => {
-                            let _ = r.send(Ok(()));
-                        }
-                        _ => {}
-                    }
-                }
-                true
             }
+            let reason = e.to_string();
+            fail_all(Vec::new(), others, || StorageError::CommitFailed {
+                reason: reason.clone(),
+            });
+            false
+        } else {
+            for (sub, delivered) in cursor_writes {
+                sub.mark_stored(delivered);
+            }
+            for sub in &subs {
+                sub.mark_durable();
+            }
+            let applied_any = !self.unapplied.is_empty();
+            if let Some(u) = self.unapplied.last() {
+                shared.applied_seq.store(u.group.last, Ordering::Release);
+            }
+            shared
+                .unapplied_bytes
+                .fetch_sub(std::mem::take(&mut self.counted_bytes), Ordering::AcqRel);
+            self.unapplied.clear();
+            self.unapplied_events = 0;
+            self.oldest_unapplied = None;
+            if applied_any {
+                for hook in shared.hooks.read().iter() {
+                    hook.after_commit();
+                }
+            }
+            for req in others {
+                match req {
+                    WriteReq::FlushAcks(Some(r))
+                    | WriteReq::DeadLetter { reply: r, .. }
+                    | WriteReq::Apply(r) => {
+                        let _ = r.send(Ok(()));
+                    }
+                    _ => {}
+                }
+            }
+            true
         }
     }
 }

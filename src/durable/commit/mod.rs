@@ -9,7 +9,7 @@
 //! the next group.
 //!
 //! The committer is normally a publisher waiting for its own publish (a
-//! leader, as in RocksDB's write groups): `Pending::finish` commits the queue
+//! leader, as in `RocksDB`'s write groups): `Pending::finish` commits the queue
 //! itself when the core is free, which saves two thread hand-offs per group
 //! (tens of µs each on a VM; +34% events/s at 16 publishers sharing a
 //! thread, BENCHMARKS.md). Commit invariants:
@@ -414,29 +414,26 @@ impl Core {
             let mut by_id: Option<redb::ReadOnlyTable<u128, u64>> = None;
             let mut next = start_seq;
             let mut fresh: HashMap<u128, u64, BuildHasherDefault<IdHasher>> = HashMap::default();
-            for req in publishes.iter_mut() {
+            for req in &mut publishes {
                 let mut seqs = Vec::with_capacity(req.items.len());
-                for item in req.items.iter_mut() {
+                for item in &mut req.items {
                     let key = id_key(item.event.id.to_bytes());
                     let known = if key > self.max_id {
                         None
+                    } else if let Some(s) = self
+                        .unapplied_ids
+                        .get(key)
+                        .or_else(|| fresh.get(&key).copied())
+                    {
+                        Some(s)
                     } else {
-                        match self
-                            .unapplied_ids
-                            .get(key)
-                            .or_else(|| fresh.get(&key).copied())
-                        {
-                            Some(s) => Some(s),
-                            None => {
-                                if by_id.is_none() {
-                                    let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
-                                    by_id = Some(txn.open_table(BY_ID)?);
-                                }
-                                match &by_id {
-                                    Some(t) => t.get(key)?.map(|g| g.value()),
-                                    None => None,
-                                }
-                            }
+                        if by_id.is_none() {
+                            let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
+                            by_id = Some(txn.open_table(BY_ID)?);
+                        }
+                        match &by_id {
+                            Some(t) => t.get(key)?.map(|g| g.value()),
+                            None => None,
                         }
                     };
                     if let Some(seq) = known {

@@ -74,7 +74,7 @@ impl Pending {
             }
             match rx.wait_for(RECHECK) {
                 Waited::Done(reply) => break reply,
-                Waited::Woken => continue,
+                Waited::Woken => {}
             }
         };
         let mut outcome = reply.ok_or(PublishError::Closed)??;

@@ -76,7 +76,7 @@ pub(super) fn info(
         lag: last_seq.saturating_sub(delivered),
         state,
         dead_letters: dead,
-        missed: active.map(|s| s.record.lock().missed).unwrap_or(rec.missed),
+        missed: active.map_or(rec.missed, |s| s.record.lock().missed),
         created_at: ts(rec.created_ns),
         updated_at: ts(rec.updated_ns),
         last_error,

@@ -372,19 +372,15 @@ impl DurableSub {
                 record: record.clone(),
                 reply,
             });
-            match sent.ok().and_then(|_| rx.recv().ok()) {
-                Some(Ok(())) => {
-                    tracing::warn!(subscription = %self.name, seq, attempts, %error, "event moved to dead letters");
-                    return true;
-                }
-                _ => {
-                    self.delivered.store(seq - 1, Ordering::Release);
-                    if self.stopped() || shared.closed.load(Ordering::Acquire) {
-                        return false;
-                    }
-                    self.sleep(shared.opts.max_retry_backoff);
-                }
+            if let Some(Ok(())) = sent.ok().and_then(|()| rx.recv().ok()) {
+                tracing::warn!(subscription = %self.name, seq, attempts, %error, "event moved to dead letters");
+                return true;
             }
+            self.delivered.store(seq - 1, Ordering::Release);
+            if self.stopped() || shared.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            self.sleep(shared.opts.max_retry_backoff);
         }
     }
 }
@@ -564,21 +560,20 @@ pub(crate) fn subscribe(
             None => None,
         }
     };
-    let mut record = match existing {
-        Some(rec) => rec,
-        None => {
-            let first = resolve(&txn, start).map_err(|e| match e {
-                ReadError::UnknownEvent(id) => SubscribeError::UnknownPosition(id.to_string()),
-                ReadError::Storage(s) => SubscribeError::Storage(s),
-                ReadError::Closed => SubscribeError::Closed,
-            })?;
-            CursorRecord {
-                filter_json: String::new(),
-                delivered: first - 1,
-                missed: 0,
-                created_ns: now,
-                updated_ns: now,
-            }
+    let mut record = if let Some(rec) = existing {
+        rec
+    } else {
+        let first = resolve(&txn, start).map_err(|e| match e {
+            ReadError::UnknownEvent(id) => SubscribeError::UnknownPosition(id.to_string()),
+            ReadError::Storage(s) => SubscribeError::Storage(s),
+            ReadError::Closed => SubscribeError::Closed,
+        })?;
+        CursorRecord {
+            filter_json: String::new(),
+            delivered: first - 1,
+            missed: 0,
+            created_ns: now,
+            updated_ns: now,
         }
     };
     drop(txn);

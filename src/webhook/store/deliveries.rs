@@ -61,7 +61,7 @@ pub(crate) fn fail_pending(
             due.remove((at, d))?;
         }
         rec.status = DeliveryStatus::Failed;
-        rec.error = reason.to_owned();
+        reason.clone_into(&mut rec.error);
         rec.updated_ns = now;
         deliveries.insert(d, encode_record(&rec).as_slice())?;
     }

@@ -17,7 +17,7 @@ pub(crate) fn write_txn(shared: &Shared) -> Result<redb::WriteTransaction, Stora
 /// Bumps the registry version (the dispatcher reloads its cache).
 pub(crate) fn bump_version(txn: &redb::WriteTransaction) -> Result<(), StorageError> {
     let mut meta = txn.open_table(HOOK_META)?;
-    let v = meta.get(META_VERSION)?.map(|g| g.value()).unwrap_or(0);
+    let v = meta.get(META_VERSION)?.map_or(0, |g| g.value());
     meta.insert(META_VERSION, v + 1)?;
     Ok(())
 }

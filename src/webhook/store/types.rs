@@ -18,7 +18,7 @@ pub struct Webhook {
     pub updated_at: Timestamp,
     /// The only tenant whose events it receives.
     pub tenant_id: String,
-    /// Where deliveries are POSTed.
+    /// Where deliveries are `POSTed`.
     pub url: String,
     /// Event type patterns; empty means every type.
     pub events: Vec<Pattern>,

@@ -100,12 +100,11 @@ pub(super) fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
             let mut buf = [0u8; 4096];
             loop {
                 match reader.read(&mut buf) {
-                    Ok(0) => break,
+                    Ok(0) | Err(_) => break,
                     Ok(n) => {
                         let room = RESPONSE_LOG_BYTES.saturating_sub(kept.len());
                         kept.extend_from_slice(&buf[..n.min(room)]);
                     }
-                    Err(_) => break,
                 }
             }
             out.response = String::from_utf8_lossy(&kept).into_owned();

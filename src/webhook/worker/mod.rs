@@ -193,6 +193,7 @@ struct Idle {
     /// Passes started.
     started: u64,
     /// The last pass that ended with nothing pending and nothing in flight.
+    #[allow(clippy::struct_field_names)] // "idle" twice reads right here
     idle_pass: u64,
     stopped: bool,
 }

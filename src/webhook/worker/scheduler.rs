@@ -285,7 +285,7 @@ pub(super) fn claim(
                     due.remove((at, *id))?;
                 }
                 rec.status = DeliveryStatus::Failed;
-                rec.error = reason.clone();
+                rec.error.clone_from(reason);
                 rec.updated_ns = now;
                 deliveries.insert(id, encode_record(&rec).as_slice())?;
             }
@@ -348,7 +348,7 @@ pub(super) fn record(
                 rec.error = String::new();
                 circuit_updates.push((o.hook, true, Duration::ZERO));
             } else {
-                rec.error = o.error.clone();
+                rec.error.clone_from(&o.error);
                 let step = opts.retry_schedule.get(n as usize - 1).copied();
                 match step {
                     Some(step) if o.status_code != 410 => {
@@ -425,6 +425,6 @@ pub(super) fn humanize(d: Duration) -> String {
     } else if s >= 60 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
-        format!("{:?}", d)
+        format!("{d:?}")
     }
 }
