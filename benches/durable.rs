@@ -159,7 +159,7 @@ fn replay(c: &mut Criterion) {
                 .unwrap()
                 .map(|e| e.unwrap().seq)
                 .max()
-        })
+        });
     });
     g.bench_function("events_all", |b| {
         b.iter(|| {
@@ -167,7 +167,7 @@ fn replay(c: &mut Criterion) {
                 .unwrap()
                 .map(|e| e.unwrap().seq)
                 .max()
-        })
+        });
     });
     g.bench_function("json_lines_all", |b| {
         let mut buf = Vec::with_capacity(1 << 20);
@@ -182,7 +182,7 @@ fn replay(c: &mut Criterion) {
                 }
             }
             n
-        })
+        });
     });
     g.bench_function("raw_redb_scan", |b| {
         // The floor: the same records read with plain redb, no decoding.
@@ -196,7 +196,7 @@ fn replay(c: &mut Criterion) {
                 bytes += kv.unwrap().1.value().len();
             }
             bytes
-        })
+        });
     });
     g.finish();
 
@@ -224,7 +224,7 @@ fn replay(c: &mut Criterion) {
             bus.read(Position::Time(mid), &Filter::all())
                 .unwrap()
                 .next_seq()
-        })
+        });
     });
     g.finish();
 }

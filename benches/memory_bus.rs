@@ -52,7 +52,7 @@ fn publish(c: &mut Criterion) {
                 || template.clone(),
                 |event| bus.publish(event).expect("publish"),
                 BatchSize::SmallInput,
-            )
+            );
         });
     }
     group.finish();
@@ -62,14 +62,14 @@ fn publish(c: &mut Criterion) {
     // evicts. Same harness as `publish_prebuilt`, so the figures subtract.
     let mut group = c.benchmark_group("floor");
     group.bench_function("move_event", |b| {
-        b.iter_batched(|| template.clone(), black_box, BatchSize::SmallInput)
+        b.iter_batched(|| template.clone(), black_box, BatchSize::SmallInput);
     });
     group.bench_function("drop_event", |b| {
         b.iter_batched(
             || template.clone(),
             |event| drop(black_box(event)),
             BatchSize::SmallInput,
-        )
+        );
     });
     group.finish();
 
@@ -80,14 +80,14 @@ fn publish(c: &mut Criterion) {
             b.iter(|| {
                 bus.publish(Event::new(Type::DEPLOY_STARTED, "tenant-1"))
                     .expect("publish")
-            })
+            });
         });
     }
     group.finish();
 
     let mut group = c.benchmark_group("event_new");
     group.bench_function("event_new", |b| {
-        b.iter(|| Event::new(Type::DEPLOY_STARTED, black_box("tenant-1")))
+        b.iter(|| Event::new(Type::DEPLOY_STARTED, black_box("tenant-1")));
     });
     group.finish();
 }

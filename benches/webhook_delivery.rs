@@ -75,7 +75,7 @@ fn bench(c: &mut Criterion) {
                     .unwrap();
                 let _ = r.body_mut().read_to_vec();
             }
-        })
+        });
     });
 
     for workers in [1usize, 4] {
@@ -103,7 +103,7 @@ fn bench(c: &mut Criterion) {
                     w.stop();
                 }
                 total
-            })
+            });
         });
     }
     g.finish();

@@ -1,4 +1,4 @@
-//! Bytes per stored event: ctrlbus's file against SQLite holding the same
+//! Bytes per stored event: ctrlbus's file against `SQLite` holding the same
 //! events. Writes N events (300-byte payloads, mixed types and tenants)
 //! through `publish_batch`, closes and compacts the log, and writes the same
 //! events as JSON lines for `examples/disk_usage_sqlite.py`. Sizes are disk

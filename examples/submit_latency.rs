@@ -59,6 +59,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         s.join().expect("submitter thread")?;
     }
     micros.sort_unstable();
+    // q is in 0..=1: a non-negative rank within the list.
+    #[allow(clippy::cast_sign_loss)]
     let at = |q: f64| micros[((micros.len() - 1) as f64 * q) as usize];
     println!(
         "{{\"publishes\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"max_us\":{}}}",

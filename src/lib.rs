@@ -29,7 +29,6 @@
 //! # }
 //! ```
 #![forbid(unsafe_code)]
-#![warn(clippy::pedantic)]
 // The allowlist, after redb's, each for a reason:
 #![allow(
     // Errors are documented per enum variant in error.rs, once.

@@ -1,7 +1,6 @@
 //! `ctrlbus`: publish, replay and audit a ctrlbus log, manage its cursors and
 //! webhooks, and run its delivery workers. See `ctrlbus --help`.
 #![forbid(unsafe_code)]
-#![warn(clippy::pedantic)]
 // The allowlist, after redb's, each for a reason:
 #![allow(
     // Errors are documented per enum variant in error.rs, once.

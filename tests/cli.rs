@@ -723,10 +723,7 @@ fn kill_9_during_bench_loses_no_acknowledged_event() {
             .unwrap();
         let want = 300 * (round + 1);
         wait_for("acknowledged events", || {
-            std::fs::read_to_string(&acks)
-                .map(|t| t.lines().count())
-                .unwrap_or(0)
-                > want
+            std::fs::read_to_string(&acks).map_or(0, |t| t.lines().count()) > want
         });
         std::thread::sleep(Duration::from_millis(30 * round as u64 + 10));
         // SIGKILL: no destructor, no flush, no close.
@@ -975,7 +972,7 @@ fn deliver_runs_until_a_signal_and_reading_works_meanwhile() {
         s.ok(&["deliveries", "list"]);
         s.ok(&["stats"]);
         assert!(child.try_wait().unwrap().is_none(), "deliver exited early");
-        let pid = child.id() as libc::pid_t;
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
         // The test crate may use unsafe: libc::kill has no safe wrapper here.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
         let out = child.wait_with_output().unwrap();
@@ -1115,10 +1112,7 @@ fn after_a_kill_readers_recover_the_wal_and_a_deleted_wal_needs_accept_wal_loss(
         .spawn()
         .unwrap();
     wait_for("acknowledged events", || {
-        std::fs::read_to_string(&acks)
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
-            > 200
+        std::fs::read_to_string(&acks).map_or(0, |t| t.lines().count()) > 200
     });
     kill(&mut child); // SIGKILL
     let acked = std::fs::read_to_string(&acks)

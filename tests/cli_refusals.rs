@@ -138,8 +138,8 @@ fn publish_stdin_peak(s: &Scratch, extra: &[&str], input: &std::path::Path) -> (
     // test crate may use unsafe where libc has no safe wrapper (std's wait
     // gives no rusage).
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    let got = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    let got = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) };
     assert_eq!(got, pid);
     let stderr = std::fs::read_to_string(s.path("stderr.txt")).unwrap();
     (libc::WEXITSTATUS(status), stderr, usage.ru_maxrss)

@@ -52,7 +52,7 @@ fn eight_publishers_four_durable_subscribers() {
         // Well above what a fast handler takes even on a loaded two-core
         // machine: a live handler preempted past it would be detached early,
         // and the gated 11th event below could then reach it live.
-        .slow_handler(Duration::from_millis(1000))
+        .slow_handler(Duration::from_secs(1))
         .open(dir.path().join("log.redb"))
         .unwrap();
 
@@ -408,6 +408,8 @@ fn handler_may_publish() {
 /// contiguous, and a live subscriber must see the log in seq order.
 #[test]
 fn leading_publishers_in_every_shape_finish_and_keep_order() {
+    const THREADS: u64 = 6;
+    const PER: u64 = 400;
     let done = Arc::new(AtomicBool::new(false));
     let watchdog = {
         let done = done.clone();
@@ -441,8 +443,6 @@ fn leading_publishers_in_every_shape_finish_and_keep_order() {
             },
         )
         .unwrap();
-    const THREADS: u64 = 6;
-    const PER: u64 = 400;
     let acked: Vec<Vec<u64>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {

@@ -13,6 +13,7 @@
 //! random kill delays is printed; `CTRLBUS_CRASH_SEED` replays one.
 
 use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -161,7 +162,7 @@ fn crash_child() {
                 };
                 let mut lines = String::new();
                 for r in receipts {
-                    lines.push_str(&format!("{} {}\n", r.id, r.seq));
+                    let _ = writeln!(lines, "{} {}", r.id, r.seq);
                 }
                 append_line(&acks, lines);
             }
@@ -280,7 +281,7 @@ fn check_log(dir: &Path, round: u64) -> (LogView, HashMap<&'static str, u64>) {
     }
     assert_eq!(bus.last_seq(), events.len() as u64, "round {round}");
     // G2: every acknowledged event is there with its seq.
-    let mut acked = 0;
+    let mut acked = 0usize;
     for line in lines(&dir.join("acks")) {
         let (id, seq) = line.split_once(' ').unwrap();
         let id = EventId::parse(id).unwrap();
@@ -292,7 +293,7 @@ fn check_log(dir: &Path, round: u64) -> (LogView, HashMap<&'static str, u64>) {
         );
         acked += 1;
     }
-    assert!(acked as usize <= events.len());
+    assert!(acked <= events.len());
     let mut stored = HashMap::new();
     for name in SUBS {
         let c = bus.cursor(name).unwrap();

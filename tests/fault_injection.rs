@@ -229,7 +229,7 @@ fn run_point(target: Target, k: u64, once: bool) -> Point {
         .open_backend(be)
         .expect("open with the fault disabled");
     let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
-    let _sub = bus.subscribe(Filter::all(), recorder(&seen)).unwrap();
+    let sub = bus.subscribe(Filter::all(), recorder(&seen)).unwrap();
     countdown.store(k, Ordering::SeqCst);
 
     let mut acked: Vec<(u64, Event)> = base.clone();
@@ -291,7 +291,7 @@ fn run_point(target: Target, k: u64, once: bool) -> Point {
         }
     }
     let seen = std::mem::take(&mut *seen.lock().unwrap());
-    drop(_sub);
+    drop(sub);
     drop(bus);
 
     // Reopen normally: redb repairs, and the log holds every acknowledged

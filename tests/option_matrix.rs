@@ -6,9 +6,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ctrlbus::{
@@ -19,6 +18,7 @@ use ctrlbus::{
 const CHILD: &str = "CTRLBUS_MATRIX_CHILD";
 
 #[derive(Debug, Clone, Copy)]
+#[allow(clippy::struct_excessive_bools)] // the four switches under test
 struct Combo {
     sync: bool,
     shared_reads: bool,
@@ -112,25 +112,13 @@ fn matrix_child() {
 }
 
 fn crash(combo: Combo, path: &Path) -> HashMap<u64, EventId> {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "matrix_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD, format!("{}|{}", combo.encode(), path.display()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut acked = HashMap::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.ends_with("ready") {
-            break;
-        }
-        let mut tokens = line.split_whitespace().rev();
-        if let (Some(id), Some(seq)) = (tokens.next(), tokens.next())
-            && let (Ok(seq), Ok(id)) = (seq.parse(), EventId::parse(id))
-        {
-            acked.insert(seq, id);
-        }
-    }
+    let mut child = common::spawn_self(
+        "matrix_child",
+        (CHILD, format!("{}|{}", combo.encode(), path.display())),
+    );
+    let acked: HashMap<u64, EventId> = common::receipts_until_ready(&mut child)
+        .into_iter()
+        .collect();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert_eq!(acked.len(), 40, "{combo:?}: the child did not finish");
@@ -217,19 +205,10 @@ fn every_option_combination_runs_webhooks_subscriptions_and_recovery() {
         // The subscription resumes from its stored position and reaches
         // the end.
         let log = common::Log::default();
-        let sub = bus
-            .subscribe_durable(
-                "audit",
-                Filter::all(),
-                Position::Beginning,
-                common::recorder(&log),
-            )
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while sub.position() < last {
-            assert!(std::time::Instant::now() < deadline, "{combo:?}: stuck");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let sub = common::audit(&bus, &log);
+        common::wait_until("the subscription to reach the end", || {
+            sub.position() >= last
+        });
         drop(sub);
         // New publishes continue the order.
         let r = bus

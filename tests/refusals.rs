@@ -45,14 +45,7 @@ fn nesting_at_the_limit_is_accepted_and_read_back_and_one_past_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let bus = DurableBus::open(dir.path().join("events.redb")).unwrap();
     let log = common::Log::default();
-    let _sub = bus
-        .subscribe_durable(
-            "audit",
-            Filter::all(),
-            Position::Beginning,
-            common::recorder(&log),
-        )
-        .unwrap();
+    let _sub = common::audit(&bus, &log);
     let deep = event_at_depth(MAX_JSON_DEPTH);
     let receipt = bus.publish(deep.clone()).unwrap();
     // Every reader gives it back: read, a durable subscription, and the JSON

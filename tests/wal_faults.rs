@@ -34,14 +34,13 @@ fn run(countdown: u64) {
             let before = faults.load(Ordering::SeqCst);
             let e = Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("i", i);
             let id = e.id;
-            match bus.publish(e) {
-                Ok(r) => acked.push((r.seq, r.id)),
-                Err(_) => {
-                    // Steps per publish: write, then fsync. With one step
-                    // left the write succeeded and the fsync failed.
-                    failed = Some((id, before == 1));
-                    break;
-                }
+            if let Ok(r) = bus.publish(e) {
+                acked.push((r.seq, r.id));
+            } else {
+                // Steps per publish: write, then fsync. With one step
+                // left the write succeeded and the fsync failed.
+                failed = Some((id, before == 1));
+                break;
             }
         }
         if failed.is_some() {

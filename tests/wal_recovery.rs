@@ -4,9 +4,10 @@
 //! accepted, an out-of-sequence frame ends the log with a warning, and
 //! `check` reports frames waiting in the WAL.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ctrlbus::{
@@ -43,26 +44,8 @@ fn wal_child() {
 /// Publishes `n` events (after any already there) in a child killed with
 /// SIGKILL once they are acknowledged; their `(seq, id)`s.
 fn killed_with_frames_pending(path: &Path, n: usize) -> Vec<(u64, EventId)> {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "wal_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD, format!("{}|{n}", path.display()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut acked = Vec::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.ends_with("ready") {
-            break;
-        }
-        // The harness may print `test wal_child ... ` before the first.
-        let mut tokens = line.split_whitespace().rev();
-        if let (Some(id), Some(seq)) = (tokens.next(), tokens.next())
-            && let (Ok(seq), Ok(id)) = (seq.parse(), EventId::parse(id))
-        {
-            acked.push((seq, id));
-        }
-    }
+    let mut child = common::spawn_self("wal_child", (CHILD, format!("{}|{n}", path.display())));
+    let acked = common::receipts_until_ready(&mut child);
     assert_eq!(acked.len(), n, "the child did not acknowledge every event");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();

@@ -342,9 +342,9 @@ fn failing_endpoint_does_not_slow_others() {
 
 #[test]
 fn bad_input_is_refused_and_nothing_written() {
+    type Check = fn(&WebhookError) -> bool;
     let (_dir, bus) = open();
     let hooks = bus.webhooks();
-    type Check = fn(&WebhookError) -> bool;
     let cases: Vec<(NewWebhook, Check)> = vec![
         (new_hook("t1", "ftp://example.com/x", &[]), |e| {
             matches!(e, WebhookError::Url(_))

@@ -39,7 +39,7 @@ fn child(path: &str, mib: u64, quick: bool) -> ! {
         .quick_repair(quick)
         .open(path)
         .unwrap();
-    while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) < mib << 20 {
+    while std::fs::metadata(path).map_or(0, |m| m.len()) < mib << 20 {
         let batch = (0..10_000)
             .map(|_| Event::new(Type::DEPLOY_STARTED, "t").with_payload(payload.clone()))
             .collect();

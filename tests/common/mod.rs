@@ -29,3 +29,58 @@ pub fn headers(req: &tiny_http::Request) -> std::collections::HashMap<String, St
         })
         .collect()
 }
+
+/// Waits up to 20 s for `cond`, failing the test naming `what`.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The durable subscription "audit" of every event from the beginning,
+/// recording into `log`.
+pub fn audit(bus: &ctrlbus::DurableBus, log: &Log) -> ctrlbus::DurableSubscription {
+    bus.subscribe_durable(
+        "audit",
+        ctrlbus::Filter::all(),
+        ctrlbus::Position::Beginning,
+        recorder(log),
+    )
+    .unwrap()
+}
+
+/// Runs this test binary's test `test` alone, in a child process with
+/// `env` set, its standard output piped (crash tests kill it with SIGKILL).
+pub fn spawn_self(test: &str, env: (&str, String)) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(env.0, env.1)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads `<seq> <id>` receipt lines from a child until it prints `ready`.
+/// The harness may print `test NAME ... ` before the first line.
+pub fn receipts_until_ready(child: &mut std::process::Child) -> Vec<(u64, EventId)> {
+    use std::io::BufRead;
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.ends_with("ready") {
+            break;
+        }
+        let mut tokens = line.split_whitespace().rev();
+        if let (Some(id), Some(seq)) = (tokens.next(), tokens.next())
+            && let (Ok(seq), Ok(id)) = (seq.parse(), EventId::parse(id))
+        {
+            out.push((seq, id));
+        }
+    }
+    out
+}
