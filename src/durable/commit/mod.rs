@@ -127,10 +127,20 @@ struct Prepared {
 /// Where a publisher waits for its [`Outcome`].
 type ReplyReceiver = crate::sync::OneshotReceiver<Result<Outcome, PublishError>>;
 
+/// The `seq` the committer gave one event of a request.
+#[derive(Debug, Clone, Copy)]
+struct Assigned {
+    id: EventId,
+    seq: u64,
+    /// Already in the log (idempotency by id): `seq` is the original one
+    /// and nothing was written.
+    duplicate: bool,
+}
+
 /// What the committer tells one publisher.
 struct Outcome {
-    /// Per event of the request: its `seq` and whether it was a duplicate.
-    seqs: Vec<(EventId, u64, bool)>,
+    /// Per event of the request, in order.
+    seqs: Vec<Assigned>,
     group: Option<Arc<Group>>,
     /// The other publishers of this group, for this one to wake (see
     /// `reply_all`).
@@ -403,7 +413,7 @@ impl Core {
         // Idempotency: ids already applied (redb) or waiting (in memory).
         // The read transaction begins before the pruning below, so an id
         // pruned from memory is visible to it.
-        let mut outcomes: Vec<Vec<(EventId, u64, bool)>> = Vec::with_capacity(publishes.len());
+        let mut outcomes: Vec<Vec<Assigned>> = Vec::with_capacity(publishes.len());
         let lookup = (|| -> Result<(), StorageError> {
             self.unapplied_ids
                 .prune(shared.applied_seq.load(Ordering::Acquire));
@@ -437,13 +447,21 @@ impl Core {
                         }
                     };
                     if let Some(seq) = known {
-                        seqs.push((item.event.id, seq, true));
+                        seqs.push(Assigned {
+                            id: item.event.id,
+                            seq,
+                            duplicate: true,
+                        });
                         continue;
                     }
                     item.record[1..9].copy_from_slice(&append_ns.to_be_bytes());
                     self.max_id = self.max_id.max(key);
                     fresh.insert(key, next);
-                    seqs.push((item.event.id, next, false));
+                    seqs.push(Assigned {
+                        id: item.event.id,
+                        seq: next,
+                        duplicate: false,
+                    });
                     next += 1;
                 }
                 outcomes.push(seqs);
@@ -460,9 +478,9 @@ impl Core {
         let mut group_events: Vec<(u64, Event)> = Vec::new();
         let mut records: Vec<Vec<u8>> = Vec::new();
         for (req, seqs) in publishes.iter_mut().zip(&outcomes) {
-            for (item, (_, seq, dup)) in req.items.drain(..).zip(seqs) {
-                if !dup {
-                    group_events.push((*seq, item.event));
+            for (item, a) in req.items.drain(..).zip(seqs) {
+                if !a.duplicate {
+                    group_events.push((a.seq, item.event));
                     records.push(item.record);
                 }
             }
@@ -622,13 +640,9 @@ fn refuse_queued(shared: &Shared) {
 /// first whose publisher is already waiting for it. A publish submitted and
 /// not yet waited for is passed over, so the others never wait for its
 /// publisher to call `wait`. If nobody waits yet, each is simply answered.
-fn reply_all(
-    publishes: Vec<PublishReq>,
-    outcomes: Vec<Vec<(EventId, u64, bool)>>,
-    group: Option<Arc<Group>>,
-) {
-    let outcome = |seqs: Vec<(EventId, u64, bool)>, wake| {
-        let has_new = seqs.iter().any(|s| !s.2);
+fn reply_all(publishes: Vec<PublishReq>, outcomes: Vec<Vec<Assigned>>, group: Option<Arc<Group>>) {
+    let outcome = |seqs: Vec<Assigned>, wake| {
+        let has_new = seqs.iter().any(|s| !s.duplicate);
         Ok(Outcome {
             seqs,
             group: if has_new { group.clone() } else { None },
@@ -727,7 +741,13 @@ mod tests {
             rxs.push(rx);
         }
         let outcomes = (1..=3)
-            .map(|seq| vec![(EventId::new(), seq, false)])
+            .map(|seq| {
+                vec![Assigned {
+                    id: EventId::new(),
+                    seq,
+                    duplicate: false,
+                }]
+            })
             .collect();
         reply_all(reqs, outcomes, None);
         rxs

@@ -88,8 +88,12 @@ impl Pending {
                 group.wait();
                 let all = group.failures.lock();
                 if !all.is_empty() {
-                    let mine: HashSet<u64> =
-                        outcome.seqs.iter().filter(|s| !s.2).map(|s| s.1).collect();
+                    let mine: HashSet<u64> = outcome
+                        .seqs
+                        .iter()
+                        .filter(|s| !s.duplicate)
+                        .map(|s| s.seq)
+                        .collect();
                     failures = all
                         .iter()
                         .filter(|(s, _)| mine.contains(s))
@@ -101,13 +105,13 @@ impl Pending {
         Ok(outcome
             .seqs
             .into_iter()
-            .map(|(id, seq, duplicate)| Receipt {
-                seq,
-                id,
-                duplicate,
+            .map(|a| Receipt {
+                seq: a.seq,
+                id: a.id,
+                duplicate: a.duplicate,
                 handler_failures: failures
                     .iter()
-                    .filter(|(s, _)| *s == seq)
+                    .filter(|(s, _)| *s == a.seq)
                     .map(|(_, f)| f.clone())
                     .collect(),
             })
