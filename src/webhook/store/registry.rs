@@ -452,19 +452,14 @@ impl Webhooks {
         {
             let mut deliveries = txn.open_table(DELIVERIES).map_err(StorageError::from)?;
             let mut due = txn.open_table(DUE).map_err(StorageError::from)?;
-            if let Some(at) = rec.next_retry_ns {
-                due.remove((at, key)).map_err(StorageError::from)?;
-            }
-            if rec.status != DeliveryStatus::Pending {
-                rec.status = DeliveryStatus::Pending;
-                rec.error = String::new();
-            }
-            rec.next_retry_ns = Some(now);
-            rec.updated_ns = now;
-            due.insert((now, key), ()).map_err(StorageError::from)?;
-            deliveries
-                .insert(key, encode_record(&rec).as_slice())
-                .map_err(StorageError::from)?;
+            transition(
+                &mut deliveries,
+                &mut due,
+                &key,
+                &mut rec,
+                Next::Due(now),
+                now,
+            )?;
         }
         self.commit(txn)?;
         Ok(to_delivery(key, &rec))

@@ -3,6 +3,7 @@
 //! batches.
 
 use super::*;
+use crate::webhook::store::{Next, transition};
 
 pub(super) fn jittered(d: Duration, jitter: f64) -> Duration {
     if jitter <= 0.0 {
@@ -281,13 +282,14 @@ pub(super) fn claim(
                 if rec.status != DeliveryStatus::Pending {
                     continue;
                 }
-                if let Some(at) = rec.next_retry_ns.take() {
-                    due.remove((at, *id))?;
-                }
-                rec.status = DeliveryStatus::Failed;
-                rec.error.clone_from(reason);
-                rec.updated_ns = now;
-                deliveries.insert(id, encode_record(&rec).as_slice())?;
+                transition(
+                    &mut deliveries,
+                    &mut due,
+                    id,
+                    &mut rec,
+                    Next::Failed(reason),
+                    now,
+                )?;
             }
         }
         txn.commit()?;
@@ -339,43 +341,48 @@ pub(super) fn record(
             rec.status_code = o.status_code;
         }
         let mut hook = load_hook(&txn, &o.hook)?;
-        if was_pending {
-            if let Some(at) = rec.next_retry_ns.take() {
-                txn.open_table(DUE)?.remove((at, o.delivery))?;
-            }
-            if o.success {
-                rec.status = DeliveryStatus::Succeeded;
-                rec.error = String::new();
+        {
+            let mut deliveries = txn.open_table(DELIVERIES)?;
+            let mut due = txn.open_table(DUE)?;
+            let next = if !was_pending {
+                // Failed meanwhile: only the attempt count changes.
+                None
+            } else if o.success {
                 circuit_updates.push((o.hook, true, Duration::ZERO));
+                Some(Next::Succeeded)
             } else {
                 rec.error.clone_from(&o.error);
-                let step = opts.retry_schedule.get(n as usize - 1).copied();
-                match step {
+                match opts.retry_schedule.get(n as usize - 1).copied() {
                     Some(step) if o.status_code != 410 => {
                         let mut wait = jittered(step, opts.jitter);
                         if let Some(ra) = o.retry_after {
                             wait = wait.max(ra.min(opts.max_retry_after));
                         }
-                        let at =
-                            now.saturating_add(i64::try_from(wait.as_nanos()).unwrap_or(i64::MAX));
-                        rec.next_retry_ns = Some(at);
-                        txn.open_table(DUE)?.insert((at, o.delivery), ())?;
                         circuit_updates.push((o.hook, false, wait));
+                        Some(Next::Due(now.saturating_add(
+                            i64::try_from(wait.as_nanos()).unwrap_or(i64::MAX),
+                        )))
                     }
                     _ => {
-                        rec.status = DeliveryStatus::Failed;
                         let last = opts
                             .retry_schedule
                             .last()
                             .copied()
                             .unwrap_or(Duration::from_secs(5));
                         circuit_updates.push((o.hook, false, last));
+                        Some(Next::Failed(&o.error))
                     }
+                }
+            };
+            match next {
+                Some(next) => {
+                    transition(&mut deliveries, &mut due, &o.delivery, &mut rec, next, now)?;
+                }
+                None => {
+                    deliveries.insert(o.delivery, encode_record(&rec).as_slice())?;
                 }
             }
         }
-        txn.open_table(DELIVERIES)?
-            .insert(o.delivery, encode_record(&rec).as_slice())?;
         // The webhook: failure clock, 410, disabling.
         if let Some(h) = hook.as_mut() {
             if o.success {
