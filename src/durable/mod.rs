@@ -3,26 +3,39 @@
 //! How a publish flows (guarantees G1–G4 of DESIGN.md):
 //!
 //! 1. The publisher validates the event and encodes its record on its own
-//!    thread, then queues it (`commit`).
+//!    thread, then queues it (`commit/publish.rs`).
 //! 2. One committer at a time (a waiting publisher, or the writer thread for
 //!    publishes nobody waits for) takes every publish queued, assigns
 //!    consecutive `seq`s and makes the group durable with one fsync of the
-//!    write-ahead log (`wal`): group commit.
+//!    write-ahead log (`wal`): group commit (`commit/mod.rs`).
 //! 3. Only then does anyone see the events: the committer queues the group
-//!    for fan-out and wakes the publishers. The applier thread moves the group
-//!    into the redb file within `apply_interval`, in one durable commit with
-//!    the webhook delivery records it creates and the subscriptions'
+//!    for fan-out and wakes the publishers. The applier thread
+//!    (`commit/applier.rs`) moves the group into the redb file within
+//!    `apply_interval`, in one durable commit with what the append hooks
+//!    write (the webhook delivery records) and the subscriptions'
 //!    positions; reads in this process wait for that, and after a crash the
-//!    WAL is replayed into the file.
+//!    WAL is replayed into the file (`recovery`, `commit/replay.rs`).
 //! 4. Fan-out runs groups strictly in `seq` order, one thread at a time (the
 //!    thread holding the fan-out baton, one of the waiting publishers), so
-//!    every live subscriber sees events in `seq` order. A publisher returns
-//!    once its own group has been fanned out.
+//!    every live subscriber sees events in `seq` order
+//!    (`commit/fanout.rs`). A publisher returns once its own group has been
+//!    fanned out.
 //!
 //! Durable subscriptions (`subscription`) are live while caught up and
 //! detach into catch-up from the log on their own thread when their handler
 //! fails or is slow; the switch back to live happens under the fan-out lock
-//! at an exact `seq`, so there is no gap and no duplicate.
+//! at an exact `seq`, so there is no gap and no duplicate. Their cursors'
+//! records and administration are in `subscription/cursors.rs`.
+//!
+//! The seams, each in one place:
+//! - `hooks`: the append-hook trait, the log's only extension point. The
+//!   log knows nothing of webhooks; hooks are handed in by the builder.
+//! - `txn`: every write transaction (durability, quick repair, poison).
+//! - `wal` (with its file layer `WalIo`) and `recovery`: the WAL is never
+//!   skipped; a missing, foreign or stale one is refused.
+//! - `open`: telling a ctrlbus log from any other file before writing.
+//! - `crate::sync::PoisonDart`: a background thread that panics poisons the
+//!   bus instead of leaving callers waiting.
 
 #[cfg(test)]
 mod background_panics;
