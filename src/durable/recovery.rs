@@ -117,7 +117,7 @@ pub(crate) fn open_wal(
             .map_err(|e| OpenError::Storage(e.into()))?;
         read_state(&txn).map_err(OpenError::Storage)?
     };
-    let info = wal::inspect(&wal_path).map_err(io)?;
+    let info = wal::inspect(&wal_path, true).map_err(io)?;
     if let Some(reason) = missing_reason(state, info.as_ref(), log_id) {
         if !shared.opts.accept_wal_loss {
             return Err(OpenError::WalMissing {
@@ -206,7 +206,7 @@ fn pending_seqs(
 /// Events of the log at `path` that wait in its WAL with no process to
 /// apply them (after a crash, before a writable open recovered them).
 pub(crate) fn unrecovered(txn: &redb::ReadTransaction, path: &Path) -> Result<u64, StorageError> {
-    match wal::inspect(&wal::path_for(path)) {
+    match wal::inspect(&wal::path_for(path), false) {
         Ok(Some(info)) if !info.owned => Ok(pending_seqs(txn, &info)?.len() as u64),
         _ => Ok(0),
     }
@@ -232,7 +232,7 @@ pub(crate) fn check_wal(
     let Some(log_id) = log_id else {
         return Ok(());
     };
-    let info = match wal::inspect(&wal_path) {
+    let info = match wal::inspect(&wal_path, true) {
         Ok(info) => info,
         Err(e) => {
             report.problems.push(format!(

@@ -403,11 +403,13 @@ pub(crate) struct WalInfo {
 }
 
 /// Reads the WAL at `path` read-only. `Ok(None)` when there is no WAL
-/// file, or it is empty (never written).
+/// file, or it is empty (never written). With `frames_if_owned` false, a
+/// WAL that its owner holds is not read past its header (`frames` empty):
+/// the owner applies those frames itself.
 ///
 /// # Errors
 /// The I/O error, or `InvalidData` for a file that is not a ctrlbus WAL.
-pub(crate) fn inspect(path: &Path) -> io::Result<Option<WalInfo>> {
+pub(crate) fn inspect(path: &Path, frames_if_owned: bool) -> io::Result<Option<WalInfo>> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -437,7 +439,11 @@ pub(crate) fn inspect(path: &Path) -> io::Result<Option<WalInfo>> {
         Err(std::fs::TryLockError::WouldBlock) => true,
         Err(std::fs::TryLockError::Error(e)) => return Err(e),
     };
-    let (frames, _) = read_frames(&mut file, generation, len)?;
+    let frames = if owned && !frames_if_owned {
+        Vec::new()
+    } else {
+        read_frames(&mut file, generation, len)?.0
+    };
     Ok(Some(WalInfo {
         generation,
         log_id,
