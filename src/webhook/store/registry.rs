@@ -536,14 +536,22 @@ impl Webhooks {
                 .map(|entry| entry.map(|e| (e.seq, e.event.id)).map_err(map_read))
                 .collect()
         };
+        let mut tries = 0;
         let (txn, found) = loop {
+            tries += 1;
             let hook = read_hook()?;
             let found = scan(&hook)?;
             // 2. Create the deliveries in one write transaction, with the
-            // webhook checked again: if it changed meanwhile, scan again.
+            // webhook checked again: if its tenant or patterns changed
+            // meanwhile, scan again (three times at most; the last time the
+            // scan runs under the write lock, so nothing can change).
             let txn = self.open()?;
             let now_hook = check(load_hook(&txn, &key)?)?;
             if now_hook.tenant_id == hook.tenant_id && now_hook.events == hook.events {
+                break (txn, found);
+            }
+            if tries >= 3 {
+                let found = scan(&now_hook)?;
                 break (txn, found);
             }
         };
