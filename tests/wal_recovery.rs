@@ -175,6 +175,21 @@ fn a_stale_or_foreign_wal_is_refused_after_a_crash() {
         matches!(&err, OpenError::WalMissing { reason, .. } if reason.contains("older copy")),
         "{err}"
     );
+    // Accepting the loss of an older copy opens the log as its file holds
+    // it, sound. (The copy here has no frames the file lacks; that none of
+    // a copy's frames are replayed is not shown by this test.)
+    {
+        let scratch = dir.path().join("accepted.redb");
+        std::fs::copy(&path, &scratch).unwrap();
+        std::fs::copy(&old_copy, format!("{}.wal", scratch.display())).unwrap();
+        let bus = DurableBus::builder()
+            .accept_wal_loss(true)
+            .open(&scratch)
+            .unwrap();
+        let seqs: Vec<u64> = contents(&bus).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, vec![1], "the file's event, nothing from the copy");
+        assert!(bus.check(&mut |_, _| {}).unwrap().is_sound());
+    }
     // Another log's WAL.
     let (_other_dir, other) = scratch();
     DurableBus::open(&other).unwrap();

@@ -118,11 +118,12 @@ pub(crate) fn open_wal(
         read_state(&txn).map_err(OpenError::Storage)?
     };
     let info = wal::inspect(&wal_path, true).map_err(io)?;
-    if let Some(reason) = missing_reason(state, info.as_ref(), log_id) {
+    let lost = missing_reason(state, info.as_ref(), log_id);
+    if let Some(reason) = &lost {
         if !shared.opts.accept_wal_loss {
             return Err(OpenError::WalMissing {
                 wal: wal_path,
-                reason,
+                reason: reason.clone(),
             });
         }
         tracing::warn!(
@@ -155,7 +156,11 @@ pub(crate) fn open_wal(
         shared.opts.wal_io.as_ref(),
     )
     .map_err(io)?;
-    if !frames.is_empty() {
+    if lost.is_some() {
+        // The loss was accepted: what this WAL holds (an older copy's
+        // frames, say) is not what the file lacks, and is not replayed.
+        w.reset().map_err(io)?;
+    } else if !frames.is_empty() {
         let n = commit::recover(shared, &mut w, frames).map_err(OpenError::Storage)?;
         if n > 0 {
             tracing::info!(events = n, "replayed events from the write-ahead log");
