@@ -2,11 +2,17 @@
 //! events' own transactions, and delivery workers that sign per [Standard
 //! Webhooks], retry on a schedule and record every attempt (G8, G9).
 //!
-//! - `store`: the tables, the public records ([`Webhook`],
-//!   [`WebhookDelivery`], [`DeliveryAttempt`]) and the registry handle
-//!   [`Webhooks`];
-//! - `dispatch`: the append hook that creates deliveries crash-safely;
-//! - `worker`: [`DeliveryWorker`], which sends them;
+//! - `store`: `schema` (the tables and stored records, and what `check`
+//!   says of them), `types` (the public records [`Webhook`],
+//!   [`WebhookDelivery`], [`DeliveryAttempt`]), `queries` (read-only
+//!   listings), `deliveries` (the one function that moves a delivery
+//!   between states) and `registry` (the handle [`Webhooks`]);
+//! - `dispatch`: the log's append hook that creates deliveries in the
+//!   events' own transaction (G8, G9), handed to each bus when it is built;
+//! - `worker`: [`DeliveryWorker`]; `worker::scheduler` claims due
+//!   deliveries fairly per webhook (G12) and records outcomes,
+//!   `worker::http` makes one signed attempt (no environment proxy, the
+//!   address policy on the addresses connected to);
 //! - `signing`, `url_policy`: signatures and which targets are allowed.
 //!
 //! [Standard Webhooks]: https://www.standardwebhooks.com
