@@ -146,7 +146,9 @@ pub(super) fn claim(
     let now = now_ns();
     let now_i = Instant::now();
     let per_webhook = inner.opts.per_webhook();
-    let mut hook_cache: HashMap<[u8; 16], Option<crate::webhook::store::HookRec>> = HashMap::new();
+    // Each webhook is read, judged and its secrets parsed once per pass,
+    // not once per due delivery.
+    let mut hook_cache: HashMap<[u8; 16], Option<ClaimHook>> = HashMap::new();
     let mut orphans: Vec<([u8; 16], String)> = Vec::new();
     for row in due.iter()? {
         let (k, _) = row?;
@@ -174,7 +176,7 @@ pub(super) fn claim(
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let h = match hooks.get(rec.webhook)? {
-                    Some(v) => Some(decode_hook(v.value(), &rec.webhook)?),
+                    Some(v) => Some(ClaimHook::new(decode_hook(v.value(), &rec.webhook)?, now)),
                     None => None,
                 };
                 e.insert(h)
@@ -184,14 +186,17 @@ pub(super) fn claim(
             orphans.push((id, "webhook deleted".into()));
             continue;
         };
-        if !hook.active {
+        if !hook.rec.active {
             orphans.push((id, "webhook disabled".into()));
             continue;
         }
-        if let Some(reason) = hook.unsound(now) {
-            orphans.push((id, format!("not sent: the webhook {reason}")));
-            continue;
-        }
+        let secrets = match &hook.usable {
+            Ok(secrets) => secrets.clone(),
+            Err(reason) => {
+                orphans.push((id, format!("not sent: the webhook {reason}")));
+                continue;
+            }
+        };
         let circuit = circuits.entry(rec.webhook).or_default();
         // Fairness (G12): a webhook never holds more than its share of the
         // senders, so a slow endpoint delays only its own deliveries.
@@ -249,13 +254,10 @@ pub(super) fn claim(
                 continue;
             }
         };
-        let Ok(secrets) = hook.signing_secrets(now) else {
-            continue; // unreachable: `unsound` above checked them
-        };
         let job = Job {
             delivery: id,
             hook: rec.webhook,
-            url: hook.url.clone(),
+            url: hook.rec.url.clone(),
             event_id: entry.event.id.to_string(),
             body: Arc::new(entry.event.to_json().into_bytes()),
             secrets,
@@ -295,6 +297,23 @@ pub(super) fn claim(
         txn.commit()?;
     }
     Ok(())
+}
+
+/// A webhook as one claiming pass needs it: its record, and its signing
+/// secrets or why it can't be delivered to (`HookRec::unsound`).
+pub(super) struct ClaimHook {
+    rec: crate::webhook::store::HookRec,
+    usable: Result<Vec<crate::webhook::signing::Secret>, String>,
+}
+
+impl ClaimHook {
+    fn new(rec: crate::webhook::store::HookRec, now: i64) -> ClaimHook {
+        let usable = match rec.unsound(now) {
+            Some(reason) => Err(reason),
+            None => rec.signing_secrets(now),
+        };
+        ClaimHook { rec, usable }
+    }
 }
 
 /// Records outcomes in one transaction and updates the circuits.
