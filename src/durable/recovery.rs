@@ -117,7 +117,7 @@ pub(crate) fn open_wal(
             .map_err(|e| OpenError::Storage(e.into()))?;
         read_state(&txn).map_err(OpenError::Storage)?
     };
-    let info = wal::inspect(&wal_path, true).map_err(io)?;
+    let info = wal::inspect(&wal_path, wal::Inspect::Header).map_err(io)?;
     let lost = missing_reason(state, info.as_ref(), log_id);
     if let Some(reason) = &lost {
         if !shared.opts.accept_wal_loss {
@@ -211,7 +211,7 @@ fn pending_seqs(
 /// Events of the log at `path` that wait in its WAL with no process to
 /// apply them (after a crash, before a writable open recovered them).
 pub(crate) fn unrecovered(txn: &redb::ReadTransaction, path: &Path) -> Result<u64, StorageError> {
-    match wal::inspect(&wal::path_for(path), false) {
+    match wal::inspect(&wal::path_for(path), wal::Inspect::FramesUnlessOwned) {
         Ok(Some(info)) if !info.owned => Ok(pending_seqs(txn, &info)?.len() as u64),
         _ => Ok(0),
     }
@@ -237,7 +237,7 @@ pub(crate) fn check_wal(
     let Some(log_id) = log_id else {
         return Ok(());
     };
-    let info = match wal::inspect(&wal_path, true) {
+    let info = match wal::inspect(&wal_path, wal::Inspect::Frames) {
         Ok(info) => info,
         Err(e) => {
             report.problems.push(format!(

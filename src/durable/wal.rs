@@ -402,14 +402,24 @@ pub(crate) struct WalInfo {
     pub(crate) owned: bool,
 }
 
-/// Reads the WAL at `path` read-only. `Ok(None)` when there is no WAL
-/// file, or it is empty (never written). With `frames_if_owned` false, a
-/// WAL that its owner holds is not read past its header (`frames` empty):
-/// the owner applies those frames itself.
+/// How much of a WAL [`inspect`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inspect {
+    /// The header only (`frames` empty): an open, which reads the frames
+    /// itself next.
+    Header,
+    /// The frames too, unless an owner holds the WAL (it applies them).
+    FramesUnlessOwned,
+    /// The frames too (`check`).
+    Frames,
+}
+
+/// Reads the WAL at `path` read-only, as much as `what` says. `Ok(None)`
+/// when there is no WAL file, or it is empty (never written).
 ///
 /// # Errors
 /// The I/O error, or `InvalidData` for a file that is not a ctrlbus WAL.
-pub(crate) fn inspect(path: &Path, frames_if_owned: bool) -> io::Result<Option<WalInfo>> {
+pub(crate) fn inspect(path: &Path, what: Inspect) -> io::Result<Option<WalInfo>> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -439,10 +449,10 @@ pub(crate) fn inspect(path: &Path, frames_if_owned: bool) -> io::Result<Option<W
         Err(std::fs::TryLockError::WouldBlock) => true,
         Err(std::fs::TryLockError::Error(e)) => return Err(e),
     };
-    let frames = if owned && !frames_if_owned {
-        Vec::new()
-    } else {
-        read_frames(&mut file, generation, len)?.0
+    let frames = match what {
+        Inspect::Header => Vec::new(),
+        Inspect::FramesUnlessOwned if owned => Vec::new(),
+        _ => read_frames(&mut file, generation, len)?.0,
     };
     Ok(Some(WalInfo {
         generation,
