@@ -197,6 +197,7 @@ impl Source {
             }
             number += 1;
             offset += n as u64;
+            // Cut short (the limit plus one byte read, no newline yet).
             if line.len() > MAX_LINE_BYTES && line.last() != Some(&b'\n') {
                 offset += skip_line(&mut reader).map_err(read_err)?;
             }
@@ -230,6 +231,9 @@ fn skip_line(reader: &mut dyn BufRead) -> std::io::Result<u64> {
 
 /// Parses one line into an event, filling in a missing id and timestamp.
 pub(crate) fn parse_line(line: &[u8], now: Timestamp) -> std::result::Result<Event, String> {
+    // The limit is on the line's content: its end of line does not count.
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.len() > MAX_LINE_BYTES {
         return Err(format!(
             "the line is longer than the limit of {MAX_LINE_BYTES} bytes"
@@ -351,4 +355,57 @@ fn flush(bus: &DurableBus, batch: &mut Vec<Event>, summary: &mut Summary) -> Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid event line padded with spaces to `len` bytes of content.
+    fn line_of(len: usize) -> Vec<u8> {
+        let mut line = br#"{"type":"deploy.started","tenant_id":"acme"}"#.to_vec();
+        line.resize(len, b' ');
+        line.push(b'\n');
+        line
+    }
+
+    #[test]
+    fn a_line_at_the_limit_is_read_and_one_byte_past_it_is_refused() {
+        let now = Timestamp::now();
+        assert!(parse_line(&line_of(MAX_LINE_BYTES), now).is_ok());
+        let mut crlf = line_of(MAX_LINE_BYTES);
+        crlf.insert(crlf.len() - 1, b'\r');
+        assert!(parse_line(&crlf, now).is_ok(), "a CRLF end of line");
+        let err = parse_line(&line_of(MAX_LINE_BYTES + 1), now).unwrap_err();
+        assert!(err.contains("longer than the limit"), "{err}");
+    }
+
+    #[test]
+    fn reading_lines_hands_over_the_limit_whole_and_cuts_what_is_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let mut input = line_of(MAX_LINE_BYTES);
+        input.extend(line_of(MAX_LINE_BYTES + 10));
+        input.extend(line_of(60));
+        std::fs::write(&path, &input).unwrap();
+        let mut seen = Vec::new();
+        Source::File(path)
+            .for_each_line(|number, line, _| {
+                seen.push((
+                    number,
+                    line.len(),
+                    parse_line(line, Timestamp::now()).is_ok(),
+                ));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (1, MAX_LINE_BYTES + 1, true),
+                (2, MAX_LINE_BYTES + 1, false),
+                (3, 61, true),
+            ]
+        );
+    }
 }
