@@ -10,16 +10,11 @@ use super::*;
 pub(super) struct Unapplied {
     pub(super) group: Arc<Group>,
     pub(super) records: Vec<Vec<u8>>,
+    /// Bytes of `records` (what `Shared::unapplied_bytes` counts).
+    pub(super) bytes: u64,
     pub(super) append_ns: i64,
     /// When the writer acknowledged it: `apply_interval` counts from here.
     pub(super) acked_at: Instant,
-}
-
-impl Unapplied {
-    /// Bytes of its records (what `Shared::unapplied_bytes` counts).
-    pub(super) fn bytes(&self) -> u64 {
-        self.records.iter().map(|r| r.len() as u64).sum()
-    }
 }
 
 /// What the writer tells the applier (groups go through the shared queue,
@@ -132,7 +127,7 @@ impl Applier {
             let groups = std::mem::take(&mut *queue.lock());
             for u in groups {
                 // The committer counted these in `Shared::unapplied_bytes`.
-                self.counted_bytes += u.bytes();
+                self.counted_bytes += u.bytes;
                 self.push(u);
             }
             self.tick(others, shutdown);

@@ -511,6 +511,7 @@ impl Core {
         });
         let unapplied = Unapplied {
             group: group.clone(),
+            bytes: records.iter().map(|r| r.len() as u64).sum(),
             records,
             append_ns,
             acked_at: Instant::now(),
@@ -533,7 +534,7 @@ impl Core {
                 }
                 shared
                     .unapplied_bytes
-                    .fetch_add(unapplied.bytes(), Ordering::AcqRel);
+                    .fetch_add(unapplied.bytes, Ordering::AcqRel);
                 queue.lock().push(unapplied);
             }
         }
