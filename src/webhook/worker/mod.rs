@@ -403,6 +403,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_per_webhook_cap_defaults_to_half_the_workers_and_an_explicit_one_wins() {
+        let cap = |workers, explicit| {
+            DeliveryOptions {
+                workers,
+                max_in_flight_per_webhook: explicit,
+                ..DeliveryOptions::default()
+            }
+            .per_webhook()
+        };
+        assert_eq!(cap(1, 0), 1, "one worker: never zero");
+        assert_eq!(cap(2, 0), 1);
+        assert_eq!(cap(3, 0), 1);
+        assert_eq!(cap(8, 0), 4);
+        assert_eq!(cap(8, 8), 8);
+        assert_eq!(cap(2, 5), 5, "an explicit cap is taken as given");
+    }
+
+    #[test]
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after(" 3 "), Some(Duration::from_secs(3)));
