@@ -160,14 +160,20 @@ fn table_output_escapes_control_characters() {
     assert_eq!(json["actor_id"], forged);
 }
 
+/// Borrowed arguments for `Scratch::ok` and `Scratch::fails`.
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 #[test]
 fn secrets_can_come_from_a_file_or_stdin_instead_of_the_command_line() {
     let s = Scratch::new();
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let file = s.path("secret.txt");
     std::fs::write(&file, format!("{secret}\n")).unwrap();
-    let add = |extra: &[&str]| {
-        let mut args = vec![
+    // `webhooks add` with `extra` flags.
+    let add = |extra: &[&str]| -> Vec<String> {
+        [
             "webhooks",
             "add",
             "--tenant",
@@ -175,13 +181,13 @@ fn secrets_can_come_from_a_file_or_stdin_instead_of_the_command_line() {
             "--url",
             "http://127.0.0.1:9/x",
             "--allow-private-targets",
-        ];
-        args.extend_from_slice(extra);
-        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| (*a).to_owned())
+        .collect()
     };
-    let args = add(&["--secret-file", file.to_str().unwrap()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let added = &lines(&s.ok(&args))[0];
+    let added = &lines(&s.ok(&strs(&add(&["--secret-file", file.to_str().unwrap()]))))[0];
     assert_eq!(added["secret"], secret);
     let id = added["id"].as_str().unwrap().to_owned();
 
@@ -215,15 +221,19 @@ fn secrets_can_come_from_a_file_or_stdin_instead_of_the_command_line() {
         (big, "longer than 4096 bytes"),
         (junk, "secret"),
     ] {
-        let args = add(&["--secret-file", path.to_str().unwrap()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let err = s.fails(&args, 1);
+        let err = s.fails(&strs(&add(&["--secret-file", path.to_str().unwrap()])), 1);
         cli_support::one_line_error(&err);
         assert!(err.contains(expect), "{path:?}: {err}");
         assert!(!err.contains("xxxx"), "the file's text is not echoed");
     }
-    let args = add(&["--secret", secret, "--secret-file", file.to_str().unwrap()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    s.fails(&args, 2);
+    s.fails(
+        &strs(&add(&[
+            "--secret",
+            secret,
+            "--secret-file",
+            file.to_str().unwrap(),
+        ])),
+        2,
+    );
     assert_eq!(lines(&s.ok(&["webhooks", "list"])).len(), 1);
 }
