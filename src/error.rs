@@ -237,12 +237,29 @@ impl std::error::Error for FilterError {}
 /// and [`HandlerError::msg`] makes one from anything `Display`. On a durable subscription
 /// the event is retried and, after the configured number of deliveries, moved
 /// to the subscription's dead letters; nothing is lost.
-pub struct HandlerError(Box<dyn std::error::Error + Send + Sync>);
+pub struct HandlerError {
+    error: Box<dyn std::error::Error + Send + Sync>,
+    retry_after: Option<std::time::Duration>,
+}
 
 impl HandlerError {
     /// An error with a message.
     pub fn msg(message: impl fmt::Display) -> HandlerError {
-        HandlerError(message.to_string().into())
+        HandlerError::from(message.to_string())
+    }
+
+    /// Asks a durable subscription to deliver the event again after
+    /// `delay` instead of after its backoff (the delivery still counts
+    /// toward `max_deliveries`), as a NAK with a delay does in `JetStream`.
+    /// Live subscribers ignore it.
+    pub fn retry_after(mut self, delay: std::time::Duration) -> HandlerError {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// The delay set by [`HandlerError::retry_after`].
+    pub fn retry_delay(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 }
 
@@ -251,21 +268,48 @@ impl HandlerError {
 /// (`Err("boom".into())`, `Err(format!("bad {x}").into())`).
 impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for HandlerError {
     fn from(e: E) -> HandlerError {
-        HandlerError(e.into())
+        HandlerError {
+            error: e.into(),
+            retry_after: None,
+        }
     }
 }
 
 impl fmt::Display for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        fmt::Display::fmt(&self.error, f)
     }
 }
 
 impl fmt::Debug for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(&self.error, f)
     }
 }
+
+/// A [`DurableStream`](crate::stream::DurableStream) item that is not a
+/// delivery: the stream goes on (it retries on its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// Reading the log failed; the read is retried after the backoff.
+    ReadFailed {
+        /// What failed.
+        reason: String,
+    },
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamError::ReadFailed { reason } => {
+                write!(f, "reading the log failed (retrying): {reason}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StreamError {}
 
 /// The storage layer failed. What it means for durability is said where it
 /// is returned.

@@ -144,18 +144,34 @@ pub(crate) fn call(
     handler: &dyn Handler,
     event: &Event,
 ) -> Result<(), HandlerFailure> {
+    call_for_retry(id, handler, event).map_err(|(f, _)| f)
+}
+
+/// As [`call`], with the delay before a redelivery the handler asked for
+/// ([`HandlerError::retry_after`](crate::HandlerError::retry_after)).
+pub(crate) fn call_for_retry(
+    id: SubscriptionId,
+    handler: &dyn Handler,
+    event: &Event,
+) -> Result<(), (HandlerFailure, Option<std::time::Duration>)> {
     match catch_unwind(AssertUnwindSafe(|| handler.handle(event))) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(HandlerFailure {
-            subscription: id,
-            error: e.to_string(),
-            panicked: false,
-        }),
-        Err(panic) => Err(HandlerFailure {
-            subscription: id,
-            error: format!("handler panicked: {}", panic_message(&*panic)),
-            panicked: true,
-        }),
+        Ok(Err(e)) => Err((
+            HandlerFailure {
+                subscription: id,
+                error: e.to_string(),
+                panicked: false,
+            },
+            e.retry_delay(),
+        )),
+        Err(panic) => Err((
+            HandlerFailure {
+                subscription: id,
+                error: format!("handler panicked: {}", panic_message(&*panic)),
+                panicked: true,
+            },
+            None,
+        )),
     }
 }
 

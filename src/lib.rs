@@ -43,6 +43,8 @@ mod fuzzing;
 mod id;
 mod limits;
 mod memory;
+#[cfg(feature = "tokio")]
+pub mod stream;
 mod sync;
 mod time;
 pub mod webhook;
@@ -68,7 +70,7 @@ pub use durable::{
 };
 pub use error::{
     CursorError, EventError, FilterError, HandlerError, IdError, OpenError, PublishError,
-    ReadError, StorageError, SubscribeError, TypeError,
+    ReadError, StorageError, StreamError, SubscribeError, TypeError,
 };
 pub use error::{DeliveryError, SecretError, UrlError, VerifyError, WebhookError};
 pub use event::{

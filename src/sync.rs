@@ -216,6 +216,103 @@ impl Nudger {
     }
 }
 
+/// A one-shot slot filled by a thread and awaited by a future: the async
+/// counterpart of [`oneshot`], completed through the task's waker (no
+/// thread waits for it).
+///
+/// Invariant: the value is set at most once; a sender dropped without
+/// sending completes the receiver with `None`; the waker stored last is the
+/// one woken.
+#[cfg(feature = "tokio")]
+pub(crate) fn async_oneshot<T>() -> (AsyncSender<T>, AsyncReceiver<T>) {
+    let slot = Arc::new(Mutex::new(AsyncState {
+        value: None,
+        sender_gone: false,
+        waker: None,
+    }));
+    (
+        AsyncSender {
+            slot: Some(slot.clone()),
+        },
+        AsyncReceiver { slot },
+    )
+}
+
+#[cfg(feature = "tokio")]
+struct AsyncState<T> {
+    value: Option<T>,
+    sender_gone: bool,
+    waker: Option<std::task::Waker>,
+}
+
+/// The sending half of [`async_oneshot`].
+#[cfg(feature = "tokio")]
+pub(crate) struct AsyncSender<T> {
+    slot: Option<Arc<Mutex<AsyncState<T>>>>,
+}
+
+#[cfg(feature = "tokio")]
+impl<T> AsyncSender<T> {
+    /// Completes the receiver with `value` and wakes its task.
+    pub(crate) fn send(mut self, value: T) {
+        if let Some(slot) = self.slot.take() {
+            let waker = {
+                let mut st = slot.lock();
+                st.value = Some(value);
+                st.waker.take()
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl<T> Drop for AsyncSender<T> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            let waker = {
+                let mut st = slot.lock();
+                st.sender_gone = true;
+                st.waker.take()
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// The receiving half of [`async_oneshot`].
+#[cfg(feature = "tokio")]
+pub(crate) struct AsyncReceiver<T> {
+    slot: Arc<Mutex<AsyncState<T>>>,
+}
+
+#[cfg(feature = "tokio")]
+impl<T> AsyncReceiver<T> {
+    /// The value once sent (`Some(None)` if the sender was dropped without
+    /// sending); otherwise stores the task's waker and returns `Pending`.
+    pub(crate) fn poll_take(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        let mut st = self.slot.lock();
+        if let Some(v) = st.value.take() {
+            return std::task::Poll::Ready(Some(v));
+        }
+        if st.sender_gone {
+            return std::task::Poll::Ready(None);
+        }
+        match &st.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => st.waker = Some(cx.waker().clone()),
+        }
+        std::task::Poll::Pending
+    }
+}
+
 /// Poisons what a background thread serves if the thread panics (after
 /// fjall's `PoisonDart`): dropped while unwinding, it sets `flag` and runs
 /// `on_panic`, so the bus fails with a clear error instead of waiting for a
@@ -297,6 +394,33 @@ mod tests {
             rx.wait_for(std::time::Duration::from_millis(2)),
             Waited::Woken
         ));
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn async_oneshot_wakes_the_task_once_filled_or_dropped() {
+        use std::sync::atomic::AtomicUsize;
+        use std::task::{Context, Poll, Wake, Waker};
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let (tx, mut rx) = async_oneshot::<u8>();
+        assert!(rx.poll_take(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        tx.send(5);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "sending woke the task");
+        assert_eq!(rx.poll_take(&mut cx), Poll::Ready(Some(5)));
+        let (tx, mut rx) = async_oneshot::<u8>();
+        assert!(rx.poll_take(&mut cx).is_pending());
+        drop(tx);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2, "dropping woke the task");
+        assert_eq!(rx.poll_take(&mut cx), Poll::Ready(None));
     }
 
     #[test]

@@ -37,6 +37,8 @@
 //! - `crate::sync::PoisonDart`: a background thread that panics poisons the
 //!   bus instead of leaving callers waiting.
 
+#[cfg(feature = "tokio")]
+mod async_api;
 #[cfg(test)]
 mod background_panics;
 mod codec;
@@ -66,6 +68,8 @@ use jiff::Timestamp;
 
 pub use read::{LogEntry, LogReader, Position, ReadOnlyLog};
 pub use subscription::{CursorInfo, CursorState, DeadLetter, DurableSubscription, RedriveReport};
+#[cfg(feature = "tokio")]
+pub(crate) use subscription::{Pull, Verdict};
 pub use upkeep::{CheckReport, RetainReport, Retention, Stats};
 
 pub use commit::MAX_BATCH_BYTES;
@@ -413,6 +417,9 @@ pub(crate) struct Shared {
     pub(crate) queue: Mutex<commit::PublishQueue>,
     /// The writer thread's queue.
     pub(crate) tx: Sender<commit::WriteReq>,
+    /// Async publishes waiting for their fan-out (`publish_async`).
+    #[cfg(feature = "tokio")]
+    pub(crate) completions: commit::completion::Completions,
 }
 
 /// A publish submitted with [`DurableBus::submit`], not yet acknowledged.
@@ -477,6 +484,9 @@ impl Handle {
                 let _ = writer.join();
             }
         }
+        // After the writer: it is the last to hand over async publishes.
+        #[cfg(feature = "tokio")]
+        shared.completions.stop();
         shared.live.clear();
         shared.fan.lock().live_durable.clear();
     }
@@ -540,6 +550,8 @@ impl DurableBus {
             core: Mutex::new(None),
             queue: Mutex::new(commit::PublishQueue::default()),
             tx,
+            #[cfg(feature = "tokio")]
+            completions: commit::completion::Completions::default(),
         });
         let mut wal = None;
         let mut last_append = last_append;
@@ -676,7 +688,13 @@ impl DurableBus {
     ) -> Result<DurableSubscription, SubscribeError> {
         // The start position may name events acknowledged through the WAL.
         self.sync_reads()?;
-        subscription::subscribe(&self.handle.shared, name, filter, start, Box::new(handler))
+        subscription::subscribe(
+            &self.handle.shared,
+            name,
+            filter,
+            start,
+            subscription::Consumer::Handler(Box::new(handler)),
+        )
     }
 
     /// Every durable subscription's cursor, by name.

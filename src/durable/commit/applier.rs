@@ -243,6 +243,10 @@ impl Applier {
                 for hook in shared.hooks.read().iter() {
                     hook.after_commit();
                 }
+                // Pull subscriptions read only what is applied.
+                for sub in &subs {
+                    sub.applied();
+                }
             }
             for req in others {
                 match req {

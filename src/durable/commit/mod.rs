@@ -66,6 +66,8 @@ use crate::sync::{Condvar, Mutex, Nudger, OneshotSender, PoisonDart, Waited, Wak
 use crate::time::now_ns;
 
 mod applier;
+#[cfg(feature = "tokio")]
+pub(crate) mod completion;
 mod fanout;
 mod publish;
 mod replay;
@@ -73,6 +75,8 @@ mod replay;
 use applier::{Applier, ApplyMsg, ApplyQueue, Unapplied};
 use fanout::{DISPATCHING, fan_out};
 pub(crate) use fanout::{FanState, Group};
+#[cfg(feature = "tokio")]
+pub(crate) use publish::submit_async;
 pub(crate) use publish::{Pending, publish, submit};
 pub(crate) use replay::recover;
 
@@ -99,9 +103,77 @@ pub(crate) struct PublishReq {
     items: Vec<Prepared>,
     /// Bytes its records take in a WAL frame (at most `max_batch_bytes`).
     bytes: usize,
-    reply: OneshotSender<Result<Outcome, PublishError>>,
-    /// When it was queued (the writer thread commits it after `LINGER`).
-    queued: Instant,
+    reply: Reply,
+    /// When the writer thread commits it if no publisher has: `LINGER`
+    /// after it was queued, or at once for an async publish.
+    due: Instant,
+}
+
+/// Where a publish's outcome goes.
+enum Reply {
+    /// To a thread waiting in [`Pending`], which fans out its group.
+    Blocking(OneshotSender<Result<Outcome, PublishError>>),
+    /// To a future (`publish_async`): once its group is fanned out, by the
+    /// completion thread (`completion`).
+    #[cfg(feature = "tokio")]
+    Async(crate::sync::AsyncSender<Result<Vec<Receipt>, PublishError>>),
+}
+
+impl Reply {
+    /// True if a publisher thread may commit this request itself.
+    fn has_leader(&self) -> bool {
+        match self {
+            Reply::Blocking(_) => true,
+            #[cfg(feature = "tokio")]
+            Reply::Async(_) => false,
+        }
+    }
+
+    /// True once a blocking publisher waits for it (see `reply_all`).
+    fn is_awaited(&self) -> bool {
+        match self {
+            Reply::Blocking(r) => r.is_awaited(),
+            #[cfg(feature = "tokio")]
+            Reply::Async(_) => false,
+        }
+    }
+
+    /// Answers with a failure.
+    fn fail(self, err: PublishError) {
+        match self {
+            Reply::Blocking(r) => r.send(Err(err)),
+            #[cfg(feature = "tokio")]
+            Reply::Async(r) => r.send(Err(err)),
+        }
+    }
+
+    /// Answers with the request's `seq`s: a blocking publisher is woken
+    /// (or, with `defer`, filled and woken by the returned waker); an async
+    /// one is completed now if nothing of it is fanned out, else after its
+    /// group is.
+    fn answer(self, shared: &Shared, outcome: Outcome, defer: bool) -> Option<Waker> {
+        #[cfg(not(feature = "tokio"))]
+        let _ = shared;
+        match self {
+            Reply::Blocking(r) if defer => Some(r.fill(Ok(outcome))),
+            Reply::Blocking(r) => {
+                r.send(Ok(outcome));
+                None
+            }
+            #[cfg(feature = "tokio")]
+            Reply::Async(r) => {
+                match outcome.group {
+                    None => r.send(Ok(publish::receipts(outcome.seqs, None))),
+                    Some(group) => shared.completions.push(completion::Completion {
+                        reply: r,
+                        seqs: outcome.seqs,
+                        group,
+                    }),
+                }
+                None
+            }
+        }
+    }
 }
 
 /// Publishes waiting to be committed, and the publishers waiting for a
@@ -487,7 +559,7 @@ impl Core {
         }
         let Some(&(last, _)) = group_events.last() else {
             // Only duplicates: nothing to write.
-            reply_all(publishes, outcomes, None);
+            reply_all(&shared, publishes, outcomes, None);
             return;
         };
         if let Some(wal) = &mut self.wal
@@ -540,7 +612,7 @@ impl Core {
         }
         shared.last_seq.store(last, Ordering::Release);
         shared.fan.lock().pending.insert(start_seq, group.clone());
-        reply_all(publishes, outcomes, Some(group));
+        reply_all(&shared, publishes, outcomes, Some(group));
     }
 }
 
@@ -558,9 +630,9 @@ pub(crate) fn run_writer(shared: Arc<Shared>, rx: Receiver<WriteReq>) {
     };
     loop {
         let mut timeout = tick;
-        let oldest = shared.queue.lock().reqs.first().map(|r| r.queued);
-        if let Some(t) = oldest {
-            let due = LINGER.saturating_sub(t.elapsed());
+        let soonest = shared.queue.lock().reqs.iter().map(|r| r.due).min();
+        if let Some(t) = soonest {
+            let due = t.saturating_duration_since(Instant::now());
             if due.is_zero() {
                 with_core(&shared, Core::commit_queued);
                 continue;
@@ -632,7 +704,7 @@ fn hand_off(shared: &Shared) {
 fn refuse_queued(shared: &Shared) {
     let reqs = std::mem::take(&mut shared.queue.lock().reqs);
     for req in reqs {
-        req.reply.send(Err(PublishError::Closed));
+        req.reply.fail(PublishError::Closed);
     }
 }
 
@@ -641,28 +713,33 @@ fn refuse_queued(shared: &Shared) {
 /// first whose publisher is already waiting for it. A publish submitted and
 /// not yet waited for is passed over, so the others never wait for its
 /// publisher to call `wait`. If nobody waits yet, each is simply answered.
-fn reply_all(publishes: Vec<PublishReq>, outcomes: Vec<Vec<Assigned>>, group: Option<Arc<Group>>) {
+fn reply_all(
+    shared: &Shared,
+    publishes: Vec<PublishReq>,
+    outcomes: Vec<Vec<Assigned>>,
+    group: Option<Arc<Group>>,
+) {
     let outcome = |seqs: Vec<Assigned>, wake| {
         let has_new = seqs.iter().any(|s| !s.duplicate);
-        Ok(Outcome {
+        Outcome {
             seqs,
             group: if has_new { group.clone() } else { None },
             wake,
-        })
+        }
     };
     let mut replies: Vec<_> = publishes.into_iter().zip(outcomes).collect();
     let Some(delegate) = replies.iter().position(|(r, _)| r.reply.is_awaited()) else {
         for (req, seqs) in replies {
-            req.reply.send(outcome(seqs, Vec::new()));
+            req.reply.answer(shared, outcome(seqs, Vec::new()), false);
         }
         return;
     };
     let (req, seqs) = replies.remove(delegate);
     let wakers = replies
         .into_iter()
-        .map(|(r, seqs)| r.reply.fill(outcome(seqs, Vec::new())))
+        .filter_map(|(r, seqs)| r.reply.answer(shared, outcome(seqs, Vec::new()), true))
         .collect();
-    req.reply.send(outcome(seqs, wakers));
+    req.reply.answer(shared, outcome(seqs, wakers), false);
 }
 
 fn refuse(req: WriteReq) {
@@ -678,7 +755,7 @@ fn refuse(req: WriteReq) {
 
 fn fail_all(publishes: Vec<PublishReq>, others: Vec<WriteReq>, err: impl Fn() -> StorageError) {
     for req in publishes {
-        req.reply.send(Err(PublishError::Storage(err())));
+        req.reply.fail(PublishError::Storage(err()));
     }
     for req in others {
         match req {
@@ -736,8 +813,8 @@ mod tests {
             reqs.push(PublishReq {
                 items: Vec::new(),
                 bytes: 0,
-                reply,
-                queued: Instant::now(),
+                reply: Reply::Blocking(reply),
+                due: Instant::now(),
             });
             rxs.push(rx);
         }
@@ -750,7 +827,9 @@ mod tests {
                 }]
             })
             .collect();
-        reply_all(reqs, outcomes, None);
+        let dir = tempfile::tempdir().unwrap();
+        let bus = crate::DurableBus::open(dir.path().join("t.redb")).unwrap();
+        reply_all(bus.shared(), reqs, outcomes, None);
         rxs
     }
 

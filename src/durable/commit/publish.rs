@@ -81,47 +81,84 @@ impl Pending {
         for w in outcome.wake.drain(..) {
             w.wake();
         }
-        let mut failures: Vec<(u64, HandlerFailure)> = Vec::new();
+        let mut done = None;
         if let Some(group) = &outcome.group {
             fan_out(shared);
+            // A publish from inside a handler can't wait for the fan-out
+            // it is part of.
             if !DISPATCHING.get() {
                 group.wait();
-                let all = group.failures.lock();
-                if !all.is_empty() {
-                    let mine: HashSet<u64> = outcome
-                        .seqs
-                        .iter()
-                        .filter(|s| !s.duplicate)
-                        .map(|s| s.seq)
-                        .collect();
-                    failures = all
-                        .iter()
-                        .filter(|(s, _)| mine.contains(s))
-                        .cloned()
-                        .collect();
-                }
+                done = Some(&**group);
             }
         }
-        Ok(outcome
-            .seqs
-            .into_iter()
-            .map(|a| Receipt {
-                seq: a.seq,
-                id: a.id,
-                duplicate: a.duplicate,
-                handler_failures: failures
-                    .iter()
-                    .filter(|(s, _)| *s == a.seq)
-                    .map(|(_, f)| f.clone())
-                    .collect(),
-            })
-            .collect())
+        Ok(receipts(std::mem::take(&mut outcome.seqs), done))
     }
+}
+
+/// The receipts of one request; with its group once fanned out, the
+/// handler failures on its own events.
+pub(super) fn receipts(seqs: Vec<Assigned>, group: Option<&Group>) -> Vec<Receipt> {
+    let mut failures: Vec<(u64, HandlerFailure)> = Vec::new();
+    if let Some(group) = group {
+        let all = group.failures.lock();
+        if !all.is_empty() {
+            let mine: HashSet<u64> = seqs
+                .iter()
+                .filter(|s| !s.duplicate)
+                .map(|s| s.seq)
+                .collect();
+            failures = all
+                .iter()
+                .filter(|(s, _)| mine.contains(s))
+                .cloned()
+                .collect();
+        }
+    }
+    seqs.into_iter()
+        .map(|a| Receipt {
+            seq: a.seq,
+            id: a.id,
+            duplicate: a.duplicate,
+            handler_failures: failures
+                .iter()
+                .filter(|(s, _)| *s == a.seq)
+                .map(|(_, f)| f.clone())
+                .collect(),
+        })
+        .collect()
 }
 
 /// Validates and encodes events on the caller's thread and hands them to the
 /// writer; the returned [`Pending`] waits for the outcome.
 pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending, PublishError> {
+    let (items, bytes) = prepare(shared, events)?;
+    let (reply, rx) = oneshot();
+    enqueue(shared, items, bytes, Reply::Blocking(reply));
+    Ok(Pending {
+        shared: shared.clone(),
+        rx: Some(rx),
+    })
+}
+
+/// Validates and encodes events on the caller's thread and queues them for
+/// the writer thread, which commits them at once (no publisher leads an
+/// async publish's commit: its thread is a runtime's); `rx` completes once
+/// they are durable and fanned out (`completion`).
+#[cfg(feature = "tokio")]
+pub(crate) fn submit_async(
+    shared: &Arc<Shared>,
+    events: Vec<Event>,
+) -> Result<crate::sync::AsyncReceiver<Result<Vec<Receipt>, PublishError>>, PublishError> {
+    let (items, bytes) = prepare(shared, events)?;
+    shared.completions.start(shared)?;
+    let (reply, rx) = crate::sync::async_oneshot();
+    enqueue(shared, items, bytes, Reply::Async(reply));
+    Ok(rx)
+}
+
+/// Checks and encodes a request's events: (the records, their bytes in a
+/// WAL frame).
+fn prepare(shared: &Shared, events: Vec<Event>) -> Result<(Vec<Prepared>, usize), PublishError> {
     if shared.closed.load(Ordering::Acquire) {
         return Err(PublishError::Closed);
     }
@@ -159,24 +196,33 @@ pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending
             size: bytes,
         });
     }
-    let (reply, rx) = oneshot();
-    let req = PublishReq {
-        items,
-        bytes,
-        reply,
-        queued: Instant::now(),
+    Ok((items, bytes))
+}
+
+/// Queues a request. A blocking publisher may lead its own commit, so the
+/// writer thread waits `LINGER` for it; nobody leads an async one, so the
+/// writer commits it at once.
+fn enqueue(shared: &Shared, items: Vec<Prepared>, bytes: usize, reply: Reply) {
+    let now = Instant::now();
+    let due = if reply.has_leader() {
+        now + LINGER
+    } else {
+        now
     };
-    let was_empty = {
+    let led = reply.has_leader();
+    let kick = {
         let mut q = shared.queue.lock();
-        q.reqs.push(req);
-        q.reqs.len() == 1
+        let was_empty = q.reqs.is_empty();
+        q.reqs.push(PublishReq {
+            items,
+            bytes,
+            reply,
+            due,
+        });
+        was_empty || !led
     };
-    if was_empty {
+    if kick {
         // The writer thread is the committer of last resort.
         let _ = shared.tx.send(WriteReq::Kick);
     }
-    Ok(Pending {
-        shared: shared.clone(),
-        rx: Some(rx),
-    })
 }

@@ -65,12 +65,68 @@ pub(crate) fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
+/// Who handles a durable subscription's events.
+pub(crate) enum Consumer {
+    /// A handler, run live inside `publish` while caught up.
+    Handler(Box<dyn Handler>),
+    /// A consumer that waits for its own verdict on each event (an async
+    /// stream): never live, so it never holds up a publisher; it reads
+    /// applied events from the log on the subscription's thread, woken by
+    /// each apply.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Pull(Box<dyn Pull>),
+}
+
+/// What a [`Pull`] consumer decided about one event.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+pub(crate) enum Verdict {
+    /// Handled: the position moves past it.
+    Ack,
+    /// Not handled: delivered again after `retry_after` (else the
+    /// subscription's backoff), and dead-lettered after `max_deliveries`.
+    Nack {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// The consumer is gone: the subscription stops here, the event
+    /// unhandled and its attempt not counted.
+    Closed,
+}
+
+/// A consumer that pulls events (see [`Consumer::Pull`]).
+pub(crate) trait Pull: Send + Sync {
+    /// Offers the event at `seq` (its `attempt`-th delivery, from 1) and
+    /// waits for the verdict.
+    fn deliver(&self, seq: u64, event: &Event, attempt: u32) -> Verdict;
+    /// The position now includes `seq` (acknowledged or dead-lettered).
+    fn recorded(&self, seq: u64);
+    /// Reading the log failed (it is retried); tells the consumer.
+    fn read_failed(&self, error: &ReadError);
+    /// The subscription's thread ended: nothing more comes.
+    fn finished(&self);
+}
+
+impl<P: Pull + ?Sized> Pull for Arc<P> {
+    fn deliver(&self, seq: u64, event: &Event, attempt: u32) -> Verdict {
+        (**self).deliver(seq, event, attempt)
+    }
+    fn recorded(&self, seq: u64) {
+        (**self).recorded(seq);
+    }
+    fn read_failed(&self, error: &ReadError) {
+        (**self).read_failed(error);
+    }
+    fn finished(&self) {
+        (**self).finished();
+    }
+}
+
 /// One active durable subscription.
 pub(crate) struct DurableSub {
     pub(crate) name: String,
     id: SubscriptionId,
     filter: Filter,
-    handler: Box<dyn Handler>,
+    consumer: Consumer,
     delivered: AtomicU64,
     /// The position last written to the `cursors` table (maybe not yet
     /// durable, when a WAL is in use).
@@ -103,6 +159,9 @@ impl DurableSub {
         event: &Event,
         failures: &mut Vec<HandlerFailure>,
     ) {
+        let Consumer::Handler(handler) = &self.consumer else {
+            return; // never live
+        };
         if !self.live.load(Ordering::Acquire)
             || seq < self.live_from.load(Ordering::Acquire)
             || !self.filter.matches(event)
@@ -110,7 +169,7 @@ impl DurableSub {
             return;
         }
         let started = Instant::now();
-        match fanout::call(self.id, self.handler.as_ref(), event) {
+        match fanout::call(self.id, handler.as_ref(), event) {
             Ok(()) => {
                 self.delivered.store(seq, Ordering::Release);
                 if started.elapsed() > shared.opts.slow_handler {
@@ -150,6 +209,14 @@ impl DurableSub {
         self.live.store(false, Ordering::Release);
         shared.fan.lock().live_durable.retain(|s| s.id != self.id);
         let _ = self.wake_tx.try_send(());
+    }
+
+    /// Events were applied to the file: wakes a pull subscription waiting
+    /// for them.
+    pub(crate) fn applied(&self) {
+        if matches!(self.consumer, Consumer::Pull(_)) {
+            let _ = self.wake_tx.try_send(());
+        }
     }
 
     pub(crate) fn ack_dirty(&self) -> bool {
@@ -219,6 +286,10 @@ impl DurableSub {
             }
             match self.catch_up(&shared) {
                 Ok(true) => {}
+                Ok(false) if matches!(self.consumer, Consumer::Pull(_)) => {
+                    // Woken by the next apply; the timeout is a safety net.
+                    let _ = self.wake_rx.recv_timeout(Duration::from_millis(500));
+                }
                 Ok(false) => {
                     // Caught up: switch to live at exactly next_seq.
                     let mut fan = shared.fan.lock();
@@ -231,6 +302,9 @@ impl DurableSub {
                 }
                 Err(e) => {
                     tracing::error!(subscription = %self.name, error = %e, "catch-up read failed; retrying");
+                    if let Consumer::Pull(pull) = &self.consumer {
+                        pull.read_failed(&e);
+                    }
                     *self.last_error.lock() = Some(e.to_string());
                     self.sleep(shared.opts.max_retry_backoff);
                 }
@@ -240,13 +314,21 @@ impl DurableSub {
         if self.delivered.load(Ordering::Acquire) != self.durable_at.load(Ordering::Acquire) {
             let _ = commit::flush_acks(&shared, Duration::from_secs(10));
         }
+        if let Consumer::Pull(pull) = &self.consumer {
+            pull.finished();
+        }
     }
 
     /// Delivers a chunk from the log; `Ok(true)` if it made progress and more
     /// may follow, `Ok(false)` if caught up with the fan-out position.
     fn catch_up(&self, shared: &Shared) -> Result<bool, ReadError> {
         const CHUNK: usize = 512;
-        let target = shared.fan.lock().next_seq - 1;
+        let mut target = shared.fan.lock().next_seq - 1;
+        if matches!(self.consumer, Consumer::Pull(_)) {
+            // What is applied, so reading never forces an apply (a redb
+            // commit) per event; the applier wakes it for more.
+            target = target.min(shared.applied_seq.load(Ordering::Acquire));
+        }
         let from = self.delivered.load(Ordering::Acquire) + 1;
         if from > target {
             return Ok(false);
@@ -306,6 +388,9 @@ impl DurableSub {
                 return Ok(true); // stopped
             }
             self.delivered.store(seq, Ordering::Release);
+            if let Consumer::Pull(pull) = &self.consumer {
+                pull.recorded(seq);
+            }
             if seq.saturating_sub(self.durable_at.load(Ordering::Acquire))
                 >= shared.opts.ack_flush_events
             {
@@ -325,14 +410,20 @@ impl DurableSub {
     fn deliver_with_retry(&self, shared: &Shared, seq: u64, event: &Event) -> bool {
         let mut attempt = self.pending_attempts.swap(0, Ordering::AcqRel);
         let mut backoff = shared.opts.retry_backoff;
+        let mut asked: Option<Duration> = None;
         loop {
             // A failed live delivery counts as an attempt: once
             // `max_deliveries` are used up, dead-letter without delivering
             // again.
             let exhausted = attempt >= shared.opts.max_deliveries;
             if attempt > 0 && !exhausted {
-                self.sleep(backoff);
-                backoff = (backoff * 2).min(shared.opts.max_retry_backoff);
+                // The delay the consumer asked for, else the backoff.
+                if let Some(d) = asked.take() {
+                    self.sleep(d);
+                } else {
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(shared.opts.max_retry_backoff);
+                }
             }
             if self.stopped() {
                 self.pending_attempts.store(attempt, Ordering::Release);
@@ -342,15 +433,37 @@ impl DurableSub {
                 self.last_error.lock().clone().unwrap_or_default()
             } else {
                 attempt += 1;
-                match fanout::call(self.id, self.handler.as_ref(), event) {
-                    Ok(()) => return true,
-                    Err(f) => f.error,
+                match self.call(seq, event, attempt) {
+                    Verdict::Ack => return true,
+                    Verdict::Nack { error, retry_after } => {
+                        asked = retry_after;
+                        error
+                    }
+                    Verdict::Closed => {
+                        self.stop.store(true, Ordering::Release);
+                        self.pending_attempts.store(attempt - 1, Ordering::Release);
+                        return false;
+                    }
                 }
             };
             *self.last_error.lock() = Some(error.clone());
             if attempt >= shared.opts.max_deliveries {
                 return self.dead_letter(shared, seq, error, attempt);
             }
+        }
+    }
+
+    /// One delivery of the event at `seq` to the consumer.
+    fn call(&self, seq: u64, event: &Event, attempt: u32) -> Verdict {
+        match &self.consumer {
+            Consumer::Handler(h) => match fanout::call_for_retry(self.id, h.as_ref(), event) {
+                Ok(()) => Verdict::Ack,
+                Err((f, retry_after)) => Verdict::Nack {
+                    error: f.error,
+                    retry_after,
+                },
+            },
+            Consumer::Pull(p) => p.deliver(seq, event, attempt),
         }
     }
 
@@ -464,7 +577,13 @@ impl DurableSubscription {
             };
             // The handler runs before the write transaction opens: user
             // code never holds the write lock (every publish waits on it).
-            let outcome = event.map(|e| fanout::call(self.sub.id, self.sub.handler.as_ref(), &e));
+            let outcome = event.map(
+                |e| match self.sub.call(letter.seq, &e, letter.attempts + 1) {
+                    Verdict::Ack => Ok(()),
+                    Verdict::Nack { error, .. } => Err(error),
+                    Verdict::Closed => Err("the consumer is closed".to_owned()),
+                },
+            );
             let txn = super::txn::write(&shared)?;
             {
                 let mut dead = txn.open_table(DEAD_LETTERS).map_err(StorageError::from)?;
@@ -478,9 +597,9 @@ impl DurableSubscription {
                         dead.remove(key).map_err(StorageError::from)?;
                         report.succeeded += 1;
                     }
-                    Some(Err(f)) => {
+                    Some(Err(error)) => {
                         let rec = DeadLetterRecord {
-                            error: f.error,
+                            error,
                             attempts: letter.attempts + 1,
                             at_ns: now_ns(),
                         };
@@ -538,7 +657,7 @@ pub(crate) fn subscribe(
     name: &str,
     filter: Filter,
     start: Position,
-    handler: Box<dyn Handler>,
+    consumer: Consumer,
 ) -> Result<DurableSubscription, SubscribeError> {
     if !valid_name(name) {
         return Err(SubscribeError::InvalidName(name.to_owned()));
@@ -592,7 +711,7 @@ pub(crate) fn subscribe(
         name: name.to_owned(),
         id: SubscriptionId(shared.live.reserve_id()),
         filter,
-        handler,
+        consumer,
         delivered: AtomicU64::new(record.delivered),
         stored: AtomicU64::new(record.delivered),
         durable_at: AtomicU64::new(record.delivered),
