@@ -255,6 +255,10 @@ impl Pull for Bridge {
         }
     }
 
+    fn stop(&self) {
+        self.close();
+    }
+
     fn finished(&self) {
         // Ends the stream once its items are taken.
         self.tx.lock().take();

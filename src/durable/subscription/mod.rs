@@ -102,6 +102,9 @@ pub(crate) trait Pull: Send + Sync {
     fn recorded(&self, seq: u64);
     /// Reading the log failed (it is retried); tells the consumer.
     fn read_failed(&self, error: &ReadError);
+    /// The subscription is stopping: a delivery waiting for its verdict
+    /// returns [`Verdict::Closed`].
+    fn stop(&self);
     /// The subscription's thread ended: nothing more comes.
     fn finished(&self);
 }
@@ -115,6 +118,9 @@ impl<P: Pull + ?Sized> Pull for Arc<P> {
     }
     fn read_failed(&self, error: &ReadError) {
         (**self).read_failed(error);
+    }
+    fn stop(&self) {
+        (**self).stop();
     }
     fn finished(&self) {
         (**self).finished();
@@ -249,6 +255,9 @@ impl DurableSub {
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.live.store(false, Ordering::Release);
+        if let Consumer::Pull(pull) = &self.consumer {
+            pull.stop();
+        }
         let _ = self.wake_tx.try_send(());
     }
 
