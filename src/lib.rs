@@ -46,6 +46,7 @@ mod memory;
 #[cfg(feature = "tokio")]
 pub mod stream;
 mod sync;
+pub mod telemetry;
 mod time;
 pub mod webhook;
 

@@ -497,8 +497,23 @@ fn cursors_list_show_seek_delete() {
     assert_eq!(shown["name"], "billing");
     assert!(shown["dead_letter_events"].as_array().unwrap().is_empty());
 
+    // `stats` shows the same lag as `cursors list`, and no apply lag.
+    let stats = &lines(&s.ok(&["stats"]))[0];
+    assert_eq!(stats["subscription_lag"]["billing"], 0);
+    assert_eq!(stats["apply_lag_events"], 0);
+
     let sought = &lines(&s.ok(&["cursors", "seek", "billing", "--to-seq", "3"]))[0];
     assert_eq!(sought["next_seq"], 3);
+    let stats = &lines(&s.ok(&["stats"]))[0];
+    assert_eq!(
+        stats["subscription_lag"]["billing"], 4,
+        "seq 3 to 6 are after it"
+    );
+    assert_eq!(
+        lines(&s.ok(&["cursors", "show", "billing"]))[0]["lag"],
+        4,
+        "as cursors says"
+    );
     let sought = &lines(&s.ok(&["cursors", "seek", "billing", "--beginning"]))[0];
     assert_eq!(sought["next_seq"], 1);
     let sought = &lines(&s.ok(&["cursors", "seek", "billing", "--end"]))[0];
@@ -1156,4 +1171,91 @@ fn after_a_kill_readers_recover_the_wal_and_a_deleted_wal_needs_accept_wal_loss(
     args.extend(["publish", "deploy.started", "--tenant", "acme"]);
     copy.ok(&args);
     copy.ok(&["check"]);
+}
+
+/// A GET of `url` (`http://HOST:PORT/PATH`): (status line, body).
+fn http_get(url: &str) -> (String, String) {
+    use std::io::Write;
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(conn, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+#[test]
+fn deliver_serves_prometheus_metrics() {
+    let s = Scratch::new();
+    let recv = receiver();
+    s.ok(&[
+        "webhooks",
+        "add",
+        "--tenant",
+        "acme",
+        "--url",
+        &recv.url,
+        "--allow-private-targets",
+    ]);
+    for _ in 0..3 {
+        s.ok(&["publish", "deploy.started", "--tenant", "acme"]);
+    }
+    let mut child = s
+        .cmd(&[
+            "deliver",
+            "--allow-private-targets",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    let url = first
+        .trim()
+        .strip_prefix("ctrlbus: serving metrics at ")
+        .unwrap_or_else(|| panic!("no metrics address on stderr: {first:?}"))
+        .to_owned();
+    for _ in 0..3 {
+        recv.rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    }
+    // Attempts are counted as they end; the pending gauge moves once
+    // their outcomes are recorded.
+    let mut body = String::new();
+    wait_for(
+        "three successful attempts, none pending, in the scrape",
+        || {
+            let (status, b) = http_get(&url);
+            assert!(status.contains("200"), "{status}");
+            body = b;
+            body.contains("ctrlbus_webhook_attempts_total{outcome=\"success\"} 3")
+                && body.contains("ctrlbus_webhook_pending 0")
+        },
+    );
+    assert!(
+        body.contains("# HELP ctrlbus_webhook_attempts_total"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE ctrlbus_webhook_attempt_seconds summary"),
+        "{body}"
+    );
+    // Only /metrics is served.
+    let other = url.replace("/metrics", "/other");
+    assert!(http_get(&other).0.contains("404"));
+    kill(&mut child);
+
+    // A bad address is a usage error; one in use, a runtime error.
+    let err = s.fails(&["deliver", "--metrics-addr", "localhost"], 2);
+    assert!(err.contains("--metrics-addr"), "{err}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err = s.fails(&["deliver", "--until-idle", "--metrics-addr", &addr], 1);
+    one_line_error(&err);
+    assert!(err.contains("cannot serve metrics"), "{err}");
 }

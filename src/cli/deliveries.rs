@@ -143,6 +143,10 @@ pub(crate) struct DeliverArgs {
     /// Stop once no delivery is pending (waiting for scheduled retries).
     #[arg(long)]
     until_idle: bool,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while
+    /// delivering (port 0 picks one; the address is printed on stderr).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Serialize)]
@@ -176,6 +180,10 @@ pub(crate) fn deliver(db: &Path, args: DeliverArgs, out: &mut Out) -> Result {
     })
     .map_err(|e| CliError::msg(format!("cannot install the signal handler: {e}")))?;
 
+    if let Some(addr) = args.metrics_addr {
+        let bound = super::metrics::serve(addr)?;
+        eprintln!("ctrlbus: serving metrics at http://{bound}/metrics");
+    }
     let bus = open::writable(db, true)?;
     let worker = DeliveryWorker::start(bus.clone(), opts).map_err(CliError::msg)?;
     let stopped_by = loop {

@@ -12,6 +12,7 @@ mod deliveries;
 mod demo;
 mod error;
 mod filter_args;
+mod metrics;
 mod open;
 mod operations;
 mod output;

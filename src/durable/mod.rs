@@ -750,8 +750,21 @@ impl DurableBus {
     /// # Errors
     /// [`StorageError`] when storage fails.
     pub fn stats(&self) -> Result<Stats, StorageError> {
+        let shared = &self.handle.shared;
+        let apply_lag = shared
+            .last_seq
+            .load(Ordering::Acquire)
+            .saturating_sub(shared.applied_seq.load(Ordering::Acquire));
         self.sync_reads()?;
-        upkeep::stats(&self.handle.shared.db, self.handle.shared.path.as_deref())
+        let mut stats = upkeep::stats(&shared.db, shared.path.as_deref())?;
+        stats.apply_lag_events = apply_lag;
+        // Running subscriptions are ahead of their stored positions.
+        for (name, sub) in shared.durable.lock().iter() {
+            stats
+                .subscription_lag
+                .insert(name.clone(), stats.last_seq.saturating_sub(sub.position()));
+        }
+        Ok(stats)
     }
 
     /// Verifies every record and index entry; `progress(done, total)` is

@@ -380,7 +380,9 @@ impl ReadOnlyLog {
     /// # Errors
     /// [`StorageError`] when storage fails.
     pub fn stats(&self) -> Result<super::Stats, StorageError> {
-        super::upkeep::stats(&self.db, None)
+        let mut stats = super::upkeep::stats(&self.db, None)?;
+        stats.apply_lag_events = self.unrecovered_events()?;
+        Ok(stats)
     }
 
     /// Every durable subscription's cursor.

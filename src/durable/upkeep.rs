@@ -35,6 +35,13 @@ pub struct Stats {
     pub last_appended_at: Option<Timestamp>,
     /// Durable subscriptions.
     pub cursors: u64,
+    /// Acknowledged events not yet in the redb file (`ctrlbus_apply_lag_events`):
+    /// for the open bus, those the applier has still to apply; for a file
+    /// read from outside, those only in its write-ahead log.
+    pub apply_lag_events: u64,
+    /// Per durable subscription, the events appended after its position
+    /// (`ctrlbus_subscription_lag_events`; as `lag` in `cursors`).
+    pub subscription_lag: std::collections::BTreeMap<String, u64>,
     /// Bytes of the file, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file_bytes: Option<u64>,
@@ -59,13 +66,23 @@ pub(crate) fn stats<D: ReadableDatabase>(
         Some((f, l)) => (time_of(f)?, time_of(l)?),
         None => (None, None),
     };
+    let last_seq = read::last_assigned(&txn)?;
+    let cursors = txn.open_table(CURSORS)?;
+    let mut subscription_lag = std::collections::BTreeMap::new();
+    for kv in cursors.iter()? {
+        let (k, v) = kv?;
+        let rec: CursorRecord = from_bytes(v.value(), "cursors", k.value())?;
+        subscription_lag.insert(k.value().to_owned(), last_seq.saturating_sub(rec.delivered));
+    }
     Ok(Stats {
         events: events.len()?,
         first_seq: bounds.map_or(0, |b| b.0),
-        last_seq: read::last_assigned(&txn)?,
+        last_seq,
         first_appended_at,
         last_appended_at,
-        cursors: txn.open_table(CURSORS)?.len()?,
+        cursors: cursors.len()?,
+        apply_lag_events: 0,
+        subscription_lag,
         file_bytes: path
             .and_then(|p| std::fs::metadata(p).ok())
             .map(|m| m.len()),

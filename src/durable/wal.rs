@@ -272,7 +272,9 @@ impl Wal {
             return Err(io::Error::other("injected fsync failure"));
         }
         if self.sync {
+            let started = std::time::Instant::now();
             self.file.sync_data()?;
+            crate::telemetry::fsync(started.elapsed());
         }
         self.pos = end;
         Ok(())

@@ -155,6 +155,12 @@ impl Applier {
     /// events (reopening recovers them from it).
     pub(super) fn apply(&mut self, others: Vec<WriteReq>) -> bool {
         let shared = self.shared.clone();
+        let _span = tracing::debug_span!(
+            "apply",
+            groups = self.unapplied.len(),
+            last_seq = self.unapplied.last().map(|u| u.group.last),
+        )
+        .entered();
         if shared.poisoned.load(Ordering::Acquire) {
             fail_all(Vec::new(), others, || StorageError::Poisoned);
             return false;
@@ -201,7 +207,12 @@ impl Applier {
                     }
                 }
             }
+            let started = Instant::now();
             txn.commit()?;
+            if !self.wal_backed {
+                // Without a WAL this commit is what makes the group durable.
+                crate::telemetry::fsync(started.elapsed());
+            }
             Ok(())
         })();
         self.last_flush = Instant::now();
@@ -247,6 +258,13 @@ impl Applier {
                 for sub in &subs {
                     sub.applied();
                 }
+            }
+            let last = shared.last_seq.load(Ordering::Acquire);
+            crate::telemetry::apply_lag(
+                last.saturating_sub(shared.applied_seq.load(Ordering::Acquire)),
+            );
+            for sub in &subs {
+                sub.report_lag(&shared);
             }
             for req in others {
                 match req {

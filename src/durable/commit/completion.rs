@@ -27,6 +27,7 @@ pub(super) struct Completion {
     pub(super) reply: AsyncSender<Result<Vec<Receipt>, PublishError>>,
     pub(super) seqs: Vec<Assigned>,
     pub(super) group: Arc<Group>,
+    pub(super) submitted: Instant,
 }
 
 #[derive(Default)]
@@ -109,6 +110,7 @@ fn run(shared: &Shared) {
             // Dispatched by this thread just now, or by the publisher
             // holding the baton.
             c.group.wait();
+            crate::telemetry::published(c.submitted.elapsed());
             c.reply
                 .send(Ok(super::publish::receipts(c.seqs, Some(&c.group))));
         }

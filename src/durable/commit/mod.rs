@@ -116,7 +116,12 @@ enum Reply {
     /// To a future (`publish_async`): once its group is fanned out, by the
     /// completion thread (`completion`).
     #[cfg(feature = "tokio")]
-    Async(crate::sync::AsyncSender<Result<Vec<Receipt>, PublishError>>),
+    /// With when it was submitted.
+    #[cfg(feature = "tokio")]
+    Async(
+        crate::sync::AsyncSender<Result<Vec<Receipt>, PublishError>>,
+        Instant,
+    ),
 }
 
 impl Reply {
@@ -125,7 +130,7 @@ impl Reply {
         match self {
             Reply::Blocking(_) => true,
             #[cfg(feature = "tokio")]
-            Reply::Async(_) => false,
+            Reply::Async(..) => false,
         }
     }
 
@@ -134,7 +139,7 @@ impl Reply {
         match self {
             Reply::Blocking(r) => r.is_awaited(),
             #[cfg(feature = "tokio")]
-            Reply::Async(_) => false,
+            Reply::Async(..) => false,
         }
     }
 
@@ -143,7 +148,7 @@ impl Reply {
         match self {
             Reply::Blocking(r) => r.send(Err(err)),
             #[cfg(feature = "tokio")]
-            Reply::Async(r) => r.send(Err(err)),
+            Reply::Async(r, _) => r.send(Err(err)),
         }
     }
 
@@ -161,13 +166,17 @@ impl Reply {
                 None
             }
             #[cfg(feature = "tokio")]
-            Reply::Async(r) => {
+            Reply::Async(r, submitted) => {
                 match outcome.group {
-                    None => r.send(Ok(publish::receipts(outcome.seqs, None))),
+                    None => {
+                        crate::telemetry::published(submitted.elapsed());
+                        r.send(Ok(publish::receipts(outcome.seqs, None)));
+                    }
                     Some(group) => shared.completions.push(completion::Completion {
                         reply: r,
                         seqs: outcome.seqs,
                         group,
+                        submitted,
                     }),
                 }
                 None
@@ -472,6 +481,7 @@ impl Core {
     /// WAL by applying it to redb at once. Answers every request.
     fn append(&mut self, mut publishes: Vec<PublishReq>) {
         let shared = self.shared.clone();
+        let _span = tracing::debug_span!("commit", publishes = publishes.len()).entered();
         if shared.poisoned.load(Ordering::Acquire) {
             fail_all(publishes, Vec::new(), || StorageError::Poisoned);
             return;
@@ -611,6 +621,11 @@ impl Core {
             }
         }
         shared.last_seq.store(last, Ordering::Release);
+        crate::telemetry::committed(group.events.len());
+        crate::telemetry::apply_lag(
+            last.saturating_sub(shared.applied_seq.load(Ordering::Acquire)),
+        );
+        tracing::debug!(first_seq = start_seq, last_seq = last, "group committed");
         shared.fan.lock().pending.insert(start_seq, group.clone());
         reply_all(&shared, publishes, outcomes, Some(group));
     }

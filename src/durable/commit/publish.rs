@@ -17,6 +17,8 @@ pub(crate) fn publish(
             Ok(Vec::new())
         };
     }
+    let _span =
+        tracing::debug_span!("publish", events = events.len(), first_id = %events[0].id).entered();
     submit(shared, events)?.wait()
 }
 
@@ -27,6 +29,8 @@ pub(crate) fn publish(
 pub(crate) struct Pending {
     shared: Arc<Shared>,
     rx: Option<ReplyReceiver>,
+    /// When it was submitted (`ctrlbus_publish_seconds`).
+    submitted: Instant,
 }
 
 impl Drop for Pending {
@@ -91,6 +95,7 @@ impl Pending {
                 done = Some(&**group);
             }
         }
+        crate::telemetry::published(self.submitted.elapsed());
         Ok(receipts(std::mem::take(&mut outcome.seqs), done))
     }
 }
@@ -137,6 +142,7 @@ pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending
     Ok(Pending {
         shared: shared.clone(),
         rx: Some(rx),
+        submitted: Instant::now(),
     })
 }
 
@@ -149,10 +155,12 @@ pub(crate) fn submit_async(
     shared: &Arc<Shared>,
     events: Vec<Event>,
 ) -> Result<crate::sync::AsyncReceiver<Result<Vec<Receipt>, PublishError>>, PublishError> {
+    let _span = tracing::debug_span!("publish_async", events = events.len()).entered();
+    let submitted = Instant::now();
     let (items, bytes) = prepare(shared, events)?;
     shared.completions.start(shared)?;
     let (reply, rx) = crate::sync::async_oneshot();
-    enqueue(shared, items, bytes, Reply::Async(reply));
+    enqueue(shared, items, bytes, Reply::Async(reply, submitted));
     Ok(rx)
 }
 

@@ -199,6 +199,7 @@ impl DurableSub {
     pub(crate) fn finish_live_group(&self, shared: &Shared, last: u64) {
         if self.live.load(Ordering::Acquire) && last >= self.live_from.load(Ordering::Acquire) {
             self.delivered.store(last, Ordering::Release);
+            self.report_lag(shared);
             // Wait until the position is durable, as catch-up does. Only
             // asking for a flush let the dispatcher run further groups
             // before the writer stored the position, so a crash could
@@ -209,6 +210,17 @@ impl DurableSub {
                 let _ = commit::flush_acks(shared, Duration::from_secs(30));
             }
         }
+    }
+
+    /// Sets `ctrlbus_subscription_lag_events` for this subscription.
+    pub(crate) fn report_lag(&self, shared: &Shared) {
+        crate::telemetry::subscription_lag(
+            &self.name,
+            shared
+                .last_seq
+                .load(Ordering::Acquire)
+                .saturating_sub(self.position()),
+        );
     }
 
     fn detach(&self, shared: &Shared) {
@@ -223,6 +235,11 @@ impl DurableSub {
         if matches!(self.consumer, Consumer::Pull(_)) {
             let _ = self.wake_tx.try_send(());
         }
+    }
+
+    /// Every event up to this `seq` has been handled.
+    pub(crate) fn position(&self) -> u64 {
+        self.delivered.load(Ordering::Acquire)
     }
 
     pub(crate) fn ack_dirty(&self) -> bool {
@@ -411,6 +428,7 @@ impl DurableSub {
             self.record.lock().missed += target + 1 - from;
             self.delivered.store(target, Ordering::Release);
         }
+        self.report_lag(shared);
         Ok(true)
     }
 
@@ -495,6 +513,7 @@ impl DurableSub {
                 reply,
             });
             if let Some(Ok(())) = sent.ok().and_then(|()| rx.recv().ok()) {
+                crate::telemetry::dead_lettered(&self.name);
                 tracing::warn!(subscription = %self.name, seq, attempts, %error, "event moved to dead letters");
                 return true;
             }

@@ -3,6 +3,7 @@
 //! addresses connected to), the signed POST, and `Retry-After`.
 
 use super::*;
+use crate::telemetry::Attempt;
 
 /// An HTTP agent configured as delivery attempts use it: keep-alive, no
 /// redirects followed (a 3xx is a failed attempt), HTTP statuses returned
@@ -66,6 +67,19 @@ impl ureq::unversioned::resolver::Resolver for PolicyResolver {
 
 /// Makes one HTTP attempt.
 pub(super) fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
+    let _span = tracing::debug_span!(
+        "delivery",
+        delivery = %crate::DeliveryId::from_bytes(job.delivery),
+        event = %job.event_id,
+    )
+    .entered();
+    let (out, kind) = send(agent, job);
+    crate::telemetry::webhook_attempt(kind, out.duration);
+    tracing::debug!(status = out.status_code, ?kind, "delivery attempt");
+    out
+}
+
+fn send(agent: &ureq::Agent, job: &Job) -> (Outcome, Attempt) {
     let at_ns = now_ns();
     let started = Instant::now();
     let mut out = Outcome::blank(job, at_ns, false);
@@ -73,7 +87,7 @@ pub(super) fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
     // address policy is applied by the agent's resolver.
     if let Err(e) = validate_url(&job.url) {
         out.error = e.to_string();
-        return out;
+        return (out, Attempt::Refused);
     }
     let timestamp = at_ns.div_euclid(1_000_000_000);
     let secrets: Vec<&crate::webhook::signing::Secret> = job.secrets.iter().collect();
@@ -85,7 +99,7 @@ pub(super) fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
         .header(HEADER_SIGNATURE, &signature)
         .header("content-type", "application/json")
         .send(job.body.as_slice());
-    match result {
+    let kind = match result {
         Ok(mut resp) => {
             let status = resp.status().as_u16();
             out.status_code = status;
@@ -108,19 +122,30 @@ pub(super) fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
                 }
             }
             out.response = String::from_utf8_lossy(&kept).into_owned();
-            if !out.success {
+            if out.success {
+                Attempt::Success
+            } else {
                 out.error = format!("HTTP {status}");
+                Attempt::Failure
             }
         }
         Err(e) => {
+            let kind = match &e {
+                ureq::Error::Timeout(_) => Attempt::Timeout,
+                ureq::Error::Other(inner) if inner.downcast_ref::<UrlError>().is_some() => {
+                    Attempt::Refused
+                }
+                _ => Attempt::Failure,
+            };
             out.error = match e {
                 ureq::Error::Other(inner) => inner.to_string(),
                 other => other.to_string(),
             };
+            kind
         }
-    }
+    };
     out.duration = started.elapsed();
-    out
+    (out, kind)
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date.

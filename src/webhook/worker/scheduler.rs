@@ -141,6 +141,8 @@ pub(super) fn claim(
     let db = &inner.shared.db;
     let txn = db.begin_read()?;
     let due = txn.open_table(DUE)?;
+    // One due entry per pending delivery (`deliveries::transition`).
+    crate::telemetry::webhook_pending(redb::ReadableTableMetadata::len(&due)?);
     let deliveries = txn.open_table(DELIVERIES)?;
     let hooks = txn.open_table(WEBHOOKS)?;
     let now = now_ns();
@@ -331,6 +333,7 @@ pub(super) fn record(
     let txn = write_txn(&inner.shared)?;
     // Circuit changes, applied only after the commit.
     let mut circuit_updates: Vec<([u8; 16], bool, Duration)> = Vec::new();
+    let mut disabled = 0;
     for o in batch.iter().filter(|o| !o.released) {
         let mut rec = {
             let deliveries = txn.open_table(DELIVERIES)?;
@@ -411,6 +414,7 @@ pub(super) fn record(
             } else if h.active {
                 if o.status_code == 410 {
                     disable_in(&txn, &o.hook, h, "the endpoint answered 410 Gone", now)?;
+                    disabled += 1;
                 } else {
                     let since = *h.failing_since_ns.get_or_insert(o.at_ns);
                     if now.saturating_sub(since) >= disable_after {
@@ -420,6 +424,7 @@ pub(super) fn record(
                             humanize(opts.disable_after)
                         );
                         disable_in(&txn, &o.hook, h, &reason, now)?;
+                        disabled += 1;
                     } else {
                         store_hook(&txn, &o.hook, h)?;
                     }
@@ -427,7 +432,12 @@ pub(super) fn record(
             }
         }
     }
+    let pending = redb::ReadableTableMetadata::len(&txn.open_table(DUE)?)?;
     txn.commit()?;
+    crate::telemetry::webhook_pending(pending);
+    for _ in 0..disabled {
+        crate::telemetry::webhook_disabled();
+    }
     let now_i = Instant::now();
     for (hook, ok, wait) in circuit_updates {
         let c = circuits.entry(hook).or_default();

@@ -1,0 +1,178 @@
+//! Metrics (feature `metrics`, through the `metrics` facade) and the names
+//! they go by. Every function is a no-op without the feature, so the code
+//! that counts reads the same either way. The application installs the
+//! exporter (the CLI: Prometheus, `deliver --metrics-addr`).
+//!
+//! Labels stay low-cardinality: a subscription's name (chosen by the
+//! operator) and a webhook attempt's outcome (four values).
+
+use std::time::Duration;
+
+/// Events appended (duplicates by id not counted).
+pub const EVENTS_PUBLISHED: &str = "ctrlbus_events_published_total";
+/// Seconds from a publish's call to its receipt (durable, fanned out).
+pub const PUBLISH_SECONDS: &str = "ctrlbus_publish_seconds";
+/// Events per group commit (one fsync each).
+pub const GROUP_COMMIT_EVENTS: &str = "ctrlbus_group_commit_events";
+/// Seconds per fsync that makes a group durable (the WAL's `fdatasync`, or
+/// without a WAL the redb commit).
+pub const FSYNC_SECONDS: &str = "ctrlbus_fsync_seconds";
+/// Acknowledged events not yet applied to the redb file.
+pub const APPLY_LAG_EVENTS: &str = "ctrlbus_apply_lag_events";
+/// Events appended after a durable subscription's position
+/// (label `subscription`).
+pub const SUBSCRIPTION_LAG_EVENTS: &str = "ctrlbus_subscription_lag_events";
+/// Events moved to a subscription's dead letters (label `subscription`).
+pub const DEAD_LETTERS: &str = "ctrlbus_dead_letters_total";
+/// Webhook delivery attempts (label `outcome`: `success`, `failure`,
+/// `timeout`, `refused`).
+pub const WEBHOOK_ATTEMPTS: &str = "ctrlbus_webhook_attempts_total";
+/// Seconds per webhook delivery attempt.
+pub const WEBHOOK_ATTEMPT_SECONDS: &str = "ctrlbus_webhook_attempt_seconds";
+/// Webhook deliveries pending (due now or later).
+pub const WEBHOOK_PENDING: &str = "ctrlbus_webhook_pending";
+/// Webhooks disabled automatically (410 Gone, or failing too long).
+pub const WEBHOOKS_DISABLED: &str = "ctrlbus_webhooks_disabled_total";
+
+/// How one webhook delivery attempt ended (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// A 2xx answer.
+    Success,
+    /// Any other answer, or a connection error.
+    Failure,
+    /// No answer within the timeout.
+    Timeout,
+    /// Not sent: the URL or its address is refused by the policy.
+    Refused,
+}
+
+impl Attempt {
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    fn label(self) -> &'static str {
+        match self {
+            Attempt::Success => "success",
+            Attempt::Failure => "failure",
+            Attempt::Timeout => "timeout",
+            Attempt::Refused => "refused",
+        }
+    }
+}
+
+/// Registers every metric's description with the installed recorder, so
+/// an exporter can print help text. Call it after installing the recorder;
+/// without one (or without the feature `metrics`) it does nothing.
+pub fn describe() {
+    #[cfg(feature = "metrics")]
+    {
+        use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(EVENTS_PUBLISHED, "Events appended to the log");
+        describe_histogram!(
+            PUBLISH_SECONDS,
+            Unit::Seconds,
+            "From publish to receipt: durable and fanned out"
+        );
+        describe_histogram!(GROUP_COMMIT_EVENTS, "Events per group commit");
+        describe_histogram!(
+            FSYNC_SECONDS,
+            Unit::Seconds,
+            "The fsync that makes a group durable"
+        );
+        describe_gauge!(
+            APPLY_LAG_EVENTS,
+            "Acknowledged events not yet in the redb file"
+        );
+        describe_gauge!(
+            SUBSCRIPTION_LAG_EVENTS,
+            "Events after a durable subscription's position"
+        );
+        describe_counter!(
+            DEAD_LETTERS,
+            "Events moved to a subscription's dead letters"
+        );
+        describe_counter!(WEBHOOK_ATTEMPTS, "Webhook delivery attempts by outcome");
+        describe_histogram!(
+            WEBHOOK_ATTEMPT_SECONDS,
+            Unit::Seconds,
+            "One webhook delivery attempt"
+        );
+        describe_gauge!(WEBHOOK_PENDING, "Webhook deliveries pending");
+        describe_counter!(WEBHOOKS_DISABLED, "Webhooks disabled automatically");
+    }
+}
+
+/// A group of `events` new events was made durable.
+pub(crate) fn committed(events: usize) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!(EVENTS_PUBLISHED).increment(events as u64);
+        metrics::histogram!(GROUP_COMMIT_EVENTS).record(events as f64);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = events;
+}
+
+/// A publish got its receipt `took` after it was called.
+pub(crate) fn published(took: Duration) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!(PUBLISH_SECONDS).record(took.as_secs_f64());
+    #[cfg(not(feature = "metrics"))]
+    let _ = took;
+}
+
+/// The fsync that made a group durable took `took`.
+pub(crate) fn fsync(took: Duration) {
+    #[cfg(feature = "metrics")]
+    metrics::histogram!(FSYNC_SECONDS).record(took.as_secs_f64());
+    #[cfg(not(feature = "metrics"))]
+    let _ = took;
+}
+
+/// `events` acknowledged events are not yet in the redb file.
+pub(crate) fn apply_lag(events: u64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!(APPLY_LAG_EVENTS).set(events as f64);
+    #[cfg(not(feature = "metrics"))]
+    let _ = events;
+}
+
+/// The subscription `name` is `events` behind the newest event.
+pub(crate) fn subscription_lag(name: &str, events: u64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!(SUBSCRIPTION_LAG_EVENTS, "subscription" => name.to_owned()).set(events as f64);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (name, events);
+}
+
+/// The subscription `name` dead-lettered an event.
+pub(crate) fn dead_lettered(name: &str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(DEAD_LETTERS, "subscription" => name.to_owned()).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = name;
+}
+
+/// A webhook delivery attempt ended with `outcome` after `took`.
+pub(crate) fn webhook_attempt(outcome: Attempt, took: Duration) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!(WEBHOOK_ATTEMPTS, "outcome" => outcome.label()).increment(1);
+        metrics::histogram!(WEBHOOK_ATTEMPT_SECONDS).record(took.as_secs_f64());
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (outcome, took);
+}
+
+/// `n` webhook deliveries are pending.
+pub(crate) fn webhook_pending(n: u64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!(WEBHOOK_PENDING).set(n as f64);
+    #[cfg(not(feature = "metrics"))]
+    let _ = n;
+}
+
+/// A webhook was disabled automatically.
+pub(crate) fn webhook_disabled() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(WEBHOOKS_DISABLED).increment(1);
+}
