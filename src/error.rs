@@ -251,7 +251,7 @@ impl HandlerError {
     /// Asks a durable subscription to deliver the event again after
     /// `delay` instead of after its backoff (the delivery still counts
     /// toward `max_deliveries`), as a NAK with a delay does in `JetStream`.
-    /// Live subscribers ignore it.
+    /// Plain (non-durable) subscriptions don't retry, and ignore it.
     pub fn retry_after(mut self, delay: std::time::Duration) -> HandlerError {
         self.retry_after = Some(delay);
         self

@@ -275,3 +275,56 @@ fn idempotency_holds_for_old_ids_and_across_reopen() {
     }
     assert_eq!(bus.last_seq(), 2);
 }
+
+#[test]
+fn a_handler_can_ask_for_its_redelivery_delay_live_and_in_catch_up() {
+    use ctrlbus::HandlerError;
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    // The backoff is 1 ms: a redelivery 150 ms later is the handler's ask.
+    let bus = DurableBus::builder()
+        .retry_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .open(dir.path().join("log.redb"))
+        .unwrap();
+    let event = |n: u64| {
+        Event::new(Type::DEPLOY_STARTED, "t")
+            .with_payload(serde_json::json!({ "n": n }).as_object().unwrap().clone())
+    };
+    // Event 1 is delivered in catch-up (published before the subscription
+    // exists), event 2 live.
+    bus.publish(event(1)).unwrap();
+    let calls: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let c = calls.clone();
+    let sub = bus
+        .subscribe_durable(
+            "delayed",
+            Filter::all(),
+            Position::Beginning,
+            move |e: &Event| -> Result<(), HandlerError> {
+                let n = e.payload["n"].as_u64().unwrap();
+                let mut calls = c.lock().unwrap();
+                let first = !calls.iter().any(|(m, _)| *m == n);
+                calls.push((n, Instant::now()));
+                if first {
+                    Err(HandlerError::msg("not yet").retry_after(Duration::from_millis(150)))
+                } else {
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
+    common::wait_until("the first redelivered", || sub.position() == 1);
+    assert!(sub.wait_live(Duration::from_secs(20)));
+    bus.publish(event(2)).unwrap();
+    common::wait_until("the second redelivered", || sub.position() == 2);
+    let calls = calls.lock().unwrap().clone();
+    for n in [1, 2] {
+        let at: Vec<Instant> = calls.iter().filter(|(m, _)| *m == n).map(|c| c.1).collect();
+        assert_eq!(at.len(), 2, "event {n}: one failure, one success");
+        assert!(
+            at[1] - at[0] >= Duration::from_millis(150),
+            "event {n} came again after {:?}, before the 150 ms asked for",
+            at[1] - at[0]
+        );
+    }
+}

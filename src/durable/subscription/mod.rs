@@ -150,6 +150,9 @@ pub(crate) struct DurableSub {
     stop: AtomicBool,
     /// Deliveries already made of event `delivered + 1` (a failed live one).
     pending_attempts: AtomicU32,
+    /// The delay before redelivering it that the failed live delivery's
+    /// handler asked for (`HandlerError::retry_after`).
+    pending_delay: Mutex<Option<Duration>>,
     last_error: Mutex<Option<String>>,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
@@ -175,7 +178,10 @@ impl DurableSub {
             return;
         }
         let started = Instant::now();
-        match fanout::call(self.id, handler.as_ref(), event) {
+        match fanout::call_for_retry(self.id, handler.as_ref(), event).map_err(|(f, delay)| {
+            *self.pending_delay.lock() = delay;
+            f
+        }) {
             Ok(()) => {
                 self.delivered.store(seq, Ordering::Release);
                 if started.elapsed() > shared.opts.slow_handler {
@@ -437,7 +443,7 @@ impl DurableSub {
     fn deliver_with_retry(&self, shared: &Shared, seq: u64, event: &Event) -> bool {
         let mut attempt = self.pending_attempts.swap(0, Ordering::AcqRel);
         let mut backoff = shared.opts.retry_backoff;
-        let mut asked: Option<Duration> = None;
+        let mut asked: Option<Duration> = self.pending_delay.lock().take();
         loop {
             // A failed live delivery counts as an attempt: once
             // `max_deliveries` are used up, dead-letter without delivering
@@ -748,6 +754,7 @@ pub(crate) fn subscribe(
         live_from: AtomicU64::new(0),
         stop: AtomicBool::new(false),
         pending_attempts: AtomicU32::new(0),
+        pending_delay: Mutex::new(None),
         last_error: Mutex::new(None),
         wake_tx,
         wake_rx,
