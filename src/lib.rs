@@ -49,6 +49,7 @@ mod sync;
 pub mod telemetry;
 mod time;
 pub mod webhook;
+mod webhook_access;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -960,15 +960,7 @@ fn webhooks_and_deliveries() {
 fn deliver_runs_until_a_signal_and_reading_works_meanwhile() {
     let s = Scratch::new();
     let recv = receiver();
-    s.ok(&[
-        "webhooks",
-        "add",
-        "--tenant",
-        "acme",
-        "--url",
-        &recv.url,
-        "--allow-private-targets",
-    ]);
+    s.add_local_hook("acme", &recv.url);
     for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
         let mut child = s
             .cmd(&["deliver", "--allow-private-targets", "--workers", "2"])
@@ -1190,15 +1182,7 @@ fn http_get(url: &str) -> (String, String) {
 fn deliver_serves_prometheus_metrics() {
     let s = Scratch::new();
     let recv = receiver();
-    s.ok(&[
-        "webhooks",
-        "add",
-        "--tenant",
-        "acme",
-        "--url",
-        &recv.url,
-        "--allow-private-targets",
-    ]);
+    s.add_local_hook("acme", &recv.url);
     for _ in 0..3 {
         s.ok(&["publish", "deploy.started", "--tenant", "acme"]);
     }

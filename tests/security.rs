@@ -32,15 +32,7 @@ fn deliveries_never_use_a_proxy_from_the_environment() {
     let s = Scratch::new();
     let recv = receiver();
     let (proxy, hits) = fake_proxy();
-    s.ok(&[
-        "webhooks",
-        "add",
-        "--tenant",
-        "acme",
-        "--url",
-        &recv.url,
-        "--allow-private-targets",
-    ]);
+    s.add_local_hook("acme", &recv.url);
     s.ok(&["publish", "deploy.started", "--tenant", "acme"]);
     let mut cmd = s.cmd(&[
         "deliver",

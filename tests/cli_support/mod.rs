@@ -43,6 +43,21 @@ impl Scratch {
         self.cmd(args).output().unwrap()
     }
 
+    /// `webhooks add --tenant TENANT --url URL --allow-private-targets`
+    /// (a receiver on 127.0.0.1); returns the new webhook's JSON.
+    pub fn add_local_hook(&self, tenant: &str, url: &str) -> Value {
+        let out = self.ok(&[
+            "webhooks",
+            "add",
+            "--tenant",
+            tenant,
+            "--url",
+            url,
+            "--allow-private-targets",
+        ]);
+        serde_json::from_str(out.lines().next().unwrap()).unwrap()
+    }
+
     /// Runs and expects exit 0; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);

@@ -69,62 +69,52 @@ impl std::fmt::Debug for Webhooks {
     }
 }
 
-impl DurableBus {
-    /// The webhook registry of this bus. Private targets (loopback, private
-    /// networks, …) are refused unless
-    /// [`Webhooks::allow_private_targets`] is set.
-    pub fn webhooks(&self) -> Webhooks {
+impl Webhooks {
+    /// The registry of `bus`, with the default URL policy and grace.
+    pub(crate) fn of(bus: &DurableBus) -> Webhooks {
         Webhooks {
-            bus: self.clone(),
-            shared: self.shared().clone(),
+            bus: bus.clone(),
+            shared: bus.shared().clone(),
             policy: UrlPolicy::default(),
             grace: DEFAULT_ROTATION_GRACE,
         }
     }
 }
 
-impl ReadOnlyLog {
-    /// Every webhook, or those of one tenant, oldest first.
-    ///
-    /// # Errors
-    /// [`StorageError`] when storage fails or a record is corrupted.
-    pub fn webhooks(&self, tenant: Option<&str>) -> Result<Vec<Webhook>, StorageError> {
-        list_webhooks(self.database(), tenant)
+/// The webhook listings of a log read from outside (`ReadOnlyLog`).
+pub(crate) mod read_only {
+    use super::*;
+
+    pub(crate) fn webhooks(
+        log: &ReadOnlyLog,
+        tenant: Option<&str>,
+    ) -> Result<Vec<Webhook>, StorageError> {
+        list_webhooks(log.database(), tenant)
     }
 
-    /// One webhook.
-    ///
-    /// # Errors
-    /// [`WebhookError::UnknownWebhook`], [`WebhookError::Storage`].
-    pub fn webhook(&self, id: WebhookId) -> Result<Webhook, WebhookError> {
-        get_webhook(self.database(), id)
+    pub(crate) fn webhook(log: &ReadOnlyLog, id: WebhookId) -> Result<Webhook, WebhookError> {
+        get_webhook(log.database(), id)
     }
 
-    /// Deliveries, oldest first.
-    ///
-    /// # Errors
-    /// [`StorageError`] when storage fails or a record is corrupted.
-    pub fn webhook_deliveries(
-        &self,
+    pub(crate) fn deliveries(
+        log: &ReadOnlyLog,
         q: &DeliveryQuery,
     ) -> Result<Vec<WebhookDelivery>, StorageError> {
-        list_deliveries(self.database(), q)
+        list_deliveries(log.database(), q)
     }
 
-    /// One delivery.
-    ///
-    /// # Errors
-    /// [`WebhookError::UnknownDelivery`], [`WebhookError::Storage`].
-    pub fn webhook_delivery(&self, id: DeliveryId) -> Result<WebhookDelivery, WebhookError> {
-        get_delivery(self.database(), id)
+    pub(crate) fn delivery(
+        log: &ReadOnlyLog,
+        id: DeliveryId,
+    ) -> Result<WebhookDelivery, WebhookError> {
+        get_delivery(log.database(), id)
     }
 
-    /// The attempt log of one delivery, first attempt first.
-    ///
-    /// # Errors
-    /// [`WebhookError::UnknownDelivery`], [`WebhookError::Storage`].
-    pub fn webhook_attempts(&self, id: DeliveryId) -> Result<Vec<DeliveryAttempt>, WebhookError> {
-        list_attempts(self.database(), id)
+    pub(crate) fn attempts(
+        log: &ReadOnlyLog,
+        id: DeliveryId,
+    ) -> Result<Vec<DeliveryAttempt>, WebhookError> {
+        list_attempts(log.database(), id)
     }
 }
 
