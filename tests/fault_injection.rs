@@ -21,15 +21,14 @@
 mod common;
 use common::recorder;
 
-use std::fs::OpenOptions;
-use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
+use common::backend::{Hook, Hooked, Op};
 use ctrlbus::{Bus, DurableBus, Event, EventId, Filter, Position, Type};
+use redb::StorageBackend;
 use redb::backends::FileBackend;
-use redb::{BackendError, StorageBackend};
 
 /// Which operation the countdown applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,9 +53,10 @@ fn count_panics() {
     });
 }
 
+/// Fails (or tears) the writes or fsyncs of a [`Hooked`] file from a
+/// countdown on.
 #[derive(Debug)]
 struct FaultyBackend {
-    inner: FileBackend,
     target: Target,
     /// Operations of `target` left before they start failing; `u64::MAX`
     /// disables the fault.
@@ -94,87 +94,48 @@ fn injected() -> std::io::Error {
     std::io::Error::other("injected fault")
 }
 
-impl StorageBackend for FaultyBackend {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        self.inner.len()
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        self.inner.read(offset, out)
-    }
-
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        if self.fault(Target::Write) {
-            return Err(injected());
-        }
-        self.inner.set_len(len)
-    }
-
-    fn sync_data(&self) -> Result<(), std::io::Error> {
-        if self.fault(Target::Sync) {
-            return Err(injected());
-        }
-        self.inner.sync_data()
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        if self.fault(Target::Write) {
-            if self.target == Target::TornWrite && data.len() > 1 {
-                self.inner.write(offset, &data[..data.len() / 2])?;
-            }
-            return Err(injected());
-        }
-        self.inner.write(offset, data)
-    }
-
-    fn close(&self) -> Result<(), std::io::Error> {
-        self.inner.close()
-    }
-
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_range(start, end)
-    }
-
-    fn try_lock_shared_range(
+impl Hook for FaultyBackend {
+    fn before(
         &self,
-        start: Bound<u64>,
-        end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
-        self.inner.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_range(start, end)
-    }
-
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.unlock_range(start, end)
-    }
-
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.query_lock_range(start, end)
+        op: Op,
+        inner: &FileBackend,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<std::io::Result<()>> {
+        let kind = match op {
+            Op::Read => return None,
+            Op::Write | Op::SetLen => Target::Write,
+            Op::Sync => Target::Sync,
+        };
+        if !self.fault(kind) {
+            return None;
+        }
+        if op == Op::Write
+            && self.target == Target::TornWrite
+            && data.len() > 1
+            && let Err(e) = inner.write(offset, &data[..data.len() / 2])
+        {
+            return Some(Err(e));
+        }
+        Some(Err(injected()))
     }
 }
 
-fn backend(path: &Path, target: Target, countdown: &Arc<AtomicU64>, once: bool) -> FaultyBackend {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .unwrap();
-    FaultyBackend {
-        inner: FileBackend::new(file).unwrap(),
-        target,
-        countdown: countdown.clone(),
-        once,
-        fired: Arc::new(AtomicBool::new(false)),
-    }
+fn backend(
+    path: &Path,
+    target: Target,
+    countdown: &Arc<AtomicU64>,
+    once: bool,
+) -> Hooked<FaultyBackend> {
+    Hooked::open(
+        path,
+        FaultyBackend {
+            target,
+            countdown: countdown.clone(),
+            once,
+            fired: Arc::new(AtomicBool::new(false)),
+        },
+    )
 }
 
 const BASE: usize = 3;
@@ -224,7 +185,7 @@ fn run_point(target: Target, k: u64, once: bool) -> Point {
     let base = base_log(&path);
     let countdown = Arc::new(AtomicU64::new(u64::MAX));
     let be = backend(&path, target, &countdown, once);
-    let fired = be.fired.clone();
+    let fired = be.hook.fired.clone();
     let bus = DurableBus::builder()
         .open_backend(be)
         .expect("open with the fault disabled");
@@ -456,7 +417,7 @@ fn run_wal_point(target: Target, k: u64) -> (bool, usize) {
     let mut acked = base_log(&path);
     let countdown = Arc::new(AtomicU64::new(u64::MAX));
     let be = backend(&path, target, &countdown, false);
-    let fired = be.fired.clone();
+    let fired = be.hook.fired.clone();
     let bus = DurableBus::builder()
         .open_backend_with_wal(&path, be)
         .expect("open with the fault disabled");
@@ -525,4 +486,73 @@ fn applier_failures_under_the_wal() {
         assert!(with_errors > 0, "WAL {target:?}: no publish ever failed");
     }
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+}
+
+/// Fails the `n`-th read of the file (from 0), once; counts reads.
+#[derive(Debug)]
+struct FailNthRead {
+    n: u64,
+    reads: Arc<AtomicU64>,
+}
+
+impl Hook for FailNthRead {
+    fn before(&self, op: Op, _: &FileBackend, _: u64, _: &[u8]) -> Option<std::io::Result<()>> {
+        if op != Op::Read {
+            return None;
+        }
+        (self.reads.fetch_add(1, Ordering::SeqCst) == self.n).then(|| Err(injected()))
+    }
+}
+
+#[test]
+fn a_read_failing_while_opening_never_skips_the_duplicate_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let events: Vec<Event> = (0..50)
+        .map(|_| Event::new(Type::DEPLOY_STARTED, "acme"))
+        .collect();
+    {
+        let bus = DurableBus::open(&path).unwrap();
+        bus.publish_batch(events.clone()).unwrap();
+    }
+    // How many reads opening takes (from a cold cache), then each of them
+    // failing in turn: the open either fails, or the log it opens still
+    // knows every id it holds (the largest id, read at open, lets fresh ids
+    // skip the index; not knowing it must mean checking every id). With
+    // redb 4.6 a failed read also poisons the file's later commits
+    // ("Previous I/O error"), so this passes on code that skipped the check
+    // too: it guards the outcome, and `Core::new` the cause.
+    let open = |n: u64| {
+        let reads = Arc::new(AtomicU64::new(0));
+        let bus = DurableBus::builder()
+            .cache_bytes(0)
+            .open_backend(Hooked::open(
+                &path,
+                FailNthRead {
+                    n,
+                    reads: reads.clone(),
+                },
+            ));
+        (bus, reads.load(Ordering::SeqCst))
+    };
+    let (bus, reads) = open(u64::MAX);
+    drop(bus.unwrap());
+    assert!(reads > 0);
+    let mut opened = 0;
+    for n in 0..reads {
+        let (bus, _) = open(n);
+        let Ok(bus) = bus else { continue };
+        opened += 1;
+        for e in [&events[0], &events[49]] {
+            if let Ok(r) = bus.publish(e.clone()) {
+                assert!(
+                    r.duplicate,
+                    "read {n} of the open failed, and an id already in the log was written again at seq {}",
+                    r.seq
+                );
+            }
+        }
+        assert_eq!(bus.last_seq(), 50, "read {n}: nothing new written");
+    }
+    assert!(opened > 0, "some failed read is survived");
 }

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use ctrlbus::telemetry;
 use ctrlbus::{
-    Bus, DeliveryOptions, DeliveryWorker, DurableBus, Event, Filter, HandlerError, NewWebhook,
-    Position, Type,
+    Bus, DeliveryOptions, DeliveryWorker, DurableBus, Event, Filter, HandlerError, Position, Type,
 };
+mod common;
+
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 /// Recorded values by metric name and sorted labels.
@@ -87,15 +88,6 @@ fn receiver(status: u16, delay: Duration) -> (String, Arc<AtomicUsize>) {
     (format!("http://127.0.0.1:{port}/hook"), count)
 }
 
-fn hook(tenant: &str, url: &str) -> NewWebhook {
-    NewWebhook {
-        tenant_id: tenant.into(),
-        url: url.into(),
-        events: Vec::new(),
-        secret: None,
-    }
-}
-
 #[test]
 fn the_metrics_move_as_events_flow() {
     let recorder = DebuggingRecorder::new();
@@ -131,10 +123,10 @@ fn the_metrics_move_as_events_flow() {
     let (gone_url, _) = receiver(410, Duration::ZERO);
     let (slow_url, _) = receiver(200, Duration::from_millis(1500));
     let hooks = bus.webhooks().allow_private_targets(true);
-    hooks.create(hook("ok", &ok_url)).unwrap();
-    hooks.create(hook("gone", &gone_url)).unwrap();
-    hooks.create(hook("slow", &slow_url)).unwrap();
-    hooks.create(hook("private", &ok_url)).unwrap();
+    hooks.create(common::hook_for("ok", &ok_url)).unwrap();
+    hooks.create(common::hook_for("gone", &gone_url)).unwrap();
+    hooks.create(common::hook_for("slow", &slow_url)).unwrap();
+    hooks.create(common::hook_for("private", &ok_url)).unwrap();
 
     // 10 events through `publish`, 10 through `publish_async`.
     for i in 0..10 {

@@ -3,6 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
+pub mod backend;
+
 use ctrlbus::{Event, EventId, HandlerError};
 
 /// The ids a handler saw, in the order it saw them.
@@ -14,6 +16,17 @@ pub fn recorder(log: &Log) -> impl Fn(&Event) -> Result<(), HandlerError> + Send
     move |e: &Event| {
         log.lock().unwrap().push(e.id);
         Ok(())
+    }
+}
+
+/// A webhook for every event of `tenant`, to `url`, with a generated
+/// secret.
+pub fn hook_for(tenant: &str, url: &str) -> ctrlbus::NewWebhook {
+    ctrlbus::NewWebhook {
+        tenant_id: tenant.into(),
+        url: url.into(),
+        events: Vec::new(),
+        secret: None,
     }
 }
 
