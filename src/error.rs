@@ -340,6 +340,13 @@ pub enum StorageError {
         /// The underlying error, as text.
         reason: String,
     },
+    /// The NATS JetStream cluster failed or did not answer in time
+    /// (`JetStreamBus`). What it means for durability is said where it is
+    /// returned.
+    Cluster {
+        /// What failed, as text.
+        reason: String,
+    },
 }
 
 impl fmt::Display for StorageError {
@@ -357,6 +364,7 @@ impl fmt::Display for StorageError {
                 )
             }
             StorageError::CommitFailed { reason } => write!(f, "the commit failed: {reason}"),
+            StorageError::Cluster { reason } => write!(f, "the JetStream cluster: {reason}"),
         }
     }
 }
@@ -583,6 +591,16 @@ pub enum OpenError {
     Io(std::path::PathBuf, std::io::Error),
     /// redb failed.
     Storage(StorageError),
+    /// The NATS servers could not be reached, or the stream could not be
+    /// found or created (`JetStreamBus`).
+    Connect {
+        /// The server URLs tried.
+        urls: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The stream name is not 1–64 of `[A-Za-z0-9_-]`.
+    InvalidStreamName(String),
 }
 
 impl fmt::Display for OpenError {
@@ -614,6 +632,13 @@ impl fmt::Display for OpenError {
             ),
             OpenError::Io(p, e) => write!(f, "{}: {e}", p.display()),
             OpenError::Storage(e) => write!(f, "cannot open log: {e}"),
+            OpenError::Connect { urls, reason } => {
+                write!(f, "cannot open the JetStream log at {urls}: {reason}")
+            }
+            OpenError::InvalidStreamName(n) => write!(
+                f,
+                "invalid stream name {n:?}: use 1-64 letters, digits, '_' or '-'"
+            ),
         }
     }
 }

