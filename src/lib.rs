@@ -44,6 +44,7 @@ mod id;
 #[cfg(feature = "jetstream")]
 mod jetstream;
 mod limits;
+mod log;
 mod memory;
 #[cfg(feature = "tokio")]
 pub mod stream;
@@ -88,6 +89,7 @@ pub use jetstream::{
     JetStreamReader,
 };
 pub use limits::{MAX_ACTOR_LEN, MAX_JSON_DEPTH, MAX_TENANT_LEN};
+pub use log::EventLog;
 pub use memory::{DEFAULT_HISTORY, InMemoryBus};
 pub use time::{TimeError, parse_duration, parse_time, parse_time_at};
 pub use webhook::{

@@ -141,7 +141,6 @@ impl JetStreamBusBuilder {
         let servers: Vec<String> = urls.split(',').map(|s| s.trim().to_owned()).collect();
         let (client, js, stream) = rt.block_on(async {
             let client = async_nats::ConnectOptions::new()
-                .retry_on_initial_connect()
                 .connection_timeout(Duration::from_secs(5))
                 .connect(servers.clone())
                 .await
@@ -712,6 +711,11 @@ impl JetStreamBus {
                 }
                 Ok(Some(Ok(m))) => m,
             };
+            // Looked at after the message came: one published after
+            // `unsubscribe` returned never reaches the handler.
+            if sub.stop.load(Ordering::Acquire) {
+                break;
+            }
             match entry_of(&msg) {
                 Ok(entry) => {
                     if filter.matches(&entry.event)

@@ -1,0 +1,280 @@
+//! One suite of contract checks, run against every backend that implements
+//! [`EventLog`]: `DurableBus` on a redb file, and (feature `jetstream`)
+//! `JetStreamBus` on a 3-node NATS JetStream cluster on 127.0.0.1. Each
+//! check is generic over the backend and gets a fresh log by name.
+//!
+//! Covered: G3 (contiguous `seq`s, one order under concurrent publishers),
+//! idempotency by id, G4 and G6 for live subscribers of this process, G7
+//! (read from a time; append time never decreases), G9 (tenant filters),
+//! G10 (bad input refused, nothing written), G11 (what is read publishes
+//! again, as a duplicate).
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use ctrlbus::{Event, EventId, EventLog, Filter, HandlerError, Position, Type};
+
+fn event(tenant: &str, ty: Type, i: u64) -> Event {
+    Event::new(ty, tenant).with_payload(serde_json::json!({ "i": i }).as_object().unwrap().clone())
+}
+
+fn seqs<L: EventLog>(log: &L, from: Position, filter: &Filter) -> Vec<u64> {
+    log.read(from, filter)
+        .unwrap()
+        .map(|e| e.unwrap().seq)
+        .collect()
+}
+
+/// G3 and idempotency: `seq` from 1, no gap; the same id again is the
+/// original receipt, nothing written; a batch gets consecutive `seq`s.
+fn seqs_are_contiguous_and_ids_idempotent<L: EventLog>(log: &L) {
+    let first = event("acme", Type::DEPLOY_STARTED, 0);
+    let r = log.publish(first.clone()).unwrap();
+    assert_eq!((r.seq, r.duplicate), (1, false));
+    for i in 1..10 {
+        assert_eq!(
+            log.publish(event("acme", Type::DEPLOY_STARTED, i))
+                .unwrap()
+                .seq,
+            i + 1
+        );
+    }
+    let again = log.publish(first.clone()).unwrap();
+    assert_eq!((again.seq, again.duplicate, again.id), (1, true, first.id));
+    let batch: Vec<Event> = (10..15)
+        .map(|i| event("beta", Type::HEALTH_PASSED, i))
+        .collect();
+    let receipts = log.publish_batch(batch).unwrap();
+    assert_eq!(
+        receipts.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (11..=15).collect::<Vec<_>>()
+    );
+    assert_eq!(log.last_seq().unwrap(), 15);
+    assert_eq!(
+        seqs(log, Position::Beginning, &Filter::all()),
+        (1..=15).collect::<Vec<_>>()
+    );
+    // A batch naming one id twice is refused whole.
+    let e = event("acme", Type::DEPLOY_STARTED, 99);
+    assert!(log.publish_batch(vec![e.clone(), e]).is_err());
+    assert_eq!(log.last_seq().unwrap(), 15);
+}
+
+/// G3 under concurrency: 8 publishers, every receipt a distinct `seq`,
+/// the log contiguous and holding each event once, at its receipt's `seq`.
+fn concurrent_publishers_share_one_order<L: EventLog + Clone + Send + 'static>(log: &L) {
+    let receipts: Arc<Mutex<Vec<(u64, EventId)>>> = Arc::default();
+    let threads: Vec<_> = (0..8)
+        .map(|p| {
+            let (log, receipts) = (log.clone(), receipts.clone());
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let e = event("acme", Type::DEPLOY_STARTED, p * 100 + i);
+                    let id = e.id;
+                    let r = log.publish(e).unwrap();
+                    receipts.lock().unwrap().push((r.seq, id));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let receipts: HashMap<u64, EventId> = receipts.lock().unwrap().iter().copied().collect();
+    assert_eq!(receipts.len(), 320, "no seq given twice");
+    let read: Vec<(u64, EventId)> = log
+        .read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.seq, e.event.id)
+        })
+        .collect();
+    assert_eq!(read.len(), 320);
+    for (n, (seq, id)) in read.iter().enumerate() {
+        assert_eq!(*seq, n as u64 + 1, "no gap");
+        assert_eq!(receipts[seq], *id, "each event at its receipt's seq");
+    }
+    let ids: BTreeSet<EventId> = read.iter().map(|r| r.1).collect();
+    assert_eq!(ids.len(), 320, "no duplicate");
+}
+
+/// G7, G9: reads by type pattern and tenant, from a `seq`, a time and the
+/// end; append times never decrease; a tenant sees only its own events.
+fn reads_filter_and_start_where_asked<L: EventLog>(log: &L) {
+    for i in 0..30 {
+        let (tenant, ty) = match i % 3 {
+            0 => ("acme", Type::DEPLOY_STARTED),
+            1 => ("beta", Type::DEPLOY_FAILED),
+            _ => ("acme", Type::HEALTH_DEGRADED),
+        };
+        log.publish(event(tenant, ty, i)).unwrap();
+    }
+    let deploys_of_acme = Filter::types(["deploy.*"]).unwrap().tenant("acme");
+    assert_eq!(
+        seqs(log, Position::Beginning, &deploys_of_acme),
+        (0..10).map(|k| 3 * k + 1).collect::<Vec<_>>()
+    );
+    let acme = Filter::all().tenant("acme");
+    for e in log.read(Position::Beginning, &acme).unwrap() {
+        assert_eq!(e.unwrap().event.tenant_id, "acme");
+    }
+    assert_eq!(
+        seqs(
+            log,
+            Position::Beginning,
+            &Filter::types(["health.degraded"]).unwrap()
+        )
+        .len(),
+        10
+    );
+    assert_eq!(
+        seqs(log, Position::Seq(25), &Filter::all()),
+        (25..=30).collect::<Vec<_>>()
+    );
+    assert!(seqs(log, Position::End, &Filter::all()).is_empty());
+    assert!(seqs(log, Position::Beginning, &Filter::all().tenant("nobody")).is_empty());
+    let all: Vec<_> = log
+        .read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(all.windows(2).all(|w| w[0].appended_at <= w[1].appended_at));
+    let t = all[17].appended_at;
+    let first_at_t = all.iter().find(|e| e.appended_at >= t).unwrap().seq;
+    assert_eq!(
+        seqs(log, Position::Time(t), &Filter::all()).first(),
+        Some(&first_at_t)
+    );
+    // recent_events: the newest matching, oldest first.
+    let recent = log.recent_events(4, &deploys_of_acme).unwrap();
+    assert_eq!(
+        recent
+            .iter()
+            .map(|e| e.payload["i"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [18, 21, 24, 27]
+    );
+}
+
+/// G4, G6: when `publish` returns, this process's matching live
+/// subscribers have run; a failing handler is reported in the receipt and
+/// the others still get the event; after unsubscribe, nothing more.
+fn live_subscribers_run_before_publish_returns<L: EventLog>(log: &L) {
+    log.publish(event("acme", Type::DEPLOY_STARTED, 0)).unwrap();
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let s = seen.clone();
+    let sub = log
+        .subscribe_boxed(
+            Filter::types(["deploy.*"]).unwrap(),
+            Box::new(move |e: &Event| -> Result<(), HandlerError> {
+                let i = e.payload["i"].as_u64().unwrap();
+                s.lock().unwrap().push(i);
+                if i == 3 {
+                    return Err("three".into());
+                }
+                Ok(())
+            }),
+        )
+        .unwrap();
+    let other: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let o = other.clone();
+    let _other = log
+        .subscribe_boxed(
+            Filter::all(),
+            Box::new(move |e: &Event| -> Result<(), HandlerError> {
+                o.lock().unwrap().push(e.payload["i"].as_u64().unwrap());
+                Ok(())
+            }),
+        )
+        .unwrap();
+    for i in 1..=6 {
+        let ty = if i % 2 == 1 {
+            Type::DEPLOY_STARTED
+        } else {
+            Type::HEALTH_PASSED
+        };
+        let deploy = i % 2 == 1;
+        let r = log.publish(event("acme", ty, i)).unwrap();
+        if deploy {
+            assert_eq!(seen.lock().unwrap().last(), Some(&i), "G4");
+        }
+        assert_eq!(
+            other.lock().unwrap().last(),
+            Some(&i),
+            "G4, every subscriber"
+        );
+        assert_eq!(r.handler_failures.len(), usize::from(i == 3), "event {i}");
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [1, 3, 5],
+        "only from subscribing on, in order"
+    );
+    assert_eq!(
+        *other.lock().unwrap(),
+        [1, 2, 3, 4, 5, 6],
+        "a failure holds up no one"
+    );
+    drop(sub);
+    log.publish(event("acme", Type::DEPLOY_STARTED, 7)).unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 3, "nothing after unsubscribe");
+}
+
+/// G10, G11: bad input is refused with nothing written; what is read back
+/// is the event as published, and publishing it again is a duplicate.
+fn bad_input_is_refused_and_what_is_read_publishes_again<L: EventLog>(log: &L) {
+    log.publish(event("acme", Type::DEPLOY_STARTED, 1)).unwrap();
+    let long_tenant = Event::new(
+        Type::DEPLOY_STARTED,
+        "x".repeat(ctrlbus::MAX_TENANT_LEN + 1),
+    );
+    assert!(log.publish(long_tenant).is_err());
+    let at_limit = Event::new(Type::DEPLOY_STARTED, "x".repeat(ctrlbus::MAX_TENANT_LEN));
+    assert!(
+        log.publish(at_limit).is_ok(),
+        "the limit itself is accepted"
+    );
+    assert_eq!(log.last_seq().unwrap(), 2);
+    let entry = log
+        .read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let json = entry.event.to_json();
+    let back = Event::from_json(json.as_bytes()).unwrap();
+    assert_eq!(back, entry.event);
+    assert!(log.publish(back).unwrap().duplicate);
+}
+
+/// Every check, each on a fresh log from `make(name)`.
+fn run_all<L: EventLog + Clone + Send + 'static>(make: impl Fn(&str) -> L) {
+    seqs_are_contiguous_and_ids_idempotent(&make("ids"));
+    concurrent_publishers_share_one_order(&make("concurrent"));
+    reads_filter_and_start_where_asked(&make("reads"));
+    live_subscribers_run_before_publish_returns(&make("live"));
+    bad_input_is_refused_and_what_is_read_publishes_again(&make("input"));
+}
+
+#[test]
+fn the_contract_on_durable_bus() {
+    let dir = tempfile::tempdir().unwrap();
+    run_all(|name| ctrlbus::DurableBus::open(dir.path().join(format!("{name}.redb"))).unwrap());
+}
+
+#[cfg(feature = "jetstream")]
+#[test]
+fn the_contract_on_jetstream_bus() {
+    let Some(cluster) = common::nats::Cluster::start(3) else {
+        return;
+    };
+    run_all(|name| {
+        ctrlbus::JetStreamBus::builder()
+            .stream(name)
+            .connect(&cluster.urls())
+            .unwrap()
+    });
+}
