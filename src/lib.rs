@@ -86,7 +86,7 @@ pub use id::{DeliveryId, EventId, InstanceId, WebhookId};
 #[cfg(feature = "jetstream")]
 pub use jetstream::{
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_PUBLISH_DEADLINE, JetStreamBus, JetStreamBusBuilder,
-    JetStreamReader,
+    JetStreamReader, JetStreamSubscription,
 };
 pub use limits::{MAX_ACTOR_LEN, MAX_JSON_DEPTH, MAX_TENANT_LEN};
 pub use log::EventLog;

@@ -149,3 +149,193 @@ fn killing_the_stream_leader_while_8_publishers_write_loses_nothing_acknowledged
     assert_eq!(ids.len(), read.len(), "no event stored twice");
     assert_ne!(bus.stream_leader().unwrap(), None);
 }
+
+#[test]
+fn durable_subscriptions_resume_dead_letter_and_are_shared_between_processes() {
+    let Some(cluster) = Cluster::start(3) else {
+        return;
+    };
+    let open = || {
+        JetStreamBus::builder()
+            .stream("durable")
+            .max_deliveries(3)
+            .retry_backoff(Duration::from_millis(5), Duration::from_millis(20))
+            .connect(&cluster.urls())
+            .unwrap()
+    };
+    let bus = open();
+    for i in 0..20 {
+        bus.publish(event("acme", Type::DEPLOY_STARTED, i)).unwrap();
+    }
+    // One subscriber: every event in order; event 7 fails for good.
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let h = handled.clone();
+    let sub = bus
+        .subscribe_durable(
+            "billing.v1",
+            Filter::types(["deploy.*"]).unwrap(),
+            Position::Beginning,
+            move |e: &Event| -> Result<(), ctrlbus::HandlerError> {
+                let i = e.payload["i"].as_u64().unwrap();
+                if i == 7 {
+                    return Err("seven".into());
+                }
+                h.lock().unwrap().push(i);
+                Ok(())
+            },
+        )
+        .unwrap();
+    common::wait_until("20 handled", || {
+        bus.cursor_position("billing.v1").unwrap_or(0) == 20
+    });
+    drop(sub);
+    let want: Vec<u64> = (0..20).filter(|i| *i != 7).collect();
+    assert_eq!(*handled.lock().unwrap(), want, "in seq order, each once");
+    let dead = bus.dead_letters("billing.v1").unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].seq, dead[0].attempts), (8, 3));
+    assert!(dead[0].error.contains("seven"));
+
+    // Two processes (two clients) share the name: each event handled by
+    // one of them, in seq order overall.
+    for i in 20..60 {
+        bus.publish(event("acme", Type::DEPLOY_STARTED, i)).unwrap();
+    }
+    let order: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let (a, b) = (open(), open());
+    let subs: Vec<_> = [&a, &b]
+        .iter()
+        .enumerate()
+        .map(|(who, bus)| {
+            let order = order.clone();
+            bus.subscribe_durable(
+                "billing.v1",
+                Filter::all(),
+                Position::Beginning,
+                move |e: &Event| -> Result<(), ctrlbus::HandlerError> {
+                    order
+                        .lock()
+                        .unwrap()
+                        .push((e.payload["i"].as_u64().unwrap(), who));
+                    std::thread::sleep(Duration::from_millis(2));
+                    Ok(())
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    common::wait_until("60 handled", || {
+        bus.cursor_position("billing.v1").unwrap_or(0) == 60
+    });
+    drop(subs);
+    let order = order.lock().unwrap().clone();
+    let items: Vec<u64> = order.iter().map(|o| o.0).collect();
+    assert_eq!(
+        items,
+        (20..60).collect::<Vec<_>>(),
+        "resumed at 21, in order, once each"
+    );
+    assert!(bus.delete_cursor("billing.v1").is_ok());
+    assert!(matches!(
+        bus.cursor_position("billing.v1"),
+        Err(ctrlbus::CursorError::Unknown(_))
+    ));
+    assert!(
+        bus.subscribe_durable(
+            "bad name",
+            Filter::all(),
+            Position::Beginning,
+            |_: &Event| Ok::<(), ctrlbus::HandlerError>(())
+        )
+        .is_err()
+    );
+}
+
+/// The child of the kill -9 test: handles events of a shared durable
+/// subscription, printing `handled <i>`, and hangs on event 5.
+#[test]
+fn shared_subscription_child() {
+    let Ok(urls) = std::env::var("CTRLBUS_JS_CHILD") else {
+        return;
+    };
+    let bus = JetStreamBus::builder()
+        .stream("shared")
+        .ack_wait(Duration::from_secs(2))
+        .connect(&urls)
+        .unwrap();
+    let _sub = bus
+        .subscribe_durable(
+            "worker",
+            Filter::all(),
+            Position::Beginning,
+            |e: &Event| -> Result<(), ctrlbus::HandlerError> {
+                let i = e.payload["i"].as_u64().unwrap();
+                println!("handled {i}");
+                if i == 5 {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+#[test]
+fn a_process_killed_mid_event_hands_it_to_the_other_within_ack_wait() {
+    use std::io::BufRead;
+    if std::env::var("CTRLBUS_JS_CHILD").is_ok() {
+        return;
+    }
+    let Some(cluster) = Cluster::start(3) else {
+        return;
+    };
+    let bus = JetStreamBus::builder()
+        .stream("shared")
+        .ack_wait(Duration::from_secs(2))
+        .connect(&cluster.urls())
+        .unwrap();
+    for i in 0..10 {
+        bus.publish(event("acme", Type::DEPLOY_STARTED, i)).unwrap();
+    }
+    let mut child = common::spawn_self(
+        "shared_subscription_child",
+        ("CTRLBUS_JS_CHILD", cluster.urls()),
+    );
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut by_child = Vec::new();
+    for line in out.lines() {
+        let line = line.unwrap();
+        if let Some(i) = line.split("handled ").nth(1) {
+            let i: u64 = i.trim().parse().unwrap();
+            by_child.push(i);
+            if i == 5 {
+                break; // it hangs on 5 now
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL, mid-event
+    child.wait().unwrap();
+    assert_eq!(by_child, [0, 1, 2, 3, 4, 5]);
+    // This process takes over: 5 comes again (unacked, after ack_wait),
+    // then the rest, in order, none lost.
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let h = handled.clone();
+    let started = std::time::Instant::now();
+    let _sub = bus
+        .subscribe_durable(
+            "worker",
+            Filter::all(),
+            Position::Beginning,
+            move |e: &Event| -> Result<(), ctrlbus::HandlerError> {
+                h.lock().unwrap().push(e.payload["i"].as_u64().unwrap());
+                Ok(())
+            },
+        )
+        .unwrap();
+    common::wait_until("the rest handled", || handled.lock().unwrap().len() == 5);
+    assert_eq!(*handled.lock().unwrap(), [5, 6, 7, 8, 9]);
+    println!("took over after {:?} (ack_wait 2 s)", started.elapsed());
+    assert_eq!(bus.cursor_position("worker").unwrap(), 10);
+}

@@ -67,6 +67,8 @@ use crossbeam_channel::Sender;
 use jiff::Timestamp;
 
 pub use read::{LogEntry, LogReader, Position, ReadOnlyLog};
+#[cfg(feature = "jetstream")]
+pub(crate) use subscription::valid_name as valid_subscription_name;
 pub use subscription::{CursorInfo, CursorState, DeadLetter, DurableSubscription, RedriveReport};
 #[cfg(feature = "tokio")]
 pub(crate) use subscription::{Pull, Verdict};

@@ -33,7 +33,10 @@
 //! Durable subscriptions, cursors, webhooks and the command line are not on
 //! this backend yet.
 
+mod durable;
 mod subject;
+
+pub use durable::JetStreamSubscription;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,6 +72,10 @@ pub struct JetStreamBusBuilder {
     publish_deadline: Duration,
     duplicate_window: Duration,
     max_payload_bytes: usize,
+    max_deliveries: u32,
+    retry_backoff: Duration,
+    max_retry_backoff: Duration,
+    ack_wait: Duration,
 }
 
 impl Default for JetStreamBusBuilder {
@@ -79,6 +86,10 @@ impl Default for JetStreamBusBuilder {
             publish_deadline: DEFAULT_PUBLISH_DEADLINE,
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_deliveries: 5,
+            retry_backoff: Duration::from_millis(20),
+            max_retry_backoff: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
         }
     }
 }
@@ -115,6 +126,30 @@ impl JetStreamBusBuilder {
     /// servers' `max_payload` must allow it with the envelope.
     pub fn max_payload_bytes(mut self, bytes: usize) -> Self {
         self.max_payload_bytes = bytes;
+        self
+    }
+
+    /// Deliveries of an event to a durable subscription before it is
+    /// dead-lettered (default 5, as `DurableBus`).
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// The first wait before a failed event is delivered again, doubling
+    /// up to `max` (defaults 20 ms and 5 s, as `DurableBus`).
+    pub fn retry_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.retry_backoff = first;
+        self.max_retry_backoff = max.max(first);
+        self
+    }
+
+    /// How long the server waits for a durable subscription's answer
+    /// before it delivers the event again (default 30 s): the bound on
+    /// redelivery after a process dies mid-event. Used when a
+    /// subscription's consumer is created.
+    pub fn ack_wait(mut self, d: Duration) -> Self {
+        self.ack_wait = d;
         self
     }
 
@@ -180,6 +215,7 @@ impl JetStreamBusBuilder {
             Ok((client, js, stream))
         })?;
         let last = stream.cached_info().state.last_sequence;
+        let replicas = stream.cached_info().config.num_replicas;
         Ok(JetStreamBus {
             inner: Arc::new(Inner {
                 rt,
@@ -189,6 +225,7 @@ impl JetStreamBusBuilder {
                 closed: AtomicBool::new(false),
                 subs: Arc::new(LiveSubs::default()),
                 last_seq: AtomicU64::new(last),
+                replicas,
             }),
         })
     }
@@ -212,6 +249,8 @@ struct Inner {
     subs: Arc<LiveSubs>,
     /// The newest `seq` this process has seen acknowledged.
     last_seq: AtomicU64,
+    /// The stream's replicas (the dead letters' stream gets as many).
+    replicas: usize,
 }
 
 impl Inner {
@@ -264,7 +303,7 @@ impl JetStreamBus {
     /// [`StorageError::Cluster`] when the cluster does not answer.
     pub fn last_seq(&self) -> Result<u64, StorageError> {
         let inner = &self.inner;
-        inner.rt.block_on(async {
+        inner.rt.block_on(self.retrying(|| async {
             let mut stream = inner
                 .js()
                 .get_stream(&inner.stream)
@@ -272,7 +311,28 @@ impl JetStreamBus {
                 .map_err(cluster)?;
             let info = stream.info().await.map_err(cluster)?;
             Ok(info.state.last_sequence)
-        })
+        }))
+    }
+
+    /// Runs a request to the cluster again while it fails, up to the
+    /// publish deadline: a leader election or a restarting server delays a
+    /// read as it delays a publish, without failing it.
+    async fn retrying<T, F, Fut>(&self, mut request: F) -> Result<T, StorageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StorageError>>,
+    {
+        let deadline = Instant::now() + self.inner.opts.publish_deadline;
+        loop {
+            match request().await {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "the cluster did not answer; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The server that leads the stream (its Raft leader), if one is
@@ -282,7 +342,7 @@ impl JetStreamBus {
     /// [`StorageError::Cluster`] when the cluster does not answer.
     pub fn stream_leader(&self) -> Result<Option<String>, StorageError> {
         let inner = &self.inner;
-        inner.rt.block_on(async {
+        inner.rt.block_on(self.retrying(|| async {
             let mut stream = inner
                 .js()
                 .get_stream(&inner.stream)
@@ -290,7 +350,7 @@ impl JetStreamBus {
                 .map_err(cluster)?;
             let info = stream.info().await.map_err(cluster)?;
             Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
-        })
+        }))
     }
 
     /// Publishes several events, in order, with consecutive receipts for
@@ -356,7 +416,7 @@ impl JetStreamBus {
             }
         };
         let subjects = subject::of_filter(&inner.stream, filter);
-        let (messages, pending) = inner.rt.block_on(async {
+        let (messages, pending) = inner.rt.block_on(self.retrying(|| async {
             let stream = inner
                 .js()
                 .get_stream(&inner.stream)
@@ -365,7 +425,7 @@ impl JetStreamBus {
             let mut consumer = stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig {
                     deliver_policy,
-                    filter_subjects: subjects,
+                    filter_subjects: subjects.clone(),
                     ..Default::default()
                 })
                 .await
@@ -373,7 +433,7 @@ impl JetStreamBus {
             let pending = consumer.info().await.map_err(cluster)?.num_pending;
             let messages = consumer.messages().await.map_err(cluster)?;
             Ok::<_, StorageError>((messages, pending))
-        })?;
+        }))?;
         let mut reader = JetStreamReader {
             bus: self.clone(),
             messages: Some(messages),
