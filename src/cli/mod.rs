@@ -13,6 +13,7 @@ mod demo;
 mod error;
 mod filter_args;
 mod metrics;
+mod nats;
 mod open;
 mod operations;
 mod output;
@@ -60,6 +61,13 @@ pub(crate) struct Cli {
         default_value = "./ctrlbus.redb"
     )]
     db: PathBuf,
+    /// Run on a NATS JetStream cluster instead of a file: the servers'
+    /// URLs, comma-separated (`nats://host:4222,…`).
+    #[arg(long, global = true, value_name = "URL[,URL…]", env = "CTRLBUS_NATS")]
+    nats: Option<String>,
+    /// With --nats: the stream that holds the log.
+    #[arg(long, global = true, value_name = "NAME", default_value = "ctrlbus")]
+    stream: String,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Json)]
     format: Format,
@@ -80,7 +88,7 @@ pub(crate) struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// Publish one event, or the JSON lines of a file.
     Publish(publish::Args),
     /// Print matching events in log order, one JSON line each.
@@ -208,9 +216,16 @@ fn usage_exit(e: &clap::Error) -> ExitCode {
 
 /// Runs one command.
 fn run(cli: Cli, out: &mut Out) -> Result {
+    if let Some(urls) = &cli.nats {
+        let target = nats::Target {
+            urls: urls.clone(),
+            stream: cli.stream.clone(),
+        };
+        return nats::run(&target, cli.command, out);
+    }
     let db = cli.db.as_path();
     match cli.command {
-        Command::Publish(args) => publish::run(db, args, out),
+        Command::Publish(args) => publish::run(|| open::for_publish(db), args, out),
         Command::Replay(args) => replay::replay(db, args, out),
         Command::Tail(args) => replay::tail(db, args, out),
         Command::Cursors(cmd) => cursors::run(db, cmd, out),
@@ -223,11 +238,14 @@ fn run(cli: Cli, out: &mut Out) -> Result {
         Command::Retain(args) => operations::retain(db, args, out),
         Command::Bench(cmd) => bench::run(db, cmd, out),
         Command::Demo(args) => demo::run(db, args),
-        Command::Completions { shell } => {
-            let mut buf = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "ctrlbus", &mut buf);
-            out.raw(&buf)?;
-            Ok(())
-        }
+        Command::Completions { shell } => completions(shell, out),
     }
+}
+
+/// Prints the completion script for `shell`.
+pub(crate) fn completions(shell: clap_complete::Shell, out: &mut Out) -> Result {
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "ctrlbus", &mut buf);
+    out.raw(&buf)?;
+    Ok(())
 }

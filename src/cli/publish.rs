@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use ctrlbus::{
-    Bus, DEFAULT_MAX_PAYLOAD_BYTES, DurableBus, Event, EventId, Filter, InstanceId, Position, Type,
+    DEFAULT_MAX_PAYLOAD_BYTES, Event, EventId, EventLog, Filter, InstanceId, Position, Type,
 };
 use jiff::Timestamp;
 use serde::Serialize;
@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use super::error::{CliError, Result};
 use super::output::Out;
-use super::{open, progress, values};
+use super::{progress, values};
 
 /// Events per atomic batch when publishing a file.
 const BATCH: usize = 4096;
@@ -73,10 +73,15 @@ pub(crate) struct Args {
     skip_invalid: bool,
 }
 
-/// Runs `publish`.
-pub(crate) fn run(db: &Path, args: Args, out: &mut Out) -> Result {
+/// Runs `publish` on the log `open` opens (a redb file, or a JetStream
+/// stream with `--nats`), once the input is checked.
+pub(crate) fn run<L: EventLog>(
+    open: impl FnOnce() -> Result<L>,
+    args: Args,
+    out: &mut Out,
+) -> Result {
     if let Some(file) = &args.file {
-        return publish_file(db, file, args.skip_invalid, out);
+        return publish_file(open, file, args.skip_invalid, out);
     }
     let (Some(ty), Some(tenant)) = (args.event_type, args.tenant) else {
         return Err(CliError::Usage(
@@ -102,7 +107,7 @@ pub(crate) fn run(db: &Path, args: Args, out: &mut Out) -> Result {
     event
         .validate(DEFAULT_MAX_PAYLOAD_BYTES)
         .map_err(|e| CliError::Usage(e.to_string()))?;
-    let bus = open::for_publish(db)?;
+    let bus = open()?;
     let receipt = bus.publish(event)?;
     // Print what the log holds (for a duplicate id: the original event).
     let stored = bus
@@ -264,7 +269,12 @@ struct Summary {
     last_seq: Option<u64>,
 }
 
-fn publish_file(db: &Path, path: &Path, skip_invalid: bool, out: &mut Out) -> Result {
+fn publish_file<L: EventLog>(
+    open: impl FnOnce() -> Result<L>,
+    path: &Path,
+    skip_invalid: bool,
+    out: &mut Out,
+) -> Result {
     let source = Source::open(path)?;
     let name = source.name();
     let now = Timestamp::now();
@@ -289,8 +299,8 @@ fn publish_file(db: &Path, path: &Path, skip_invalid: bool, out: &mut Out) -> Re
     pb.finish_and_clear();
     summary.skipped = bad_lines.len() as u64;
 
-    // Pass 2: publish in atomic batches.
-    let bus = open::for_publish(db)?;
+    // Pass 2: publish in batches (atomic on a redb file).
+    let bus = open()?;
     let pb = progress::bar(source.len(), "publishing");
     let mut seen = HashSet::new();
     let mut batch = Vec::with_capacity(BATCH);
@@ -340,7 +350,7 @@ fn publish_file(db: &Path, path: &Path, skip_invalid: bool, out: &mut Out) -> Re
     Ok(())
 }
 
-fn flush(bus: &DurableBus, batch: &mut Vec<Event>, summary: &mut Summary) -> Result {
+fn flush<L: EventLog>(bus: &L, batch: &mut Vec<Event>, summary: &mut Summary) -> Result {
     if batch.is_empty() {
         return Ok(());
     }

@@ -48,11 +48,7 @@ pub(crate) struct ReplayArgs {
 /// Runs `replay`.
 pub(crate) fn replay(db: &Path, args: ReplayArgs, out: &mut Out) -> Result {
     let log = open::read_only(db)?;
-    let from = match (args.from_seq, args.since) {
-        (Some(seq), _) => Position::Seq(seq),
-        (None, Some(t)) => Position::Time(t),
-        (None, None) => Position::Beginning,
-    };
+    let from = start_of(&args);
     let mut reader = log.read(from, &args.filter.filter())?;
     if let Some(t) = args.until {
         reader = reader.until(t);
@@ -195,5 +191,65 @@ fn last_n(log: &ReadOnlyLog, filter: &Filter, n: usize) -> Result<(Vec<LogEntry>
             return Ok((ring.into(), end + 1));
         }
         window = window.saturating_mul(4);
+    }
+}
+
+/// Where `replay` starts.
+fn start_of(args: &ReplayArgs) -> Position {
+    match (args.from_seq, args.since) {
+        (Some(seq), _) => Position::Seq(seq),
+        (None, Some(t)) => Position::Time(t),
+        (None, None) => Position::Beginning,
+    }
+}
+
+/// Runs `replay` on any log (`--nats`): the same output as on a file.
+pub(crate) fn replay_log<L: ctrlbus::EventLog>(log: &L, args: ReplayArgs, out: &mut Out) -> Result {
+    let limit = args.limit.unwrap_or(u64::MAX);
+    let mut entries = Vec::new();
+    for (n, e) in log.read(start_of(&args), &args.filter.filter())?.enumerate() {
+        let e = e?;
+        if n as u64 >= limit || args.until.is_some_and(|u| e.appended_at > u) {
+            break;
+        }
+        entries.push(e);
+        if entries.len() >= 1024 && !out.table() {
+            out.events(&entries)?;
+            entries.clear();
+        }
+    }
+    out.events(&entries)?;
+    Ok(())
+}
+
+/// Runs `tail` on any log (`--nats`).
+pub(crate) fn tail_log<L: ctrlbus::EventLog>(log: &L, args: TailArgs, out: &mut Out) -> Result {
+    let filter = args.filter.filter();
+    let recent = log.recent_events(args.lines, &filter)?;
+    let mut next = log.last_seq()? + 1;
+    let shown: Vec<LogEntry> = if recent.is_empty() {
+        Vec::new()
+    } else {
+        // Their seqs and append times, from the log.
+        let ids: std::collections::HashSet<_> = recent.iter().map(|e| e.id).collect();
+        let from = next.saturating_sub(recent.len() as u64 * 4 + 1024).max(1);
+        log.read(Position::Seq(from), &filter)?
+            .filter_map(std::result::Result::ok)
+            .filter(|e| ids.contains(&e.event.id))
+            .collect()
+    };
+    out.events(&shown)?;
+    out.flush()?;
+    if !args.follow {
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(args.interval);
+        let entries: Vec<LogEntry> = log
+            .read(Position::Seq(next), &filter)?
+            .collect::<std::result::Result<_, _>>()?;
+        next = next.max(log.last_seq()? + 1);
+        out.events(&entries)?;
+        out.flush()?;
     }
 }
