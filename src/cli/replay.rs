@@ -207,7 +207,10 @@ fn start_of(args: &ReplayArgs) -> Position {
 pub(crate) fn replay_log<L: ctrlbus::EventLog>(log: &L, args: ReplayArgs, out: &mut Out) -> Result {
     let limit = args.limit.unwrap_or(u64::MAX);
     let mut entries = Vec::new();
-    for (n, e) in log.read(start_of(&args), &args.filter.filter())?.enumerate() {
+    for (n, e) in log
+        .read(start_of(&args), &args.filter.filter())?
+        .enumerate()
+    {
         let e = e?;
         if n as u64 >= limit || args.until.is_some_and(|u| e.appended_at > u) {
             break;
