@@ -802,6 +802,9 @@ impl JetStreamBus {
             }
             sub.passed_cv.notify_all();
         }
+        // However it ended, publishers no longer wait for it.
+        sub.stop.store(true, Ordering::Release);
+        sub.passed_cv.notify_all();
         // The consumer's tasks are the runtime's: dropped inside it.
         let _in_runtime = rt.enter();
         drop(messages);

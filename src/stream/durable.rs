@@ -271,7 +271,9 @@ impl Pull for Bridge {
 /// Items are `Ok(Delivery)` in `seq` order, or `Err(StreamError)` when
 /// reading the log failed (retried on its own). It ends when the bus
 /// closes. Dropping it is a clean close: the position of the last ack is
-/// stored, durably, before the drop returns.
+/// stored, durably, before the drop returns (so the drop blocks its thread
+/// for one flush of the positions, as dropping a `DurableSubscription`
+/// does).
 pub struct DurableStream {
     rx: mpsc::Receiver<Result<Delivery, StreamError>>,
     bridge: Arc<Bridge>,
