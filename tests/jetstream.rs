@@ -457,3 +457,53 @@ fn the_command_line_runs_on_the_cluster_with_nats() {
         .collect();
     assert_eq!(lib, cli);
 }
+
+#[test]
+fn publish_async_from_200_tasks_gives_distinct_contiguous_seqs_after_local_subscribers_ran() {
+    let Some(cluster) = Cluster::start(3) else {
+        return;
+    };
+    let bus = connect(&cluster, "async");
+    let seen: Arc<Mutex<BTreeSet<EventId>>> = Arc::default();
+    let s = seen.clone();
+    let _sub = bus
+        .subscribe(
+            Filter::all(),
+            move |e: &Event| -> Result<(), ctrlbus::HandlerError> {
+                s.lock().unwrap().insert(e.id);
+                Ok(())
+            },
+        )
+        .unwrap();
+    // The application's own runtime, not the bus's.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seqs: BTreeSet<u64> = rt.block_on(async {
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let (bus, seen) = (bus.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let e = event("acme", Type::DEPLOY_STARTED, i);
+                    let id = e.id;
+                    let r = bus.publish_async(e.clone()).await.unwrap();
+                    assert!(
+                        seen.lock().unwrap().contains(&id),
+                        "G4: resolved after the subscriber ran"
+                    );
+                    let again = bus.publish_async(e).await.unwrap();
+                    assert!(again.duplicate);
+                    assert_eq!(again.seq, r.seq);
+                    r.seq
+                })
+            })
+            .collect();
+        let mut seqs = BTreeSet::new();
+        for t in tasks {
+            assert!(seqs.insert(t.await.unwrap()), "a seq given twice");
+        }
+        seqs
+    });
+    assert_eq!(seqs, (1..=200).collect());
+    let bad = rt.block_on(bus.publish_async(Event::new(Type::DEPLOY_STARTED, "x".repeat(300))));
+    assert!(bad.is_err());
+    assert_eq!(bus.last_seq().unwrap(), 200);
+}

@@ -30,8 +30,10 @@
 //! - G7: "from time T" uses `DeliverPolicy::ByStartTime` on the server's
 //!   store time of each message (the append time).
 //!
-//! Durable subscriptions, cursors, webhooks and the command line are not on
-//! this backend yet.
+//! Durable subscriptions are durable consumers (`durable`). Webhooks,
+//! cursor listing and seeking, and `stream`/`durable_stream` are not on
+//! this backend yet; the command line runs publish, replay, tail and
+//! stats on it (`--nats`).
 
 mod durable;
 mod subject;
@@ -592,11 +594,16 @@ impl Detach for LiveSubs {
     }
 }
 
-impl JetStreamBus {
+impl LiveSubs {
+    /// True when this process has live subscriptions.
+    fn any(&self) -> bool {
+        !self.subs.lock().is_empty()
+    }
+
     /// Waits until every live subscription of this process has passed
     /// `seq` (G4), and gathers their failures on it.
-    fn wait_subscribers(&self, seq: u64) -> Vec<HandlerFailure> {
-        let subs: Vec<Arc<LiveSub>> = self.inner.subs.subs.lock().values().cloned().collect();
+    fn wait(&self, seq: u64) -> Vec<HandlerFailure> {
+        let subs: Vec<Arc<LiveSub>> = self.subs.lock().values().cloned().collect();
         let mut failures = Vec::new();
         for sub in subs {
             let mut passed = sub.passed.lock();
@@ -613,47 +620,116 @@ impl JetStreamBus {
     }
 }
 
+/// What a publish needs, apart from the bus (a task of the bus's runtime
+/// must not hold the bus: dropping its last handle there would drop the
+/// runtime from inside itself).
+#[derive(Clone)]
+struct Sender {
+    js: jetstream::Context,
+    stream: String,
+    deadline: Duration,
+}
+
+impl Sender {
+    /// Sends `event` until the stream acknowledges it, resending with the
+    /// same id through elections and restarts up to the deadline.
+    async fn send(&self, event: &Event) -> Result<jetstream::publish::PublishAck, PublishError> {
+        let subject = subject::of_event(&self.stream, event);
+        let payload = bytes_of(event);
+        let id = event.id.to_string();
+        let deadline = Instant::now() + self.deadline;
+        loop {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.clone())
+                .await;
+            let last_error = match sent {
+                Ok(ack) => match ack.await {
+                    Ok(ack) => return Ok(ack),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(PublishError::Storage(StorageError::Cluster {
+                    reason: format!(
+                        "no acknowledgement within {:?} ({last_error}); the event may have \
+                         been stored: publish it again (same id) to find out",
+                        self.deadline
+                    ),
+                }));
+            }
+            // A leader election or a restarting server: the same id again.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl JetStreamBus {
+    fn sender(&self) -> Sender {
+        Sender {
+            js: self.inner.js().clone(),
+            stream: self.inner.stream.clone(),
+            deadline: self.inner.opts.publish_deadline,
+        }
+    }
+
+    /// Publishes one event; the future resolves to its receipt once the
+    /// stream has acknowledged it (a quorum of replicas stored it) and this
+    /// process's live subscribers have run, as [`Bus::publish`] returns. It
+    /// runs on the bus's runtime, so it can be awaited on any executor, and
+    /// many publishes in flight from one task or many are pipelined to the
+    /// servers. Dropping the future doesn't cancel the publish (see
+    /// [`PublishFuture`](crate::stream::PublishFuture)).
+    ///
+    /// # Errors
+    /// As [`Bus::publish`].
+    pub fn publish_async(&self, event: Event) -> crate::stream::PublishFuture {
+        use crate::stream::PublishFuture;
+        if let Err(e) = self.check(&event) {
+            return PublishFuture::refused(e);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sender = self.sender();
+        let subs = self.inner.subs.clone();
+        self.inner.rt.spawn(async move {
+            let result = match sender.send(&event).await {
+                Err(e) => Err(e),
+                Ok(ack) => {
+                    let handler_failures = if !ack.duplicate && subs.any() {
+                        let seq = ack.sequence;
+                        tokio::task::spawn_blocking(move || subs.wait(seq))
+                            .await
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    Ok(Receipt {
+                        seq: ack.sequence,
+                        id: event.id,
+                        duplicate: ack.duplicate,
+                        handler_failures,
+                    })
+                }
+            };
+            let _ = tx.send(result);
+        });
+        PublishFuture::remote(rx)
+    }
+}
+
 impl Bus for JetStreamBus {
     fn publish(&self, event: Event) -> Result<Receipt, PublishError> {
         self.check(&event)?;
         let inner = &self.inner;
-        let subject = subject::of_event(&inner.stream, &event);
-        let payload = bytes_of(&event);
-        let id = event.id.to_string();
-        let deadline = Instant::now() + inner.opts.publish_deadline;
-        let ack = inner.rt.block_on(async {
-            loop {
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", id.as_str());
-                let sent = inner
-                    .js()
-                    .publish_with_headers(subject.clone(), headers, payload.clone())
-                    .await;
-                let last_error = match sent {
-                    Ok(ack) => match ack.await {
-                        Ok(ack) => return Ok(ack),
-                        Err(e) => e.to_string(),
-                    },
-                    Err(e) => e.to_string(),
-                };
-                if Instant::now() >= deadline {
-                    return Err(PublishError::Storage(StorageError::Cluster {
-                        reason: format!(
-                            "no acknowledgement within {:?} ({last_error}); the event may have \
-                             been stored: publish it again (same id) to find out",
-                            inner.opts.publish_deadline
-                        ),
-                    }));
-                }
-                // A leader election or a restarting server: the same id again.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })?;
+        let ack = inner.rt.block_on(self.sender().send(&event))?;
         inner.last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
         let handler_failures = if ack.duplicate {
             Vec::new()
         } else {
-            self.wait_subscribers(ack.sequence)
+            inner.subs.wait(ack.sequence)
         };
         Ok(Receipt {
             seq: ack.sequence,

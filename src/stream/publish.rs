@@ -28,12 +28,24 @@ enum State {
     Waiting(AsyncReceiver<Result<Vec<Receipt>, PublishError>>),
     /// Refused before it was queued.
     Refused(Option<PublishError>),
+    /// Running on a `JetStreamBus`'s runtime.
+    #[cfg(feature = "jetstream")]
+    Remote(tokio::sync::oneshot::Receiver<Result<Receipt, PublishError>>),
 }
 
 impl PublishFuture {
     pub(crate) fn waiting(rx: AsyncReceiver<Result<Vec<Receipt>, PublishError>>) -> PublishFuture {
         PublishFuture {
             state: State::Waiting(rx),
+        }
+    }
+
+    #[cfg(feature = "jetstream")]
+    pub(crate) fn remote(
+        rx: tokio::sync::oneshot::Receiver<Result<Receipt, PublishError>>,
+    ) -> PublishFuture {
+        PublishFuture {
+            state: State::Remote(rx),
         }
     }
 
@@ -56,6 +68,10 @@ impl Future for PublishFuture {
                 // The bus went away without answering.
                 None => Err(PublishError::Closed),
             }),
+            #[cfg(feature = "jetstream")]
+            State::Remote(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|got| got.unwrap_or(Err(PublishError::Closed))),
         }
     }
 }
