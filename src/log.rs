@@ -4,14 +4,14 @@
 //! `jetstream`).
 //!
 //! It extends [`Bus`] (publish, live subscribe, recent events, close) with
-//! what a log adds: batches, reading from any position, and the newest
-//! `seq`. `tests/contract.rs` runs one suite of checks against both
-//! backends. Durable subscriptions, cursors and webhooks are still
-//! `DurableBus`'s own: `JetStreamBus` does not have them yet.
+//! what a log adds: batches, reading from any position, the newest `seq`,
+//! and named durable subscriptions with their positions and dead letters.
+//! `tests/contract.rs` runs one suite of checks against both backends.
+//! Cursor listing and seeking, and webhooks, are still `DurableBus`'s own.
 
-use crate::bus::{Bus, Receipt};
-use crate::durable::{LogEntry, Position};
-use crate::error::{PublishError, ReadError, StorageError};
+use crate::bus::{Bus, Handler, Receipt};
+use crate::durable::{DeadLetter, LogEntry, Position};
+use crate::error::{CursorError, PublishError, ReadError, StorageError, SubscribeError};
 use crate::event::Event;
 use crate::filter::Filter;
 
@@ -42,6 +42,57 @@ pub trait EventLog: Bus {
     /// # Errors
     /// [`StorageError`] when the storage (or the cluster) does not answer.
     fn last_seq(&self) -> Result<u64, StorageError>;
+
+    /// A running durable subscription; dropping it stops it (its position
+    /// is kept).
+    type DurableSubscription: Send;
+
+    /// Subscribes `handler` under the durable name `name` (G5): from its
+    /// stored position if it exists, else from `start`; in `seq` order, at
+    /// least once; a failing event is retried and dead-lettered after
+    /// `max_deliveries`.
+    ///
+    /// # Errors
+    /// [`SubscribeError`]: a bad name, a name already running (on
+    /// `DurableBus`), an unknown start, a closed bus, a storage failure.
+    fn subscribe_durable_boxed(
+        &self,
+        name: &str,
+        filter: Filter,
+        start: Position,
+        handler: Box<dyn Handler>,
+    ) -> Result<Self::DurableSubscription, SubscribeError>;
+
+    /// Every event up to this `seq` has been handled by the durable
+    /// subscription `name` (acknowledged or dead-lettered).
+    ///
+    /// # Errors
+    /// [`CursorError::Unknown`] for a name never subscribed;
+    /// [`CursorError::InvalidName`]; [`CursorError::Storage`].
+    fn cursor_position(&self, name: &str) -> Result<u64, CursorError>;
+
+    /// The dead letters of the durable subscription `name`, oldest first.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the storage fails.
+    fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StorageError>;
+
+    /// Deletes the durable subscription `name` (its position and, on
+    /// `DurableBus`, its dead letters).
+    ///
+    /// # Errors
+    /// [`CursorError::Unknown`], [`CursorError::Active`] (on `DurableBus`,
+    /// while it runs), [`CursorError::Storage`].
+    fn delete_cursor(&self, name: &str) -> Result<(), CursorError>;
+}
+
+/// A boxed handler as a handler.
+struct Boxed(Box<dyn Handler>);
+
+impl Handler for Boxed {
+    fn handle(&self, event: &Event) -> Result<(), crate::HandlerError> {
+        self.0.handle(event)
+    }
 }
 
 impl EventLog for crate::DurableBus {
@@ -57,6 +108,30 @@ impl EventLog for crate::DurableBus {
 
     fn last_seq(&self) -> Result<u64, StorageError> {
         Ok(crate::DurableBus::last_seq(self))
+    }
+
+    type DurableSubscription = crate::DurableSubscription;
+
+    fn subscribe_durable_boxed(
+        &self,
+        name: &str,
+        filter: Filter,
+        start: Position,
+        handler: Box<dyn Handler>,
+    ) -> Result<Self::DurableSubscription, SubscribeError> {
+        crate::DurableBus::subscribe_durable(self, name, filter, start, Boxed(handler))
+    }
+
+    fn cursor_position(&self, name: &str) -> Result<u64, CursorError> {
+        Ok(crate::DurableBus::cursor(self, name)?.delivered_seq)
+    }
+
+    fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StorageError> {
+        crate::DurableBus::dead_letters(self, name)
+    }
+
+    fn delete_cursor(&self, name: &str) -> Result<(), CursorError> {
+        crate::DurableBus::delete_cursor(self, name)
     }
 }
 
@@ -74,5 +149,29 @@ impl EventLog for crate::JetStreamBus {
 
     fn last_seq(&self) -> Result<u64, StorageError> {
         crate::JetStreamBus::last_seq(self)
+    }
+
+    type DurableSubscription = crate::JetStreamSubscription;
+
+    fn subscribe_durable_boxed(
+        &self,
+        name: &str,
+        filter: Filter,
+        start: Position,
+        handler: Box<dyn Handler>,
+    ) -> Result<Self::DurableSubscription, SubscribeError> {
+        crate::JetStreamBus::subscribe_durable(self, name, filter, start, Boxed(handler))
+    }
+
+    fn cursor_position(&self, name: &str) -> Result<u64, CursorError> {
+        crate::JetStreamBus::cursor_position(self, name)
+    }
+
+    fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StorageError> {
+        crate::JetStreamBus::dead_letters(self, name)
+    }
+
+    fn delete_cursor(&self, name: &str) -> Result<(), CursorError> {
+        crate::JetStreamBus::delete_cursor(self, name)
     }
 }

@@ -7,12 +7,14 @@
 //! idempotency by id, G4 and G6 for live subscribers of this process, G7
 //! (read from a time; append time never decreases), G9 (tenant filters),
 //! G10 (bad input refused, nothing written), G11 (what is read publishes
-//! again, as a duplicate).
+//! again, as a duplicate), G5 (durable subscriptions: order, resume, dead
+//! letters).
 
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ctrlbus::{Event, EventId, EventLog, Filter, HandlerError, Position, Type};
 
@@ -250,6 +252,81 @@ fn bad_input_is_refused_and_what_is_read_publishes_again<L: EventLog>(log: &L) {
     assert!(log.publish(back).unwrap().duplicate);
 }
 
+/// G5: a durable subscription handles every matching event in `seq`
+/// order, resumes after its last handled event when subscribed again, and
+/// dead-letters an event that keeps failing after `max_deliveries` (3 in
+/// these logs) without holding up the rest.
+fn durable_subscriptions_resume_and_dead_letter<L: EventLog>(log: &L) {
+    for i in 0..10 {
+        log.publish(event("acme", Type::DEPLOY_STARTED, i)).unwrap();
+        log.publish(event("acme", Type::HEALTH_PASSED, i)).unwrap();
+    }
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let subscribe = |stop_after: Option<u64>| {
+        let h = handled.clone();
+        log.subscribe_durable_boxed(
+            "billing.v1",
+            Filter::types(["deploy.*"]).unwrap(),
+            Position::Beginning,
+            Box::new(move |e: &Event| -> Result<(), HandlerError> {
+                let i = e.payload["i"].as_u64().unwrap();
+                if i == 4 {
+                    return Err("four".into());
+                }
+                if stop_after.is_some_and(|n| i > n) {
+                    // Slow, so that the subscription is dropped long before
+                    // this event could use up its deliveries.
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    return Err("not now".into());
+                }
+                h.lock().unwrap().push(i);
+                Ok(())
+            }),
+        )
+        .unwrap()
+    };
+    // The deploys are the odd seqs 1, 3, …, 19; i = (seq - 1) / 2.
+    let sub = subscribe(Some(6));
+    common::wait_until("up to i = 6 handled", || {
+        log.cursor_position("billing.v1").unwrap_or(0) >= 13
+    });
+    drop(sub);
+    let first: Vec<u64> = handled.lock().unwrap().clone();
+    assert_eq!(
+        first,
+        [0, 1, 2, 3, 5, 6],
+        "in order, 4 dead-lettered, none twice"
+    );
+    let dead = log.dead_letters("billing.v1").unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].seq, dead[0].attempts), (9, 3));
+    assert!(dead[0].error.contains("four"), "{}", dead[0].error);
+    // Again under the same name: from where it stopped, the rest once.
+    handled.lock().unwrap().clear();
+    let sub = subscribe(None);
+    common::wait_until("every deploy handled", || {
+        log.cursor_position("billing.v1").unwrap_or(0) >= 19
+    });
+    drop(sub);
+    let rest = handled.lock().unwrap().clone();
+    assert!(
+        rest.starts_with(&[7]) || rest.starts_with(&[6, 7]),
+        "resumed after its position (at most the last one again): {rest:?}"
+    );
+    assert!(rest.ends_with(&[7, 8, 9]), "{rest:?}");
+    log.delete_cursor("billing.v1").unwrap();
+    assert!(log.cursor_position("billing.v1").is_err(), "deleted");
+    assert!(
+        log.subscribe_durable_boxed(
+            "no spaces",
+            Filter::all(),
+            Position::Beginning,
+            Box::new(|_: &Event| -> Result<(), HandlerError> { Ok(()) })
+        )
+        .is_err()
+    );
+}
+
 /// Every check, each on a fresh log from `make(name)`.
 fn run_all<L: EventLog + Clone + Send + 'static>(make: impl Fn(&str) -> L) {
     seqs_are_contiguous_and_ids_idempotent(&make("ids"));
@@ -257,12 +334,19 @@ fn run_all<L: EventLog + Clone + Send + 'static>(make: impl Fn(&str) -> L) {
     reads_filter_and_start_where_asked(&make("reads"));
     live_subscribers_run_before_publish_returns(&make("live"));
     bad_input_is_refused_and_what_is_read_publishes_again(&make("input"));
+    durable_subscriptions_resume_and_dead_letter(&make("durable"));
 }
 
 #[test]
 fn the_contract_on_durable_bus() {
     let dir = tempfile::tempdir().unwrap();
-    run_all(|name| ctrlbus::DurableBus::open(dir.path().join(format!("{name}.redb"))).unwrap());
+    run_all(|name| {
+        ctrlbus::DurableBus::builder()
+            .max_deliveries(3)
+            .retry_backoff(Duration::from_millis(5), Duration::from_millis(20))
+            .open(dir.path().join(format!("{name}.redb")))
+            .unwrap()
+    });
 }
 
 #[cfg(feature = "jetstream")]
@@ -274,6 +358,8 @@ fn the_contract_on_jetstream_bus() {
     run_all(|name| {
         ctrlbus::JetStreamBus::builder()
             .stream(name)
+            .max_deliveries(3)
+            .retry_backoff(Duration::from_millis(5), Duration::from_millis(20))
             .connect(&cluster.urls())
             .unwrap()
     });
