@@ -28,6 +28,17 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Backends and features:
+//! - [`InMemoryBus`] and [`DurableBus`] (a redb file with a write-ahead
+//!   log) are always there; [`EventLog`] is the durable log's contract,
+//!   implemented by `DurableBus` and, with feature `jetstream`,
+//!   `JetStreamBus` (a NATS JetStream cluster, for several replicas).
+//! - Feature `tokio`: the async API (`ctrlbus::stream`): `publish_async`, live
+//!   `stream`s with `Lagged`, and `durable_stream`s of deliveries to ack.
+//! - Feature `metrics`: counters, gauges and histograms through the
+//!   `metrics` facade ([`telemetry`] has their names).
+//! - Feature `cli` (default): the `ctrlbus` binary.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
