@@ -719,6 +719,15 @@ fn a_slow_endpoint_delays_only_its_own_deliveries() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let reached = !fast.got().is_empty();
+    // The slow endpoint's one attempt may still be on its way to the
+    // receiver when the fast one lands (a CI run saw 0 here): wait for it,
+    // then give a second sender time to start another, which the cap
+    // forbids while the first hangs.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while started.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
     let in_flight_at_slow = started.load(Ordering::SeqCst);
     {
         let (lock, cv) = &*released;
