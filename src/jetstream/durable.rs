@@ -322,23 +322,12 @@ impl JetStreamBus {
     /// [`CursorError::InvalidName`], [`CursorError::Unknown`],
     /// [`CursorError::Storage`].
     pub fn cursor_position(&self, name: &str) -> Result<u64, CursorError> {
-        if !crate::durable::valid_subscription_name(name) {
-            return Err(CursorError::InvalidName(name.to_owned()));
-        }
-        let inner = &self.inner;
-        inner.rt.block_on(async {
-            let stream = inner
-                .js()
-                .get_stream(&inner.stream)
+        self.on_consumer(name, |stream, cname| async move {
+            stream
+                .consumer_info(cname)
                 .await
-                .map_err(cluster)?;
-            match stream.consumer_info(consumer_name(name)).await {
-                Ok(info) => Ok(info.ack_floor.stream_sequence),
-                Err(e) if e.to_string().contains("not found") => {
-                    Err(CursorError::Unknown(name.to_owned()))
-                }
-                Err(e) => Err(CursorError::Storage(cluster(e))),
-            }
+                .map(|info| info.ack_floor.stream_sequence)
+                .map_err(|e| e.to_string())
         })
     }
 
@@ -348,6 +337,22 @@ impl JetStreamBus {
     /// [`CursorError::InvalidName`], [`CursorError::Unknown`],
     /// [`CursorError::Storage`].
     pub fn delete_cursor(&self, name: &str) -> Result<(), CursorError> {
+        self.on_consumer(name, |stream, cname| async move {
+            stream
+                .delete_consumer(&cname)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Runs `op` on the consumer of the subscription `name`; a server's
+    /// "not found" is [`CursorError::Unknown`].
+    fn on_consumer<T, F, Fut>(&self, name: &str, op: F) -> Result<T, CursorError>
+    where
+        F: FnOnce(jetstream::stream::Stream, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
         if !crate::durable::valid_subscription_name(name) {
             return Err(CursorError::InvalidName(name.to_owned()));
         }
@@ -358,11 +363,9 @@ impl JetStreamBus {
                 .get_stream(&inner.stream)
                 .await
                 .map_err(cluster)?;
-            match stream.delete_consumer(&consumer_name(name)).await {
-                Ok(_) => Ok(()),
-                Err(e) if e.to_string().contains("not found") => {
-                    Err(CursorError::Unknown(name.to_owned()))
-                }
+            match op(stream, consumer_name(name)).await {
+                Ok(v) => Ok(v),
+                Err(e) if e.contains("not found") => Err(CursorError::Unknown(name.to_owned())),
                 Err(e) => Err(CursorError::Storage(cluster(e))),
             }
         })

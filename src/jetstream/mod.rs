@@ -304,6 +304,11 @@ impl JetStreamBus {
     /// # Errors
     /// [`StorageError::Cluster`] when the cluster does not answer.
     pub fn last_seq(&self) -> Result<u64, StorageError> {
+        Ok(self.stream_info()?.state.last_sequence)
+    }
+
+    /// The stream's info, asked again through elections.
+    fn stream_info(&self) -> Result<jetstream::stream::Info, StorageError> {
         let inner = &self.inner;
         inner.rt.block_on(self.retrying(|| async {
             let mut stream = inner
@@ -311,8 +316,7 @@ impl JetStreamBus {
                 .get_stream(&inner.stream)
                 .await
                 .map_err(cluster)?;
-            let info = stream.info().await.map_err(cluster)?;
-            Ok(info.state.last_sequence)
+            Ok(stream.info().await.map_err(cluster)?.clone())
         }))
     }
 
@@ -343,16 +347,7 @@ impl JetStreamBus {
     /// # Errors
     /// [`StorageError::Cluster`] when the cluster does not answer.
     pub fn stream_leader(&self) -> Result<Option<String>, StorageError> {
-        let inner = &self.inner;
-        inner.rt.block_on(self.retrying(|| async {
-            let mut stream = inner
-                .js()
-                .get_stream(&inner.stream)
-                .await
-                .map_err(cluster)?;
-            let info = stream.info().await.map_err(cluster)?;
-            Ok(info.cluster.as_ref().and_then(|c| c.leader.clone()))
-        }))
+        Ok(self.stream_info()?.cluster.and_then(|c| c.leader))
     }
 
     /// Publishes several events, in order, with consecutive receipts for
