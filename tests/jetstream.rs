@@ -503,7 +503,28 @@ fn publish_async_from_200_tasks_gives_distinct_contiguous_seqs_after_local_subsc
         seqs
     });
     assert_eq!(seqs, (1..=200).collect());
+    // A live stream: bounded, reporting what it dropped.
+    let mut stream = bus.stream_with_capacity(Filter::all(), 8).unwrap();
+    for i in 0..20 {
+        bus.publish(event("acme", Type::DEPLOY_STARTED, 1000 + i))
+            .unwrap();
+    }
+    rt.block_on(async {
+        use futures::StreamExt;
+        assert_eq!(
+            stream.next().await.unwrap(),
+            Err(ctrlbus::stream::Lagged { missed: 12 })
+        );
+        for i in 12..20 {
+            let e = stream.next().await.unwrap().unwrap();
+            assert_eq!(e.payload["i"], 1000 + i);
+        }
+    });
     let bad = rt.block_on(bus.publish_async(Event::new(Type::DEPLOY_STARTED, "x".repeat(300))));
     assert!(bad.is_err());
-    assert_eq!(bus.last_seq().unwrap(), 200);
+    assert_eq!(
+        bus.last_seq().unwrap(),
+        220,
+        "200, then the stream's 20; nothing refused"
+    );
 }

@@ -30,9 +30,9 @@
 //! - G7: "from time T" uses `DeliverPolicy::ByStartTime` on the server's
 //!   store time of each message (the append time).
 //!
-//! Durable subscriptions are durable consumers (`durable`). Webhooks,
-//! cursor listing and seeking, and `stream`/`durable_stream` are not on
-//! this backend yet; the command line runs publish, replay, tail and
+//! Durable subscriptions are durable consumers (`durable`); `publish_async`
+//! and `stream` work as on `DurableBus`. Webhooks, cursor listing and
+//! seeking, and `durable_stream` are not on this backend yet; the command line runs publish, replay, tail and
 //! stats on it (`--nats`).
 
 mod durable;
@@ -669,6 +669,28 @@ impl JetStreamBus {
             stream: self.inner.stream.clone(),
             deadline: self.inner.opts.publish_deadline,
         }
+    }
+
+    /// A stream of the live events matching `filter`, from now on, as
+    /// [`DurableBus::stream`](crate::DurableBus::stream): bounded, never
+    /// holding up a publisher, `Lagged` instead of a silent gap.
+    ///
+    /// # Errors
+    /// As [`Bus::subscribe`].
+    pub fn stream(&self, filter: Filter) -> Result<crate::stream::EventStream, SubscribeError> {
+        self.stream_with_capacity(filter, crate::stream::DEFAULT_STREAM_CAPACITY)
+    }
+
+    /// As [`JetStreamBus::stream`], holding up to `capacity` events.
+    ///
+    /// # Errors
+    /// As [`Bus::subscribe`].
+    pub fn stream_with_capacity(
+        &self,
+        filter: Filter,
+        capacity: usize,
+    ) -> Result<crate::stream::EventStream, SubscribeError> {
+        crate::stream::open_live(self, filter, capacity)
     }
 
     /// Publishes one event; the future resolves to its receipt once the
