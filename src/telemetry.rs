@@ -1,7 +1,9 @@
 //! Metrics (feature `metrics`, through the `metrics` facade) and the names
 //! they go by. Every function is a no-op without the feature, so the code
 //! that counts reads the same either way. The application installs the
-//! exporter (the CLI: Prometheus, `deliver --metrics-addr`).
+//! exporter (the CLI: Prometheus, `deliver --metrics-addr`) before it
+//! opens the bus: a subscription's labelled handles are made when it
+//! starts, and report to the recorder installed then.
 //!
 //! Labels stay low-cardinality: a subscription's name (chosen by the
 //! operator) and a webhook attempt's outcome (four values).
@@ -136,12 +138,33 @@ pub(crate) fn apply_lag(events: u64) {
     let _ = events;
 }
 
-/// The subscription `name` is `events` behind the newest event.
-pub(crate) fn subscription_lag(name: &str, events: u64) {
+/// `ctrlbus_subscription_lag_events` of one subscription: its labelled
+/// handle is made once, when the subscription starts, not on every group
+/// after which it is set (the label is an owned string). Like every handle
+/// of the facade, it reports to the recorder installed when it was made.
+pub(crate) struct LagGauge {
     #[cfg(feature = "metrics")]
-    metrics::gauge!(SUBSCRIPTION_LAG_EVENTS, "subscription" => name.to_owned()).set(events as f64);
-    #[cfg(not(feature = "metrics"))]
-    let _ = (name, events);
+    gauge: metrics::Gauge,
+}
+
+impl LagGauge {
+    /// The gauge of the subscription `name`.
+    pub(crate) fn new(name: &str) -> LagGauge {
+        #[cfg(not(feature = "metrics"))]
+        let _ = name;
+        LagGauge {
+            #[cfg(feature = "metrics")]
+            gauge: metrics::gauge!(SUBSCRIPTION_LAG_EVENTS, "subscription" => name.to_owned()),
+        }
+    }
+
+    /// The subscription is `events` behind the newest event.
+    pub(crate) fn set(&self, events: u64) {
+        #[cfg(feature = "metrics")]
+        self.gauge.set(events as f64);
+        #[cfg(not(feature = "metrics"))]
+        let _ = events;
+    }
 }
 
 /// The subscription `name` dead-lettered an event.

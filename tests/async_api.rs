@@ -87,18 +87,6 @@ async fn two_hundred_tasks_publish_at_once_each_with_a_distinct_seq_after_its_su
     assert_eq!(read, (1..=200).collect::<Vec<_>>());
 }
 
-/// A small xorshift generator, seeded per run and printed, so a failing
-/// run can be repeated.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_cancelled_at_any_point_is_in_the_log_at_most_once_and_its_retry_is_idempotent() {
     let seed = std::time::SystemTime::now()
@@ -107,7 +95,7 @@ async fn a_publish_cancelled_at_any_point_is_in_the_log_at_most_once_and_its_ret
         .as_nanos() as u64
         | 1;
     println!("seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = common::Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let bus = DurableBus::open(dir.path().join("log.redb")).unwrap();
     let mut tasks = Vec::new();
@@ -115,7 +103,7 @@ async fn a_publish_cancelled_at_any_point_is_in_the_log_at_most_once_and_its_ret
         let bus = bus.clone();
         // Cancel after a random number of polls (0: never polled), or let
         // it finish.
-        let polls = rng.next() % 6;
+        let polls = rng.below(6);
         tasks.push(tokio::spawn(async move {
             let e = event(i);
             let first = if polls == 5 {
@@ -511,4 +499,34 @@ fn after_kill_9_a_durable_stream_resumes_within_the_window() {
             last_acked + 1 - first
         );
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_stream_holds_exactly_its_capacity_and_lags_one_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::open(dir.path().join("log.redb")).unwrap();
+    // At the capacity: nothing missed.
+    let mut at = bus.stream_with_capacity(Filter::all(), 4).unwrap();
+    // One past it: the oldest is dropped and reported.
+    let mut past = bus.stream_with_capacity(Filter::all(), 4).unwrap();
+    // A capacity of 0 holds one event.
+    let mut zero = bus.stream_with_capacity(Filter::all(), 0).unwrap();
+    for i in 0..4 {
+        bus.publish_async(event(i)).await.unwrap();
+    }
+    for i in 0..4 {
+        assert_eq!(index(&at.next().await.unwrap().unwrap()), i);
+    }
+    bus.publish_async(event(4)).await.unwrap();
+    assert_eq!(
+        index(&at.next().await.unwrap().unwrap()),
+        4,
+        "taken in time: no lag"
+    );
+    assert_eq!(past.next().await.unwrap(), Err(Lagged { missed: 1 }));
+    for i in 1..5 {
+        assert_eq!(index(&past.next().await.unwrap().unwrap()), i);
+    }
+    assert_eq!(zero.next().await.unwrap(), Err(Lagged { missed: 4 }));
+    assert_eq!(index(&zero.next().await.unwrap().unwrap()), 4);
 }

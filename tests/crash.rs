@@ -12,6 +12,8 @@
 //! Rounds: 20 by default, `CTRLBUS_CRASH_ROUNDS` for more. The seed of the
 //! random kill delays is printed; `CTRLBUS_CRASH_SEED` replays one.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -22,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::Rng;
 use ctrlbus::{DurableBus, Event, EventId, Filter, HandlerError, Position, Type};
 
 /// Publisher threads in the child.
@@ -61,20 +64,6 @@ const TYPES: [Type; 6] = [
 
 /// Never set: the child's publishers stop only when the child is killed.
 static STOP: AtomicBool = AtomicBool::new(false);
-
-/// xorshift64*: enough randomness for kill delays, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn append_line(file: &Mutex<File>, line: String) {
     // One write per line: a kill never leaves half a line behind.

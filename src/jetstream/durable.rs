@@ -143,11 +143,7 @@ impl JetStreamBus {
         let consumer = inner
             .rt
             .block_on(async {
-                let stream = inner
-                    .js()
-                    .get_stream(&inner.stream)
-                    .await
-                    .map_err(cluster)?;
+                let stream = inner.stream().await?;
                 stream
                     .get_or_create_consumer(
                         &cname,
@@ -358,11 +354,7 @@ impl JetStreamBus {
         }
         let inner = &self.inner;
         inner.rt.block_on(async {
-            let stream = inner
-                .js()
-                .get_stream(&inner.stream)
-                .await
-                .map_err(cluster)?;
+            let stream = inner.stream().await?;
             match op(stream, consumer_name(name)).await {
                 Ok(v) => Ok(v),
                 Err(e) if e.contains("not found") => Err(CursorError::Unknown(name.to_owned())),

@@ -260,6 +260,11 @@ impl Inner {
         &self.conn.as_ref().expect("connected until dropped").1
     }
 
+    /// The log's stream.
+    async fn stream(&self) -> Result<jetstream::stream::Stream, StorageError> {
+        self.js().get_stream(&self.stream).await.map_err(cluster)
+    }
+
     fn client(&self) -> &async_nats::Client {
         &self.conn.as_ref().expect("connected until dropped").0
     }
@@ -311,11 +316,7 @@ impl JetStreamBus {
     fn stream_info(&self) -> Result<jetstream::stream::Info, StorageError> {
         let inner = &self.inner;
         inner.rt.block_on(self.retrying(|| async {
-            let mut stream = inner
-                .js()
-                .get_stream(&inner.stream)
-                .await
-                .map_err(cluster)?;
+            let mut stream = inner.stream().await?;
             Ok(stream.info().await.map_err(cluster)?.clone())
         }))
     }
@@ -414,11 +415,7 @@ impl JetStreamBus {
         };
         let subjects = subject::of_filter(&inner.stream, filter);
         let (messages, pending) = inner.rt.block_on(self.retrying(|| async {
-            let stream = inner
-                .js()
-                .get_stream(&inner.stream)
-                .await
-                .map_err(cluster)?;
+            let stream = inner.stream().await?;
             let mut consumer = stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig {
                     deliver_policy,
@@ -773,11 +770,7 @@ impl Bus for JetStreamBus {
         let messages = inner
             .rt
             .block_on(async {
-                let stream = inner
-                    .js()
-                    .get_stream(&inner.stream)
-                    .await
-                    .map_err(cluster)?;
+                let stream = inner.stream().await?;
                 let consumer = stream
                     .create_consumer(jetstream::consumer::pull::OrderedConfig {
                         deliver_policy: DeliverPolicy::ByStartSequence {

@@ -20,6 +20,23 @@ pub fn recorder(log: &Log) -> impl Fn(&Event) -> Result<(), HandlerError> + Send
     }
 }
 
+/// xorshift64*: enough randomness for kill delays and cancellation
+/// points, seeded by the test (and printed, so a run can be repeated).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
 /// A webhook for every event of `tenant`, to `url`, with a generated
 /// secret.
 pub fn hook_for(tenant: &str, url: &str) -> ctrlbus::NewWebhook {

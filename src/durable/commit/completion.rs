@@ -42,6 +42,9 @@ struct Queue {
 /// The completion thread's queue and handle (in `Shared`).
 #[derive(Default)]
 pub(crate) struct Completions {
+    /// Set once the thread runs: every async publish looks here before
+    /// taking the queue's lock.
+    running: std::sync::atomic::AtomicBool,
     queue: Mutex<Queue>,
     ready: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -54,6 +57,11 @@ impl Completions {
     /// [`PublishError::Closed`] once stopped; [`PublishError::Storage`] if
     /// the thread can't be spawned.
     pub(crate) fn start(&self, shared: &Arc<Shared>) -> Result<(), PublishError> {
+        if self.running.load(Ordering::Acquire) {
+            // A publish after `stop` is refused by the bus's closed flag
+            // before it gets here, and its request answered by the writer.
+            return Ok(());
+        }
         let mut q = self.queue.lock();
         if q.stop {
             return Err(PublishError::Closed);
@@ -68,6 +76,7 @@ impl Completions {
             .map_err(|e| PublishError::Storage(StorageError::Redb(redb::Error::Io(e))))?;
         q.started = true;
         *self.thread.lock() = Some(handle);
+        self.running.store(true, Ordering::Release);
         Ok(())
     }
 

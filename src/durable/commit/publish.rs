@@ -161,6 +161,13 @@ pub(crate) fn submit_async(
     shared.completions.start(shared)?;
     let (reply, rx) = crate::sync::async_oneshot();
     enqueue(shared, items, bytes, Reply::Async(reply, submitted));
+    // Queued after the writer thread shut down (a close racing this
+    // call): nobody will commit it, so it is refused, as a waiting
+    // blocking publisher refuses what it finds queued then. `try_lock`
+    // fails only while a committer holds the core, which then exists.
+    if shared.core.try_lock().is_some_and(|core| core.is_none()) {
+        refuse_queued(shared);
+    }
     Ok(rx)
 }
 

@@ -154,6 +154,8 @@ pub(crate) struct DurableSub {
     /// handler asked for (`HandlerError::retry_after`).
     pending_delay: Mutex<Option<Duration>>,
     last_error: Mutex<Option<String>>,
+    /// Its `ctrlbus_subscription_lag_events`.
+    lag: crate::telemetry::LagGauge,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
     worker: Mutex<Option<JoinHandle<()>>>,
@@ -220,8 +222,7 @@ impl DurableSub {
 
     /// Sets `ctrlbus_subscription_lag_events` for this subscription.
     pub(crate) fn report_lag(&self, shared: &Shared) {
-        crate::telemetry::subscription_lag(
-            &self.name,
+        self.lag.set(
             shared
                 .last_seq
                 .load(Ordering::Acquire)
@@ -756,6 +757,7 @@ pub(crate) fn subscribe(
         pending_attempts: AtomicU32::new(0),
         pending_delay: Mutex::new(None),
         last_error: Mutex::new(None),
+        lag: crate::telemetry::LagGauge::new(name),
         wake_tx,
         wake_rx,
         worker: Mutex::new(None),
