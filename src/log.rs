@@ -7,10 +7,11 @@
 //! what a log adds: batches, reading from any position, the newest `seq`,
 //! and named durable subscriptions with their positions and dead letters.
 //! `tests/contract.rs` runs one suite of checks against both backends.
-//! Cursor listing and seeking, and webhooks, are still `DurableBus`'s own.
+//! Webhooks are each backend's own (`DurableBus::webhooks`,
+//! `JetStreamBus::webhooks`), with the same records.
 
 use crate::bus::{Bus, Handler, Receipt};
-use crate::durable::{DeadLetter, LogEntry, Position};
+use crate::durable::{CursorInfo, DeadLetter, LogEntry, Position};
 use crate::error::{CursorError, PublishError, ReadError, StorageError, SubscribeError};
 use crate::event::Event;
 use crate::filter::Filter;
@@ -77,13 +78,35 @@ pub trait EventLog: Bus {
     /// [`StorageError`] when the storage fails.
     fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StorageError>;
 
-    /// Deletes the durable subscription `name` (its position and, on
-    /// `DurableBus`, its dead letters).
+    /// Deletes the durable subscription `name` (its position and its dead
+    /// letters).
     ///
     /// # Errors
     /// [`CursorError::Unknown`], [`CursorError::Active`] (on `DurableBus`,
     /// while it runs), [`CursorError::Storage`].
     fn delete_cursor(&self, name: &str) -> Result<(), CursorError>;
+
+    /// Every durable subscription, by name.
+    ///
+    /// # Errors
+    /// [`StorageError`] when the storage (or the cluster) fails.
+    fn cursors(&self) -> Result<Vec<CursorInfo>, StorageError>;
+
+    /// One durable subscription.
+    ///
+    /// # Errors
+    /// [`CursorError::Unknown`], [`CursorError::InvalidName`],
+    /// [`CursorError::Storage`].
+    fn cursor(&self, name: &str) -> Result<CursorInfo, CursorError>;
+
+    /// Moves the durable subscription `name`: it next receives the event
+    /// at `position`.
+    ///
+    /// # Errors
+    /// [`CursorError::Unknown`]; [`CursorError::Active`] while it runs (on
+    /// `JetStreamBus`, in any process); [`CursorError::UnknownEvent`];
+    /// [`CursorError::Storage`]. Nothing is changed on error.
+    fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError>;
 }
 
 /// A boxed handler as a handler.
@@ -133,6 +156,18 @@ impl EventLog for crate::DurableBus {
     fn delete_cursor(&self, name: &str) -> Result<(), CursorError> {
         crate::DurableBus::delete_cursor(self, name)
     }
+
+    fn cursors(&self) -> Result<Vec<CursorInfo>, StorageError> {
+        crate::DurableBus::cursors(self)
+    }
+
+    fn cursor(&self, name: &str) -> Result<CursorInfo, CursorError> {
+        crate::DurableBus::cursor(self, name)
+    }
+
+    fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError> {
+        crate::DurableBus::seek(self, name, position)
+    }
 }
 
 #[cfg(feature = "jetstream")]
@@ -173,5 +208,17 @@ impl EventLog for crate::JetStreamBus {
 
     fn delete_cursor(&self, name: &str) -> Result<(), CursorError> {
         crate::JetStreamBus::delete_cursor(self, name)
+    }
+
+    fn cursors(&self) -> Result<Vec<CursorInfo>, StorageError> {
+        crate::JetStreamBus::cursors(self)
+    }
+
+    fn cursor(&self, name: &str) -> Result<CursorInfo, CursorError> {
+        crate::JetStreamBus::cursor(self, name)
+    }
+
+    fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError> {
+        crate::JetStreamBus::seek(self, name, position)
     }
 }

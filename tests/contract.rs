@@ -8,7 +8,8 @@
 //! (read from a time; append time never decreases), G9 (tenant filters),
 //! G10 (bad input refused, nothing written), G11 (what is read publishes
 //! again, as a duplicate), G5 (durable subscriptions: order, resume, dead
-//! letters).
+//! letters), and the cursors: list, show, seek to a `seq`, a time and the
+//! end, delete.
 
 mod common;
 
@@ -16,7 +17,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ctrlbus::{Event, EventId, EventLog, Filter, HandlerError, Position, Type};
+use ctrlbus::{
+    CursorError, CursorState, Event, EventId, EventLog, Filter, HandlerError, Position, Type,
+};
 
 fn event(tenant: &str, ty: Type, i: u64) -> Event {
     Event::new(ty, tenant).with_payload(serde_json::json!({ "i": i }).as_object().unwrap().clone())
@@ -327,6 +330,89 @@ fn durable_subscriptions_resume_and_dead_letter<L: EventLog>(log: &L) {
     );
 }
 
+/// Cursors: listed with their filter and position, moved by `seek` (to a
+/// `seq`, a time, the end), after which the subscription next handles the
+/// event at the new position; unknown names are errors; deleted, gone.
+fn cursors_list_show_and_seek<L: EventLog>(log: &L) {
+    for i in 0..6 {
+        log.publish(event("acme", Type::DEPLOY_STARTED, i)).unwrap();
+    }
+    let filter = Filter::types(["deploy.*"]).unwrap();
+    let handled: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let run_until = |seq: u64| {
+        let h = handled.clone();
+        let sub = log
+            .subscribe_durable_boxed(
+                "audit",
+                filter.clone(),
+                Position::Beginning,
+                Box::new(move |e: &Event| -> Result<(), HandlerError> {
+                    h.lock().unwrap().push(e.payload["i"].as_u64().unwrap());
+                    Ok(())
+                }),
+            )
+            .unwrap();
+        common::wait_until("handled", || {
+            log.cursor_position("audit").unwrap_or(0) >= seq
+        });
+        drop(sub);
+        common::wait_until("idle", || {
+            log.cursor("audit").unwrap().state == CursorState::Idle
+        });
+        std::mem::take(&mut *handled.lock().unwrap())
+    };
+    assert_eq!(run_until(6), [0, 1, 2, 3, 4, 5]);
+    let listed = log.cursors().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let c = &listed[0];
+    assert_eq!(
+        (c.name.as_str(), c.delivered_seq, c.next_seq, c.lag),
+        ("audit", 6, 7, 0)
+    );
+    assert_eq!(c.filter, filter);
+    assert_eq!(c.dead_letters, 0);
+    assert_eq!(&log.cursor("audit").unwrap(), c);
+
+    // Back to seq 3: 3..=6 again (i = 2..=5).
+    let moved = log.seek("audit", Position::Seq(3)).unwrap();
+    assert_eq!((moved.delivered_seq, moved.next_seq, moved.lag), (2, 3, 4));
+    assert_eq!(moved.filter, filter, "the seek keeps the filter");
+    assert_eq!(run_until(6), [2, 3, 4, 5]);
+
+    // To the time of seq 5: 5 and 6 again.
+    let at5 = log
+        .read(Position::Seq(5), &Filter::all())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    log.seek("audit", Position::Time(at5.appended_at)).unwrap();
+    let again = run_until(6);
+    assert!(
+        again == [4, 5] || again.ends_with(&[4, 5]),
+        "from the first event at or after seq 5's time: {again:?}"
+    );
+
+    // To the end: only what comes after.
+    let end = log.seek("audit", Position::End).unwrap();
+    assert_eq!((end.delivered_seq, end.lag), (6, 0));
+    log.publish(event("acme", Type::DEPLOY_FAILED, 6)).unwrap();
+    assert_eq!(run_until(7), [6]);
+
+    assert!(matches!(log.cursor("nope"), Err(CursorError::Unknown(_))));
+    assert!(matches!(
+        log.seek("nope", Position::Beginning),
+        Err(CursorError::Unknown(_))
+    ));
+    assert!(matches!(
+        log.cursor("no spaces"),
+        Err(CursorError::InvalidName(_))
+    ));
+    log.delete_cursor("audit").unwrap();
+    assert!(log.cursors().unwrap().is_empty());
+    assert!(matches!(log.cursor("audit"), Err(CursorError::Unknown(_))));
+}
+
 /// Every check, each on a fresh log from `make(name)`.
 fn run_all<L: EventLog + Clone + Send + 'static>(make: impl Fn(&str) -> L) {
     seqs_are_contiguous_and_ids_idempotent(&make("ids"));
@@ -335,6 +421,7 @@ fn run_all<L: EventLog + Clone + Send + 'static>(make: impl Fn(&str) -> L) {
     live_subscribers_run_before_publish_returns(&make("live"));
     bad_input_is_refused_and_what_is_read_publishes_again(&make("input"));
     durable_subscriptions_resume_and_dead_letter(&make("durable"));
+    cursors_list_show_and_seek(&make("cursors"));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ctrlbus::{Bus, CursorInfo, DeadLetter, Position};
+use ctrlbus::{Bus, CursorInfo, DeadLetter, EventLog, Position};
 use jiff::Timestamp;
 use serde::Serialize;
 
@@ -72,7 +72,7 @@ struct Shown {
     dead_letter_events: Vec<DeadLetter>,
 }
 
-/// Runs a `cursors` subcommand.
+/// Runs a `cursors` subcommand on the file at `db`.
 pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
     match cmd {
         Command::List => {
@@ -81,6 +81,29 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
         }
         Command::Show { name } => {
             let log = open::read_only(db)?;
+            let cursor = log.cursor(&name)?;
+            let dead = log.dead_letters(&name)?;
+            out.record(&Shown {
+                cursor,
+                dead_letter_events: dead,
+            })?;
+        }
+        cmd => {
+            let bus = open::writable(db, false)?;
+            let r = run_log(&bus, cmd, out);
+            bus.close();
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a `cursors` subcommand on any log (`--nats`; seek and delete on a
+/// file).
+pub(crate) fn run_log<L: EventLog>(log: &L, cmd: Command, out: &mut Out) -> Result {
+    match cmd {
+        Command::List => out.list(&COLUMNS, &log.cursors()?)?,
+        Command::Show { name } => {
             let cursor = log.cursor(&name)?;
             let dead = log.dead_letters(&name)?;
             out.record(&Shown {
@@ -101,15 +124,10 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
                 (_, _, true, _) => Position::Beginning,
                 _ => Position::End,
             };
-            let bus = open::writable(db, false)?;
-            let info = bus.seek(&name, position)?;
-            bus.close();
-            out.record(&info)?;
+            out.record(&log.seek(&name, position)?)?;
         }
         Command::Delete { name } => {
-            let bus = open::writable(db, false)?;
-            bus.delete_cursor(&name)?;
-            bus.close();
+            log.delete_cursor(&name)?;
             out.record(&serde_json::json!({ "deleted": name }))?;
         }
     }

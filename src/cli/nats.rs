@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::error::{CliError, Result};
 use super::output::Out;
-use super::{Command, publish, replay};
+use super::{Command, cursors, publish, replay};
 
 /// Which cluster and stream.
 pub(crate) struct Target {
@@ -66,7 +66,12 @@ pub(crate) fn run(target: &Target, command: Command, out: &mut Out) -> Result {
         )),
         Command::Check => not_yet("check"),
         Command::Retain(_) => not_yet("retain"),
-        Command::Cursors(_) => not_yet("cursors"),
+        Command::Cursors(cmd) => {
+            let bus = target.open()?;
+            let r = cursors::run_log(&bus, cmd, out);
+            bus.close();
+            r
+        }
         Command::Webhooks(_) => not_yet("webhooks"),
         Command::Deliveries(_) => not_yet("deliveries"),
         Command::Deliver(_) => not_yet("deliver"),

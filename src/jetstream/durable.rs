@@ -41,12 +41,17 @@ use crate::filter::Filter;
 use crate::sync::Mutex;
 
 /// The consumer a subscription name is written as.
-fn consumer_name(name: &str) -> String {
+pub(super) fn consumer_name(name: &str) -> String {
     name.replace('.', "~")
 }
 
+/// The subscription name a consumer is written for.
+pub(super) fn subscription_name(consumer: &str) -> String {
+    consumer.replace('~', ".")
+}
+
 /// The stream of dead letters of `stream`.
-fn dead_stream(stream: &str) -> String {
+pub(super) fn dead_stream(stream: &str) -> String {
     format!("{stream}_dead")
 }
 
@@ -157,6 +162,11 @@ impl JetStreamBus {
                             // ctrlbus dead-letters at `max_deliveries`
                             // itself; the server's limit stays above it.
                             max_deliver: i64::from(opts.max_deliveries) + 1,
+                            metadata: [(
+                                super::cursors::FILTER_KEY.to_owned(),
+                                serde_json::to_string(&filter).unwrap_or_default(),
+                            )]
+                            .into(),
                             ..Default::default()
                         },
                     )
@@ -322,29 +332,39 @@ impl JetStreamBus {
             stream
                 .consumer_info(cname)
                 .await
-                .map(|info| info.ack_floor.stream_sequence)
+                .map(|info| super::cursors::handled_seq(&info))
                 .map_err(|e| e.to_string())
         })
     }
 
-    /// Deletes the durable subscription `name` (its consumer).
+    /// Deletes the durable subscription `name`: its consumer and its dead
+    /// letters.
     ///
     /// # Errors
     /// [`CursorError::InvalidName`], [`CursorError::Unknown`],
     /// [`CursorError::Storage`].
     pub fn delete_cursor(&self, name: &str) -> Result<(), CursorError> {
+        let dead = dead_stream(&self.inner.stream);
+        let js = self.inner.js().clone();
         self.on_consumer(name, |stream, cname| async move {
             stream
                 .delete_consumer(&cname)
                 .await
-                .map(drop)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            if let Ok(dead_letters) = js.get_stream(&dead).await {
+                dead_letters
+                    .purge()
+                    .filter(format!("{dead}.{cname}"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
         })
     }
 
     /// Runs `op` on the consumer of the subscription `name`; a server's
     /// "not found" is [`CursorError::Unknown`].
-    fn on_consumer<T, F, Fut>(&self, name: &str, op: F) -> Result<T, CursorError>
+    pub(super) fn on_consumer<T, F, Fut>(&self, name: &str, op: F) -> Result<T, CursorError>
     where
         F: FnOnce(jetstream::stream::Stream, String) -> Fut,
         Fut: std::future::Future<Output = Result<T, String>>,

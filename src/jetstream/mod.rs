@@ -35,6 +35,7 @@
 //! seeking, and `durable_stream` are not on this backend yet; the command line runs publish, replay, tail and
 //! stats on it (`--nats`).
 
+mod cursors;
 mod durable;
 mod subject;
 
