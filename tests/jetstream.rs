@@ -438,7 +438,7 @@ fn the_command_line_runs_on_the_cluster_with_nats() {
     let out = run(&["compact"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not apply"));
-    let out = run(&["cursors", "list"], None);
+    let out = run(&["check"], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not available with --nats yet"));
     // The events are the same as the library reads.
@@ -446,6 +446,40 @@ fn the_command_line_runs_on_the_cluster_with_nats() {
         .stream("cli")
         .connect(&cluster.urls())
         .unwrap();
+    // Cursors: a library subscription, listed, moved and deleted.
+    let sub = bus
+        .subscribe_durable(
+            "billing",
+            Filter::types(["deploy.*"]).unwrap(),
+            Position::Beginning,
+            |_: &Event| -> Result<(), ctrlbus::HandlerError> { Ok(()) },
+        )
+        .unwrap();
+    common::wait_until("billing caught up", || {
+        bus.cursor_position("billing").unwrap() == 4
+    });
+    drop(sub);
+    let cursors = ok(&["cursors", "list"], None);
+    assert_eq!(cursors.len(), 1, "{cursors:?}");
+    assert_eq!(cursors[0]["name"], "billing");
+    assert_eq!(cursors[0]["delivered_seq"], 4);
+    assert_eq!(cursors[0]["filter"]["types"][0], "deploy.*");
+    common::wait_until("billing idle", || {
+        ok(&["cursors", "show", "billing"], None)[0]["state"] == "idle"
+    });
+    let moved = ok(&["cursors", "seek", "billing", "--to-seq", "2"], None);
+    assert_eq!(
+        (moved[0]["delivered_seq"].as_u64(), moved[0]["lag"].as_u64()),
+        (Some(1), Some(3))
+    );
+    let out = run(&["cursors", "show", "nope"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown cursor"));
+    assert_eq!(
+        ok(&["cursors", "delete", "billing"], None)[0]["deleted"],
+        "billing"
+    );
+    assert!(ok(&["cursors", "list"], None).is_empty());
     let lib: Vec<String> = bus
         .read(Position::Beginning, &Filter::all())
         .unwrap()
@@ -526,5 +560,76 @@ fn publish_async_from_200_tasks_gives_distinct_contiguous_seqs_after_local_subsc
         bus.last_seq().unwrap(),
         220,
         "200, then the stream's 20; nothing refused"
+    );
+}
+
+/// Kill -9 of the publishing process: `ctrlbus --nats … bench publish
+/// --acks FILE` (8 publishers, each id appended to FILE once its publish
+/// returned) is SIGKILLed mid-run. Every acknowledged id is in the stream,
+/// each once, and the stream's seqs are contiguous.
+#[cfg(feature = "cli")]
+#[test]
+fn killing_the_publishing_process_loses_nothing_acknowledged() {
+    let Some(cluster) = Cluster::start(3) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let acks = dir.path().join("acked.txt");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ctrlbus"))
+        .env_remove("CTRLBUS_DB")
+        .args([
+            "--nats",
+            &cluster.urls(),
+            "--stream",
+            "killed",
+            "bench",
+            "publish",
+        ])
+        .args(["--events", "1000000", "--publishers", "8", "--threads", "8"])
+        .arg("--acks")
+        .arg(&acks)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let acked_lines = || {
+        std::fs::read_to_string(&acks)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    common::wait_until("500 publishes acknowledged", || acked_lines() >= 500);
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed before it finished");
+    // Only whole lines count: the last write may have been cut.
+    let text = std::fs::read_to_string(&acks).unwrap();
+    let acked: Vec<EventId> = text
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert!(acked.len() >= 500);
+    let bus = connect(&cluster, "killed");
+    let mut seqs = Vec::new();
+    let mut ids = std::collections::HashMap::new();
+    for entry in bus.read(Position::Beginning, &Filter::all()).unwrap() {
+        let entry = entry.unwrap();
+        seqs.push(entry.seq);
+        assert!(
+            ids.insert(entry.event.id, entry.seq).is_none(),
+            "an id stored twice"
+        );
+    }
+    let n = seqs.len() as u64;
+    assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "contiguous seqs");
+    let lost: Vec<_> = acked.iter().filter(|id| !ids.contains_key(id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged events lost: {lost:?}",
+        lost.len()
+    );
+    println!(
+        "{} acknowledged, {n} stored (the rest were in flight)",
+        acked.len()
     );
 }

@@ -88,8 +88,71 @@ fn private_options() -> OpenOptions {
     o
 }
 
-/// Runs a `bench` subcommand.
+/// Runs a `bench` subcommand on the file at `db`.
 pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
+    let bus = open::writable(db, true)?;
+    let r = run_on(&bus, cmd, out);
+    bus.close();
+    r
+}
+
+/// A log that takes a publish now and acknowledges it later, so that one
+/// thread keeps several in flight.
+pub(crate) trait Submit: Sync {
+    /// The `system` field of the report.
+    const SYSTEM: &'static str;
+    /// A publish in flight.
+    type Pending;
+    /// Starts publishing `event`.
+    fn submit(&self, event: Event) -> Result<Self::Pending>;
+    /// Waits for the receipt of a publish in flight.
+    fn wait(&self, pending: Self::Pending) -> Result<ctrlbus::Receipt>;
+}
+
+impl Submit for ctrlbus::DurableBus {
+    const SYSTEM: &'static str = "ctrlbus";
+    type Pending = ctrlbus::PendingPublish;
+    fn submit(&self, event: Event) -> Result<Self::Pending> {
+        Ok(ctrlbus::DurableBus::submit(self, event)?)
+    }
+    fn wait(&self, pending: Self::Pending) -> Result<ctrlbus::Receipt> {
+        Ok(pending.wait()?)
+    }
+}
+
+impl Submit for ctrlbus::JetStreamBus {
+    const SYSTEM: &'static str = "ctrlbus-jetstream";
+    type Pending = ctrlbus::stream::PublishFuture;
+    fn submit(&self, event: Event) -> Result<Self::Pending> {
+        Ok(self.publish_async(event))
+    }
+    fn wait(&self, pending: Self::Pending) -> Result<ctrlbus::Receipt> {
+        Ok(block_on(pending)?)
+    }
+}
+
+/// Runs `future` to its end on this thread (it is completed by the bus's
+/// own runtime; this thread only sleeps until woken).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// Runs a `bench` subcommand on any log that takes publishes in flight.
+pub(crate) fn run_on<B: Submit>(bus: &B, cmd: Command, out: &mut Out) -> Result {
     let Command::Publish(args) = cmd;
     let acks = match &args.acks {
         Some(p) => Some(Mutex::new(
@@ -101,7 +164,6 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
         )),
         None => None,
     };
-    let bus = open::writable(db, true)?;
     // `{"data":"xx…"}` of about B bytes of compact JSON.
     let mut payload = Map::new();
     payload.insert(
@@ -114,7 +176,7 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
     let results: Vec<Result<Vec<u32>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
-                let (bus, payload, acks) = (&bus, &payload, acks.as_ref());
+                let (payload, acks) = (&payload, acks.as_ref());
                 let (count, window) = (share(args.events, i), share(args.publishers, i));
                 s.spawn(move || publisher(bus, count, window as usize, payload, acks))
             })
@@ -128,7 +190,6 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
             .collect()
     });
     let elapsed = start.elapsed();
-    bus.close();
     let mut latencies = Vec::with_capacity(args.events as usize);
     for r in results {
         latencies.extend(r?);
@@ -145,7 +206,7 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
     };
     let secs = elapsed.as_secs_f64().max(1e-9);
     out.record(&Report {
-        system: "ctrlbus",
+        system: B::SYSTEM,
         publishers: args.publishers,
         events: args.events,
         payload_bytes: args.payload_bytes,
@@ -162,8 +223,8 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
 /// One thread of `window` publishers: `count` publishes, at most `window`
 /// in flight, each timed from submit to acknowledgement; returns latencies
 /// in µs.
-fn publisher(
-    bus: &ctrlbus::DurableBus,
+fn publisher<B: Submit>(
+    bus: &B,
     count: u64,
     window: usize,
     payload: &Map<String, Value>,
@@ -184,7 +245,7 @@ fn publisher(
         let Some((t0, pending)) = in_flight.pop_front() else {
             break;
         };
-        let receipt = pending.wait()?;
+        let receipt = bus.wait(pending)?;
         latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
         if let Some(acks) = acks {
             use std::fmt::Write as _;

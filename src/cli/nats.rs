@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::error::{CliError, Result};
 use super::output::Out;
-use super::{Command, cursors, publish, replay};
+use super::{Command, bench, cursors, publish, replay};
 
 /// Which cluster and stream.
 pub(crate) struct Target {
@@ -75,7 +75,12 @@ pub(crate) fn run(target: &Target, command: Command, out: &mut Out) -> Result {
         Command::Webhooks(_) => not_yet("webhooks"),
         Command::Deliveries(_) => not_yet("deliveries"),
         Command::Deliver(_) => not_yet("deliver"),
-        Command::Bench(_) => not_yet("bench"),
+        Command::Bench(cmd) => {
+            let bus = target.open()?;
+            let r = bench::run_on(&bus, cmd, out);
+            bus.close();
+            r
+        }
         Command::Demo(_) => not_yet("demo"),
         Command::Completions { shell } => super::completions(shell, out),
     }
