@@ -97,13 +97,14 @@ pub use id::{DeliveryId, EventId, InstanceId, WebhookId};
 #[cfg(feature = "jetstream")]
 pub use jetstream::{
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_PUBLISH_DEADLINE, JetStreamBus, JetStreamBusBuilder,
-    JetStreamReader, JetStreamSubscription,
+    JetStreamDeliveryWorker, JetStreamReader, JetStreamSubscription, JetStreamWebhooks,
 };
 pub use limits::{MAX_ACTOR_LEN, MAX_JSON_DEPTH, MAX_TENANT_LEN};
 pub use log::EventLog;
 pub use memory::{DEFAULT_HISTORY, InMemoryBus};
 pub use time::{TimeError, parse_duration, parse_time, parse_time_at};
 pub use webhook::{
-    CreatedWebhook, DeliveryAttempt, DeliveryOptions, DeliveryQuery, DeliveryStatus,
-    DeliveryWorker, NewWebhook, Secret, Webhook, WebhookDelivery, WebhookUpdate, Webhooks,
+    CreatedWebhook, Deliverer, DeliveryAttempt, DeliveryOptions, DeliveryQuery, DeliveryStatus,
+    DeliveryWorker, NewWebhook, Secret, Webhook, WebhookDelivery, WebhookRegistry, WebhookUpdate,
+    Webhooks,
 };

@@ -12,9 +12,12 @@
 
 use crate::bus::{Bus, Handler, Receipt};
 use crate::durable::{CursorInfo, DeadLetter, LogEntry, Position};
-use crate::error::{CursorError, PublishError, ReadError, StorageError, SubscribeError};
+use crate::error::{
+    CursorError, DeliveryError, PublishError, ReadError, StorageError, SubscribeError,
+};
 use crate::event::Event;
 use crate::filter::Filter;
+use crate::webhook::{Deliverer, DeliveryOptions, WebhookRegistry};
 
 /// A durable, ordered event log with a bus on top (G1–G7, G9–G11).
 pub trait EventLog: Bus {
@@ -107,6 +110,23 @@ pub trait EventLog: Bus {
     /// `JetStreamBus`, in any process); [`CursorError::UnknownEvent`];
     /// [`CursorError::Storage`]. Nothing is changed on error.
     fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError>;
+
+    /// The webhook registry [`EventLog::webhook_registry`] gives.
+    type Webhooks: WebhookRegistry;
+
+    /// The log's webhook registry.
+    fn webhook_registry(&self) -> Self::Webhooks;
+
+    /// The delivery worker [`EventLog::start_delivery`] starts.
+    type DeliveryWorker: Deliverer;
+
+    /// Starts delivering the log's webhook deliveries.
+    ///
+    /// # Errors
+    /// [`DeliveryError::InvalidOptions`], [`DeliveryError::Closed`],
+    /// [`DeliveryError::AlreadyRunning`] (on `DurableBus`, one per bus),
+    /// [`DeliveryError::Storage`], [`DeliveryError::Io`].
+    fn start_delivery(&self, opts: DeliveryOptions) -> Result<Self::DeliveryWorker, DeliveryError>;
 }
 
 /// A boxed handler as a handler.
@@ -168,6 +188,18 @@ impl EventLog for crate::DurableBus {
     fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError> {
         crate::DurableBus::seek(self, name, position)
     }
+
+    type Webhooks = crate::Webhooks;
+
+    fn webhook_registry(&self) -> Self::Webhooks {
+        crate::DurableBus::webhooks(self)
+    }
+
+    type DeliveryWorker = crate::DeliveryWorker;
+
+    fn start_delivery(&self, opts: DeliveryOptions) -> Result<Self::DeliveryWorker, DeliveryError> {
+        crate::DeliveryWorker::start(self.clone(), opts)
+    }
 }
 
 #[cfg(feature = "jetstream")]
@@ -220,5 +252,17 @@ impl EventLog for crate::JetStreamBus {
 
     fn seek(&self, name: &str, position: Position) -> Result<CursorInfo, CursorError> {
         crate::JetStreamBus::seek(self, name, position)
+    }
+
+    type Webhooks = crate::JetStreamWebhooks;
+
+    fn webhook_registry(&self) -> Self::Webhooks {
+        crate::JetStreamBus::webhooks(self)
+    }
+
+    type DeliveryWorker = crate::JetStreamDeliveryWorker;
+
+    fn start_delivery(&self, opts: DeliveryOptions) -> Result<Self::DeliveryWorker, DeliveryError> {
+        crate::JetStreamDeliveryWorker::start(self.clone(), opts)
     }
 }

@@ -8,8 +8,11 @@
 //! (read from a time; append time never decreases), G9 (tenant filters),
 //! G10 (bad input refused, nothing written), G11 (what is read publishes
 //! again, as a duplicate), G5 (durable subscriptions: order, resume, dead
-//! letters), and the cursors: list, show, seek to a `seq`, a time and the
-//! end, delete.
+//! letters), the cursors (list, show, seek to a `seq`, a time and the end,
+//! delete), and webhooks (G8, G9): one signed delivery per matching event
+//! after the webhook's creation, tenants kept apart, retries on the
+//! schedule with the attempt log, 410 Gone disabling, manual retry,
+//! deletion keeping the records.
 
 mod common;
 
@@ -17,8 +20,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::receiver::Receiver;
+use ctrlbus::webhook::DEFAULT_TOLERANCE;
 use ctrlbus::{
-    CursorError, CursorState, Event, EventId, EventLog, Filter, HandlerError, Position, Type,
+    CursorError, CursorState, Deliverer, DeliveryOptions, DeliveryQuery, DeliveryStatus, Event,
+    EventId, EventLog, Filter, HandlerError, NewWebhook, Position, Type, WebhookError,
+    WebhookRegistry,
 };
 
 fn event(tenant: &str, ty: Type, i: u64) -> Event {
@@ -413,6 +420,143 @@ fn cursors_list_show_and_seek<L: EventLog>(log: &L) {
     assert!(matches!(log.cursor("audit"), Err(CursorError::Unknown(_))));
 }
 
+/// Webhooks (G8, G9): an event appended before a webhook was created never
+/// reaches it; every matching event after it gets exactly one delivery,
+/// signed with its secret, of its own tenant only; a failed attempt is
+/// retried on the schedule and logged; 410 Gone disables the webhook;
+/// a manual retry attempts once more; deleting keeps the records.
+fn webhooks_deliver_once_signed_and_retry<L: EventLog>(log: &L) {
+    // /acme: the first request for each event fails with 500; /beta: 410.
+    let seen = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let s = seen.clone();
+    let rx = Receiver::start(Arc::new(move |_, got| {
+        if got.path.ends_with("/beta") {
+            return (410, vec![]);
+        }
+        let first = s.lock().unwrap().insert(got.headers["webhook-id"].clone());
+        (if first { 500 } else { 200 }, vec![])
+    }));
+    let before = event("acme", Type::DEPLOY_STARTED, 0);
+    log.publish(before.clone()).unwrap();
+    let hooks = log.webhook_registry().allow_private_targets(true);
+    let new = |tenant: &str, path: &str, events: &[&str]| NewWebhook {
+        tenant_id: tenant.into(),
+        url: format!("{}{path}", rx.url),
+        events: events.iter().map(|e| (*e).to_owned()).collect(),
+        secret: None,
+    };
+    let acme = hooks.create(new("acme", "/acme", &["deploy.*"])).unwrap();
+    let beta = hooks.create(new("beta", "/beta", &[])).unwrap();
+    let shown = serde_json::to_string(&acme.webhook).unwrap();
+    assert!(
+        !shown.contains(acme.secret.expose()),
+        "no secret in {shown}"
+    );
+    assert!(matches!(
+        log.webhook_registry()
+            .create(new("acme", "/x", &["deploy.*"])),
+        Err(WebhookError::Url(_))
+    ));
+    let a1 = event("acme", Type::DEPLOY_STARTED, 1);
+    let a2 = event("acme", Type::DEPLOY_FAILED, 2);
+    for e in [
+        a1.clone(),
+        event("acme", Type::HEALTH_PASSED, 3), // not a deploy
+        a2.clone(),
+        event("beta", Type::DEPLOY_STARTED, 4),
+    ] {
+        log.publish(e).unwrap();
+    }
+    let worker = log
+        .start_delivery(DeliveryOptions {
+            workers: 2,
+            retry_schedule: vec![Duration::from_millis(100); 2],
+            jitter: 0.0,
+            allow_private_targets: true,
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(worker.wait_idle(Some(Duration::from_secs(30))), "idle");
+
+    let of = |id| {
+        hooks
+            .deliveries(&DeliveryQuery {
+                webhook_id: Some(id),
+                ..Default::default()
+            })
+            .unwrap()
+    };
+    let acme_d = of(acme.webhook.id);
+    assert_eq!(
+        acme_d.iter().map(|d| d.event_id).collect::<Vec<_>>(),
+        [a1.id, a2.id],
+        "one delivery per matching event after creation, in log order"
+    );
+    for d in &acme_d {
+        assert_eq!(
+            (d.status, d.attempts, d.status_code),
+            (DeliveryStatus::Succeeded, 2, 200)
+        );
+        let attempts = hooks.attempts(d.id).unwrap();
+        assert_eq!(
+            attempts.iter().map(|a| a.status_code).collect::<Vec<_>>(),
+            [500, 200]
+        );
+        assert!(attempts[1].at >= attempts[0].at);
+    }
+    let got = rx.got();
+    assert!(
+        got.iter()
+            .all(|g| g.headers["webhook-id"] != before.id.to_string()),
+        "the event before the webhook was never sent"
+    );
+    for g in got.iter().filter(|g| g.path.ends_with("/acme")) {
+        ctrlbus::webhook::verify(&acme.secret, &g.headers, &g.body, DEFAULT_TOLERANCE)
+            .expect("signed with the webhook's secret");
+        let sent = Event::from_json(&g.body).unwrap();
+        assert_eq!(sent.tenant_id, "acme", "tenants kept apart");
+    }
+    assert_eq!(got.len(), 5, "4 acme attempts + 1 to beta: {got:?}");
+    // 410 Gone: beta's one delivery failed, its webhook disabled.
+    let beta_d = of(beta.webhook.id);
+    assert_eq!(beta_d.len(), 1);
+    assert_eq!(
+        (beta_d[0].status, beta_d[0].attempts),
+        (DeliveryStatus::Failed, 1)
+    );
+    let beta_now = hooks.get(beta.webhook.id).unwrap();
+    assert!(!beta_now.active);
+    assert!(beta_now.disabled_reason.unwrap().contains("410"));
+    assert!(matches!(
+        hooks.retry(beta_d[0].id),
+        Err(WebhookError::Inactive(_))
+    ));
+    // A manual retry: one more attempt, succeeded again.
+    let again = hooks.retry(acme_d[0].id).unwrap();
+    assert_eq!(again.status, DeliveryStatus::Pending);
+    assert!(
+        worker.wait_idle(Some(Duration::from_secs(30))),
+        "idle again"
+    );
+    let d = hooks.delivery(acme_d[0].id).unwrap();
+    assert_eq!((d.status, d.attempts), (DeliveryStatus::Succeeded, 3));
+    worker.stop();
+    // Deleted: gone from the registry, its records kept.
+    hooks.delete(acme.webhook.id).unwrap();
+    assert!(matches!(
+        hooks.get(acme.webhook.id),
+        Err(WebhookError::UnknownWebhook(_))
+    ));
+    assert_eq!(hooks.list(None).unwrap().len(), 1);
+    assert_eq!(hooks.list(Some("acme")).unwrap().len(), 0);
+    assert_eq!(of(acme.webhook.id).len(), 2);
+    assert!(matches!(
+        hooks.delivery(ctrlbus::DeliveryId::new()),
+        Err(WebhookError::UnknownDelivery(_))
+    ));
+}
+
 /// Every check, each on a fresh log from `make(name)`.
 fn run_all<L: EventLog + Clone + Send + 'static>(make: impl Fn(&str) -> L) {
     seqs_are_contiguous_and_ids_idempotent(&make("ids"));
@@ -422,6 +566,7 @@ fn run_all<L: EventLog + Clone + Send + 'static>(make: impl Fn(&str) -> L) {
     bad_input_is_refused_and_what_is_read_publishes_again(&make("input"));
     durable_subscriptions_resume_and_dead_letter(&make("durable"));
     cursors_list_show_and_seek(&make("cursors"));
+    webhooks_deliver_once_signed_and_retry(&make("webhooks"));
 }
 
 #[test]

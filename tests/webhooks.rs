@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,71 +12,7 @@ use ctrlbus::{
     NewWebhook, ReadOnlyLog, Secret, Type, WebhookError, WebhookId, WebhookUpdate,
 };
 
-/// One request the receiver got.
-#[derive(Clone, Debug)]
-struct Got {
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-    at: Instant,
-}
-
-type Script = Arc<dyn Fn(usize, &Got) -> (u16, Vec<(String, String)>) + Send + Sync>;
-
-/// A tiny HTTP receiver that answers per a script (request number from 0).
-struct Receiver {
-    url: String,
-    got: Arc<Mutex<Vec<Got>>>,
-    _server: Arc<tiny_http::Server>,
-}
-
-impl Receiver {
-    fn start(script: Script) -> Receiver {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-        let port = server.server_addr().to_ip().unwrap().port();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let count = Arc::new(AtomicUsize::new(0));
-        for _ in 0..4 {
-            let (server, got, count, script) =
-                (server.clone(), got.clone(), count.clone(), script.clone());
-            std::thread::spawn(move || {
-                while let Ok(mut req) = server.recv() {
-                    let mut body = Vec::new();
-                    std::io::Read::read_to_end(req.as_reader(), &mut body).unwrap();
-                    let headers = common::headers(&req);
-                    let g = Got {
-                        headers,
-                        body,
-                        at: Instant::now(),
-                    };
-                    let n = count.fetch_add(1, Ordering::SeqCst);
-                    let (status, extra) = script(n, &g);
-                    got.lock().unwrap().push(g);
-                    let mut resp = tiny_http::Response::from_string(format!("answer {n}"))
-                        .with_status_code(status);
-                    for (k, v) in extra {
-                        resp.add_header(
-                            tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap(),
-                        );
-                    }
-                    let _ = req.respond(resp);
-                }
-            });
-        }
-        Receiver {
-            url: format!("http://127.0.0.1:{port}/hook"),
-            got,
-            _server: server,
-        }
-    }
-
-    fn ok() -> Receiver {
-        Receiver::start(Arc::new(|_, _| (200, vec![])))
-    }
-
-    fn got(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-}
+use common::receiver::Receiver;
 
 fn open() -> (tempfile::TempDir, DurableBus) {
     let dir = tempfile::tempdir().unwrap();

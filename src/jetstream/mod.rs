@@ -36,10 +36,14 @@
 //! stats on it (`--nats`).
 
 mod cursors;
+mod delivery;
 mod durable;
 mod subject;
+mod webhooks;
 
+pub use delivery::JetStreamDeliveryWorker;
 pub use durable::JetStreamSubscription;
+pub use webhooks::JetStreamWebhooks;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -229,6 +233,7 @@ impl JetStreamBusBuilder {
                 subs: Arc::new(LiveSubs::default()),
                 last_seq: AtomicU64::new(last),
                 replicas,
+                webhook_stores: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -254,6 +259,8 @@ struct Inner {
     last_seq: AtomicU64,
     /// The stream's replicas (the dead letters' stream gets as many).
     replicas: usize,
+    /// The webhook registry's buckets and the jobs stream, once opened.
+    webhook_stores: std::sync::OnceLock<webhooks::Stores>,
 }
 
 impl Inner {

@@ -17,12 +17,14 @@
 //!
 //! [Standard Webhooks]: https://www.standardwebhooks.com
 
+pub(crate) mod contract;
 pub(crate) mod dispatch;
 pub(crate) mod signing;
 pub(crate) mod store;
 pub(crate) mod url_policy;
 pub(crate) mod worker;
 
+pub use contract::{Deliverer, WebhookRegistry};
 pub use signing::{
     DEFAULT_TOLERANCE, GENERATED_SECRET_LEN, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
     Headers, MAX_SECRET_LEN, MIN_SECRET_LEN, SECRET_PREFIX, Secret, sign, signature_header, verify,

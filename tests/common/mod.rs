@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 pub mod backend;
 pub mod nats;
+pub mod receiver;
 
 use ctrlbus::{Event, EventId, HandlerError};
 

@@ -66,7 +66,7 @@ impl ureq::unversioned::resolver::Resolver for PolicyResolver {
 }
 
 /// Makes one HTTP attempt.
-pub(super) fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
+pub(crate) fn attempt(agent: &ureq::Agent, job: &Job) -> Outcome {
     let _span = tracing::debug_span!(
         "delivery",
         delivery = %crate::DeliveryId::from_bytes(job.delivery),

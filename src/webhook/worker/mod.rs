@@ -51,9 +51,11 @@ use crate::sync::{Condvar, Mutex, PoisonDart};
 mod http;
 mod scheduler;
 
-pub(crate) use http::http_agent;
-use http::*;
+#[cfg(test)]
+use http::parse_retry_after;
+pub(crate) use http::{attempt, http_agent};
 use scheduler::*;
+pub(crate) use scheduler::{humanize, jittered};
 
 /// How much of a response body is kept in the attempt log.
 pub const RESPONSE_LOG_BYTES: usize = 1024;
@@ -111,8 +113,28 @@ pub struct DeliveryOptions {
 }
 
 impl DeliveryOptions {
+    /// Refuses unusable options (both backends' workers check them).
+    pub(crate) fn validate(&self) -> Result<(), DeliveryError> {
+        if self.workers == 0 {
+            return Err(DeliveryError::InvalidOptions(
+                "workers must be at least 1".into(),
+            ));
+        }
+        if self.timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(DeliveryError::InvalidOptions(
+                "timeouts must be positive".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return Err(DeliveryError::InvalidOptions(
+                "jitter must be in [0, 1)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The per-webhook cap in force.
-    fn per_webhook(&self) -> usize {
+    pub(crate) fn per_webhook(&self) -> usize {
         match self.max_in_flight_per_webhook {
             0 => (self.workers / 2).max(1),
             n => n,
@@ -137,28 +159,28 @@ impl Default for DeliveryOptions {
 }
 
 /// One attempt to make.
-struct Job {
-    delivery: [u8; 16],
-    hook: [u8; 16],
-    url: String,
-    event_id: String,
-    body: Arc<Vec<u8>>,
-    secrets: Vec<super::signing::Secret>,
+pub(crate) struct Job {
+    pub(crate) delivery: [u8; 16],
+    pub(crate) hook: [u8; 16],
+    pub(crate) url: String,
+    pub(crate) event_id: String,
+    pub(crate) body: Arc<Vec<u8>>,
+    pub(crate) secrets: Vec<super::signing::Secret>,
 }
 
 /// What an attempt gave.
-struct Outcome {
-    delivery: [u8; 16],
-    hook: [u8; 16],
-    at_ns: i64,
-    duration: Duration,
-    status_code: u16,
-    success: bool,
-    error: String,
-    response: String,
-    retry_after: Option<Duration>,
+pub(crate) struct Outcome {
+    pub(crate) delivery: [u8; 16],
+    pub(crate) hook: [u8; 16],
+    pub(crate) at_ns: i64,
+    pub(crate) duration: Duration,
+    pub(crate) status_code: u16,
+    pub(crate) success: bool,
+    pub(crate) error: String,
+    pub(crate) response: String,
+    pub(crate) retry_after: Option<Duration>,
     /// Not attempted (shutting down): release the claim.
-    released: bool,
+    pub(crate) released: bool,
 }
 
 impl Outcome {
@@ -241,21 +263,7 @@ impl DeliveryWorker {
     /// [`DeliveryError::AlreadyRunning`], [`DeliveryError::InvalidOptions`],
     /// [`DeliveryError::Closed`], [`DeliveryError::Io`].
     pub fn start(bus: DurableBus, opts: DeliveryOptions) -> Result<DeliveryWorker, DeliveryError> {
-        if opts.workers == 0 {
-            return Err(DeliveryError::InvalidOptions(
-                "workers must be at least 1".into(),
-            ));
-        }
-        if opts.timeout.is_zero() || opts.connect_timeout.is_zero() {
-            return Err(DeliveryError::InvalidOptions(
-                "timeouts must be positive".into(),
-            ));
-        }
-        if !(0.0..1.0).contains(&opts.jitter) {
-            return Err(DeliveryError::InvalidOptions(
-                "jitter must be in [0, 1)".into(),
-            ));
-        }
+        opts.validate()?;
         let shared = bus.shared().clone();
         if shared.closed.load(Ordering::Acquire) {
             return Err(DeliveryError::Closed);

@@ -5,7 +5,7 @@
 use super::*;
 use crate::webhook::store::{Next, transition};
 
-pub(super) fn jittered(d: Duration, jitter: f64) -> Duration {
+pub(crate) fn jittered(d: Duration, jitter: f64) -> Duration {
     if jitter <= 0.0 {
         return d;
     }
@@ -452,7 +452,7 @@ pub(super) fn record(
     Ok(())
 }
 
-pub(super) fn humanize(d: Duration) -> String {
+pub(crate) fn humanize(d: Duration) -> String {
     let s = d.as_secs();
     if s >= 86400 && s.is_multiple_of(86400) {
         format!("{}d", s / 86400)
