@@ -565,7 +565,7 @@ fn publish_async_from_200_tasks_gives_distinct_contiguous_seqs_after_local_subsc
 
 /// Kill -9 of the publishing process: `ctrlbus --nats … bench publish
 /// --acks FILE` (8 publishers, each id appended to FILE once its publish
-/// returned) is SIGKILLed mid-run. Every acknowledged id is in the stream,
+/// returned) is killed with SIGKILL mid-run. Every acknowledged id is in the stream,
 /// each once, and the stream's seqs are contiguous.
 #[cfg(feature = "cli")]
 #[test]
@@ -592,11 +592,7 @@ fn killing_the_publishing_process_loses_nothing_acknowledged() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let acked_lines = || {
-        std::fs::read_to_string(&acks)
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    };
+    let acked_lines = || std::fs::read_to_string(&acks).map_or(0, |s| s.lines().count());
     common::wait_until("500 publishes acknowledged", || acked_lines() >= 500);
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
@@ -632,4 +628,208 @@ fn killing_the_publishing_process_loses_nothing_acknowledged() {
         "{} acknowledged, {n} stored (the rest were in flight)",
         acked.len()
     );
+}
+
+/// Webhooks from the command line on the cluster, and kill -9 of a
+/// delivery process mid-delivery: `deliver` process A hangs in an attempt
+/// (the receiver holds event 3's first request) and killed with SIGKILL; two
+/// `deliver --until-idle` processes, B and C, then share the rest. Every
+/// delivery succeeds; every event reaches its own tenant's URL, signed with
+/// that webhook's secret, at least once; event 3 and at most one other
+/// attempt A had in flight are made again, and nothing else is.
+#[cfg(feature = "cli")]
+#[test]
+fn killing_a_delivery_process_mid_delivery_leaves_the_rest_to_the_others() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let Some(cluster) = Cluster::start(3) else {
+        return;
+    };
+    let hang = Arc::new(AtomicBool::new(true));
+    let hanging = Arc::new(AtomicBool::new(false));
+    let (in_flight, max_in_flight) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (hold, held, now_in, most) = (
+        hang.clone(),
+        hanging.clone(),
+        in_flight.clone(),
+        max_in_flight.clone(),
+    );
+    let rx = common::receiver::Receiver::start(Arc::new(move |_, got| {
+        let now = now_in.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(now, Ordering::SeqCst);
+        let event = Event::from_json(&got.body).unwrap();
+        if event.payload["i"] == 3 && hold.load(Ordering::SeqCst) {
+            held.store(true, Ordering::SeqCst);
+            while hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        now_in.fetch_sub(1, Ordering::SeqCst);
+        (200, vec![])
+    }));
+    let bin = env!("CARGO_BIN_EXE_ctrlbus");
+    let ctrlbus = |args: &[&str]| {
+        let mut c = std::process::Command::new(bin);
+        c.env_remove("CTRLBUS_DB")
+            .args(["--nats", &cluster.urls(), "--stream", "hooks"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let json = |out: std::process::Output| -> Vec<serde_json::Value> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let mut secrets = std::collections::HashMap::new();
+    for tenant in ["a", "b"] {
+        let url = format!("{}/{tenant}", rx.url);
+        let added = json(
+            ctrlbus(&["webhooks", "add", "--tenant", tenant, "--url", &url])
+                .arg("--allow-private-targets")
+                .output()
+                .unwrap(),
+        );
+        secrets.insert(tenant, added[0]["secret"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        json(ctrlbus(&["webhooks", "list"]).output().unwrap()).len(),
+        2
+    );
+    let listed = json(
+        ctrlbus(&["webhooks", "list", "--tenant", "a"])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        listed[0].get("secret").is_none(),
+        "a listing shows no secret"
+    );
+    let bus = connect(&cluster, "hooks");
+    for i in 0..20 {
+        bus.publish(event(["a", "b"][i as usize % 2], Type::DEPLOY_STARTED, i))
+            .unwrap();
+    }
+    let deliver = |extra: &[&str]| {
+        ctrlbus(&["deliver", "--allow-private-targets", "--timeout", "2s"])
+            .args(extra)
+            .spawn()
+            .unwrap()
+    };
+    let mut first = deliver(&["--workers", "2"]);
+    let hooks = bus.webhooks();
+    common::wait_until("A mid-delivery, every delivery created", || {
+        hanging.load(Ordering::SeqCst)
+            && hooks
+                .deliveries(&ctrlbus::DeliveryQuery::default())
+                .unwrap()
+                .len()
+                == 20
+    });
+    first.kill().unwrap(); // SIGKILL, mid-attempt
+    let killed_at = std::time::Instant::now();
+    first.wait().unwrap();
+    hang.store(false, Ordering::SeqCst);
+    max_in_flight.store(0, Ordering::SeqCst);
+    let others = [
+        deliver(&["--workers", "1", "--until-idle"]),
+        deliver(&["--workers", "1", "--until-idle"]),
+    ];
+    for p in others {
+        let summary = json(p.wait_with_output().unwrap());
+        assert_eq!(summary[0]["stopped_by"], "idle");
+        assert_eq!(
+            (
+                summary[0]["pending"].as_u64(),
+                summary[0]["failed"].as_u64()
+            ),
+            (Some(0), Some(0))
+        );
+        assert_eq!(summary[0]["succeeded"], 20);
+    }
+    let got = rx.got();
+    let mut per_event = std::collections::HashMap::<String, usize>::new();
+    for g in &got {
+        let event = Event::from_json(&g.body).unwrap();
+        assert!(
+            g.path.ends_with(&format!("/{}", event.tenant_id)),
+            "misrouted: {}",
+            g.path
+        );
+        let secret = ctrlbus::Secret::parse(&secrets[event.tenant_id.as_str()]).unwrap();
+        ctrlbus::webhook::verify(
+            &secret,
+            &g.headers,
+            &g.body,
+            ctrlbus::webhook::DEFAULT_TOLERANCE,
+        )
+        .unwrap();
+        *per_event
+            .entry(g.headers["webhook-id"].clone())
+            .or_default() += 1;
+    }
+    assert_eq!(per_event.len(), 20, "every event delivered");
+    // At least once: an attempt A had in flight (or made but not yet
+    // recorded) when it was killed is made again, and only those.
+    let twice: Vec<u64> = bus
+        .read(Position::Beginning, &Filter::all())
+        .unwrap()
+        .map(|e| e.unwrap().event)
+        .filter(|e| per_event[&e.id.to_string()] > 1)
+        .map(|e| e.payload["i"].as_u64().unwrap())
+        .collect();
+    assert!(
+        twice.contains(&3),
+        "the held attempt was made again: {twice:?}"
+    );
+    assert!(
+        twice.len() <= 2,
+        "at most A's 2 attempts in flight: {twice:?}"
+    );
+    assert!(per_event.values().all(|n| *n <= 2), "{per_event:?}");
+    for g in &got {
+        let event = Event::from_json(&g.body).unwrap();
+        let i = event.payload["i"].as_u64().unwrap();
+        let first = got
+            .iter()
+            .find(|o| o.headers["webhook-id"] == event.id.to_string())
+            .unwrap();
+        if twice.contains(&i) {
+            assert!(first.at < killed_at, "event {i}'s first attempt was A's");
+        }
+    }
+    println!(
+        "B and C: up to {} attempts at once",
+        max_in_flight.load(Ordering::SeqCst)
+    );
+    // The records, from the command line.
+    let done = json(
+        ctrlbus(&["deliveries", "list", "--status", "succeeded"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(done.len(), 20);
+    let id = done[0]["id"].as_str().unwrap();
+    let shown = json(ctrlbus(&["deliveries", "show", id]).output().unwrap());
+    assert_eq!(shown[0]["attempt_log"].as_array().unwrap().len(), 1);
+    let retried = json(ctrlbus(&["deliveries", "retry", id]).output().unwrap());
+    assert_eq!(retried[0]["status"], "pending");
+    let webhook = done[0]["webhook_id"].as_str().unwrap();
+    let disabled = json(ctrlbus(&["webhooks", "disable", webhook]).output().unwrap());
+    assert_eq!(disabled[0]["active"], false);
+    let failed = json(ctrlbus(&["deliveries", "show", id]).output().unwrap());
+    assert_eq!(
+        failed[0]["status"], "failed",
+        "disabling fails the pending delivery"
+    );
+    assert!(failed[0]["error"].as_str().unwrap().contains("disabled"));
 }

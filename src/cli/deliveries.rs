@@ -6,8 +6,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use ctrlbus::{
-    Bus, DeliveryAttempt, DeliveryId, DeliveryOptions, DeliveryQuery, DeliveryStatus,
-    DeliveryWorker, WebhookDelivery, WebhookId,
+    Bus, Deliverer, DeliveryAttempt, DeliveryId, DeliveryOptions, DeliveryQuery, DeliveryStatus,
+    EventLog, WebhookDelivery, WebhookId, WebhookRegistry,
 };
 use serde::Serialize;
 
@@ -78,7 +78,7 @@ struct Shown {
     attempt_log: Vec<DeliveryAttempt>,
 }
 
-/// Runs a `deliveries` subcommand.
+/// Runs a `deliveries` subcommand on the file at `db`.
 pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
     match cmd {
         Command::List {
@@ -103,12 +103,41 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
                 attempt_log,
             })?;
         }
-        Command::Retry { id } => {
+        cmd @ Command::Retry { .. } => {
             let bus = open::writable(db, false)?;
-            let d = bus.webhooks().retry(id)?;
+            let r = run_registry(&bus.webhooks(), cmd, out);
             bus.close();
-            out.record(&d)?;
+            r?;
         }
+    }
+    Ok(())
+}
+
+/// Runs a `deliveries` subcommand on any registry (`--nats`; retry on a
+/// file).
+pub(crate) fn run_registry<R: WebhookRegistry>(hooks: &R, cmd: Command, out: &mut Out) -> Result {
+    match cmd {
+        Command::List {
+            webhook,
+            status,
+            limit,
+        } => {
+            let q = DeliveryQuery {
+                webhook_id: webhook,
+                status,
+                limit,
+            };
+            out.list(&COLUMNS, &hooks.deliveries(&q)?)?;
+        }
+        Command::Show { id } => {
+            let delivery = hooks.delivery(id)?;
+            let attempt_log = hooks.attempts(id)?;
+            out.record(&Shown {
+                delivery,
+                attempt_log,
+            })?;
+        }
+        Command::Retry { id } => out.record(&hooks.retry(id)?)?,
     }
     Ok(())
 }
@@ -157,8 +186,17 @@ struct Summary {
     failed: usize,
 }
 
-/// Runs `deliver`.
+/// Runs `deliver` on the file at `db`.
 pub(crate) fn deliver(db: &Path, args: DeliverArgs, out: &mut Out) -> Result {
+    let bus = open::writable(db, true)?;
+    let r = deliver_on(&bus, args, out);
+    bus.close();
+    r
+}
+
+/// Runs `deliver` on any log. On `--nats`, several `deliver` processes on
+/// one stream share the work.
+pub(crate) fn deliver_on<L: EventLog>(log: &L, args: DeliverArgs, out: &mut Out) -> Result {
     let mut opts = DeliveryOptions {
         workers: args.workers as usize,
         allow_private_targets: args.allow_private_targets,
@@ -184,8 +222,7 @@ pub(crate) fn deliver(db: &Path, args: DeliverArgs, out: &mut Out) -> Result {
         let bound = super::metrics::serve(addr)?;
         eprintln!("ctrlbus: serving metrics at http://{bound}/metrics");
     }
-    let bus = open::writable(db, true)?;
-    let worker = DeliveryWorker::start(bus.clone(), opts).map_err(CliError::msg)?;
+    let worker = log.start_delivery(opts).map_err(CliError::msg)?;
     let stopped_by = loop {
         if args.until_idle {
             if worker.wait_idle(Some(Duration::from_millis(200))) {
@@ -199,8 +236,9 @@ pub(crate) fn deliver(db: &Path, args: DeliverArgs, out: &mut Out) -> Result {
         }
     };
     worker.stop();
+    let hooks = log.webhook_registry();
     let count = |status| {
-        bus.webhooks()
+        hooks
             .deliveries(&DeliveryQuery {
                 status: Some(status),
                 ..DeliveryQuery::default()
@@ -213,7 +251,6 @@ pub(crate) fn deliver(db: &Path, args: DeliverArgs, out: &mut Out) -> Result {
         succeeded: count(DeliveryStatus::Succeeded)?,
         failed: count(DeliveryStatus::Failed)?,
     };
-    bus.close();
     out.record(&summary)?;
     Ok(())
 }

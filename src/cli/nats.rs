@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::error::{CliError, Result};
 use super::output::Out;
-use super::{Command, bench, cursors, publish, replay};
+use super::{Command, bench, cursors, deliveries, publish, replay, webhooks};
 
 /// Which cluster and stream.
 pub(crate) struct Target {
@@ -72,9 +72,24 @@ pub(crate) fn run(target: &Target, command: Command, out: &mut Out) -> Result {
             bus.close();
             r
         }
-        Command::Webhooks(_) => not_yet("webhooks"),
-        Command::Deliveries(_) => not_yet("deliveries"),
-        Command::Deliver(_) => not_yet("deliver"),
+        Command::Webhooks(cmd) => {
+            let bus = target.open()?;
+            let r = webhooks::run_registry(bus.webhooks(), cmd, out);
+            bus.close();
+            r
+        }
+        Command::Deliveries(cmd) => {
+            let bus = target.open()?;
+            let r = deliveries::run_registry(&bus.webhooks(), cmd, out);
+            bus.close();
+            r
+        }
+        Command::Deliver(args) => {
+            let bus = target.open()?;
+            let r = deliveries::deliver_on(&bus, args, out);
+            bus.close();
+            r
+        }
         Command::Bench(cmd) => {
             let bus = target.open()?;
             let r = bench::run_on(&bus, cmd, out);

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use ctrlbus::{Bus, Pattern, Webhook, WebhookId, WebhookUpdate};
+use ctrlbus::{Bus, Pattern, Webhook, WebhookId, WebhookRegistry, WebhookUpdate};
 use jiff::Timestamp;
 use serde::Serialize;
 
@@ -164,8 +164,30 @@ fn patterns(p: Vec<Pattern>) -> Vec<String> {
     p.into_iter().map(|p| p.as_str().to_owned()).collect()
 }
 
-/// Runs a `webhooks` subcommand.
+/// Runs a `webhooks` subcommand on the file at `db`.
 pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
+    match cmd {
+        Command::List { tenant } => {
+            let log = open::read_only(db)?;
+            out.list(&COLUMNS, &log.webhooks(tenant.as_deref())?)?;
+        }
+        Command::Show { id } => {
+            let log = open::read_only(db)?;
+            out.record(&log.webhook(id)?)?;
+        }
+        cmd => {
+            let bus = open::writable(db, matches!(cmd, Command::Add { .. }))?;
+            let r = run_registry(bus.webhooks(), cmd, out);
+            bus.close();
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs a `webhooks` subcommand on any registry (`--nats`; the writes on
+/// a file).
+pub(crate) fn run_registry<R: WebhookRegistry>(hooks: R, cmd: Command, out: &mut Out) -> Result {
     match cmd {
         Command::Add {
             tenant,
@@ -176,60 +198,45 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
             allow_private_targets,
         } => {
             let secret = secret_from(secret, secret_file.as_deref())?;
-            let bus = open::writable(db, true)?;
-            let created = bus
-                .webhooks()
-                .allow_private_targets(allow_private_targets)
-                .create(ctrlbus::NewWebhook {
-                    tenant_id: tenant,
-                    url,
-                    events: patterns(events),
-                    secret,
-                })?;
-            bus.close();
+            let created =
+                hooks
+                    .allow_private_targets(allow_private_targets)
+                    .create(ctrlbus::NewWebhook {
+                        tenant_id: tenant,
+                        url,
+                        events: patterns(events),
+                        secret,
+                    })?;
             out.record(&WithSecret {
                 webhook: &created.webhook,
                 secret: created.secret.expose(),
             })?;
         }
-        Command::List { tenant } => {
-            let log = open::read_only(db)?;
-            out.list(&COLUMNS, &log.webhooks(tenant.as_deref())?)?;
-        }
-        Command::Show { id } => {
-            let log = open::read_only(db)?;
-            out.record(&log.webhook(id)?)?;
-        }
+        Command::List { tenant } => out.list(&COLUMNS, &hooks.list(tenant.as_deref())?)?,
+        Command::Show { id } => out.record(&hooks.get(id)?)?,
         Command::Update {
             id,
             url,
             events,
             allow_private_targets,
         } => {
-            let bus = open::writable(db, false)?;
             let update = WebhookUpdate {
                 url,
                 events: (!events.is_empty()).then(|| patterns(events)),
                 active: None,
             };
-            let hook = bus
-                .webhooks()
+            let hook = hooks
                 .allow_private_targets(allow_private_targets)
                 .update(id, update)?;
-            bus.close();
             out.record(&hook)?;
         }
-        Command::Enable { id } => {
-            let bus = open::writable(db, false)?;
-            let hook = bus.webhooks().enable(id)?;
-            bus.close();
-            out.record(&hook)?;
-        }
-        Command::Disable { id } => {
-            let bus = open::writable(db, false)?;
-            let hook = bus.webhooks().disable(id)?;
-            bus.close();
-            out.record(&hook)?;
+        Command::Enable { id } | Command::Disable { id } => {
+            let active = matches!(cmd, Command::Enable { .. });
+            let update = WebhookUpdate {
+                active: Some(active),
+                ..WebhookUpdate::default()
+            };
+            out.record(&hooks.update(id, update)?)?;
         }
         Command::RotateSecret {
             id,
@@ -237,24 +244,18 @@ pub(crate) fn run(db: &Path, cmd: Command, out: &mut Out) -> Result {
             secret_file,
         } => {
             let secret = secret_from(secret, secret_file.as_deref())?;
-            let bus = open::writable(db, false)?;
-            let rotated = bus.webhooks().rotate_secret(id, secret.as_deref())?;
-            bus.close();
+            let rotated = hooks.rotate_secret(id, secret.as_deref())?;
             out.record(&WithSecret {
                 webhook: &rotated.webhook,
                 secret: rotated.secret.expose(),
             })?;
         }
         Command::Rm { id } => {
-            let bus = open::writable(db, false)?;
-            bus.webhooks().delete(id)?;
-            bus.close();
+            hooks.delete(id)?;
             out.record(&serde_json::json!({ "deleted": id.to_string() }))?;
         }
         Command::Replay { id, since, until } => {
-            let bus = open::writable(db, false)?;
-            let ids = bus.webhooks().replay(id, since, until)?;
-            bus.close();
+            let ids = hooks.replay(id, since, until)?;
             out.record(&Replayed {
                 webhook_id: id,
                 deliveries_created: ids.len(),

@@ -15,11 +15,11 @@
 //!
 //! **Delivery.** Jobs are messages of the work-queue stream `<stream>_jobs`,
 //! read through the shared durable consumer `ctrlbus=deliver`. A job is
-//! outstanding to one worker at a time (its ack wait is longer than an
-//! attempt's total timeout), so each delivery is attempted by one worker at
+//! outstanding to one worker at a time (its ack wait is the attempt's total
+//! timeout plus 5 s, set by the first worker that creates the consumer), so each delivery is attempted by one worker at
 //! a time. After an attempt the worker records it on the delivery
 //! (compare-and-set) and then answers the job: acknowledged when the
-//! delivery succeeded or failed for good, or NAKed with the retry wait
+//! delivery succeeded or failed for good, or answered with a NAK carrying the retry wait
 //! (the schedule's step, jittered, or a longer `Retry-After`), which the
 //! server holds the job for. A worker killed mid-attempt leaves its job
 //! unanswered: another worker gets it after the ack wait and attempts
@@ -120,6 +120,9 @@ impl std::fmt::Debug for JetStreamDeliveryWorker {
     }
 }
 
+/// Every webhook, by id.
+type Registry = Arc<Vec<(WebhookId, StoredHook)>>;
+
 /// What the worker's threads share.
 struct Shared {
     bus: JetStreamBus,
@@ -130,7 +133,7 @@ struct Shared {
     deliver: jetstream::consumer::Consumer<pull::Config>,
     events: jetstream::stream::Stream,
     /// The webhooks as of the registry bucket's last sequence.
-    registry: Mutex<(u64, Arc<Vec<(WebhookId, StoredHook)>>)>,
+    registry: Mutex<(u64, Registry)>,
     /// Attempts in flight in this process, per webhook.
     in_flight: Mutex<HashMap<[u8; 16], usize>>,
 }
@@ -151,7 +154,9 @@ impl JetStreamDeliveryWorker {
             return Err(DeliveryError::Closed);
         }
         let stores = bus.stores().map_err(DeliveryError::Storage)?;
-        let ack_wait = (opts.timeout + Duration::from_secs(30)).max(bus.inner.opts.ack_wait);
+        // Longer than an attempt (bounded by the total timeout) and its
+        // recording: a job is outstanding to one worker at a time.
+        let ack_wait = opts.timeout + Duration::from_secs(5);
         let start = bus.last_seq().map_err(DeliveryError::Storage)? + 1;
         let (dispatch, deliver, events) = bus
             .inner
@@ -347,7 +352,7 @@ fn dispatch_loop(s: &Shared) {
 }
 
 /// The registry as it is now (reloaded when its bucket changed).
-async fn registry(s: &Shared) -> Result<Arc<Vec<(WebhookId, StoredHook)>>, StorageError> {
+async fn registry(s: &Shared) -> Result<Registry, StorageError> {
     let last = s.stores.state(&s.stores.hooks).await?.last_sequence;
     {
         let cached = s.registry.lock();
@@ -439,15 +444,10 @@ fn parse_job(payload: &[u8]) -> Option<(DeliveryId, u32)> {
 
 /// Fails a pending delivery that can't be attempted.
 fn fail(s: &Shared, id: DeliveryId, reason: &str) -> Result<AckKind, StorageError> {
-    let now = now_ns();
-    s.bus.inner.rt.block_on(s.stores.modify_delivery(id, |d| {
-        if d.rec.status == DeliveryStatus::Pending {
-            d.rec.status = DeliveryStatus::Failed;
-            d.rec.next_retry_ns = None;
-            reason.clone_into(&mut d.rec.error);
-            d.rec.updated_ns = now;
-        }
-    }))?;
+    s.bus
+        .inner
+        .rt
+        .block_on(s.stores.fail_delivery(id, reason))?;
     Ok(AckKind::Ack)
 }
 

@@ -311,18 +311,28 @@ impl Stores {
                 continue;
             }
             let id = DeliveryId::parse(&key).map_err(|e| corrupted("deliveries", &key, e))?;
-            let now = now_ns();
-            self.modify_delivery(id, |d| {
-                if d.rec.status == DeliveryStatus::Pending {
-                    d.rec.status = DeliveryStatus::Failed;
-                    d.rec.next_retry_ns = None;
-                    d.rec.error = reason.to_owned();
-                    d.rec.updated_ns = now;
-                }
-            })
-            .await?;
+            self.fail_delivery(id, reason).await?;
         }
         Ok(())
+    }
+
+    /// Fails the delivery `id` with `reason` if it is pending.
+    pub(super) async fn fail_delivery(
+        &self,
+        id: DeliveryId,
+        reason: &str,
+    ) -> Result<(), StorageError> {
+        let now = now_ns();
+        self.modify_delivery(id, |d| {
+            if d.rec.status == DeliveryStatus::Pending {
+                d.rec.status = DeliveryStatus::Failed;
+                d.rec.next_retry_ns = None;
+                reason.clone_into(&mut d.rec.error);
+                d.rec.updated_ns = now;
+            }
+        })
+        .await
+        .map(drop)
     }
 }
 
