@@ -833,3 +833,82 @@ fn killing_a_delivery_process_mid_delivery_leaves_the_rest_to_the_others() {
     );
     assert!(failed[0]["error"].as_str().unwrap().contains("disabled"));
 }
+
+/// The next delivery of a durable stream, failing the test after 20 s.
+async fn next(s: &mut ctrlbus::stream::DurableStream) -> ctrlbus::stream::Delivery {
+    use futures::StreamExt;
+    match tokio::time::timeout(Duration::from_secs(20), s.next()).await {
+        Ok(Some(Ok(d))) => d,
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+/// `durable_stream` on the cluster: deliveries in `seq` order, one
+/// unanswered at a time; a nack comes again after its delay as the next
+/// attempt; dropped with a delivery unanswered, the stream resumes (under
+/// the same name) at that delivery, the server counting it as an attempt.
+/// Every call is made from async code, the last handle dropped in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_stream_on_the_cluster_acks_nacks_and_resumes() {
+    let Some(cluster) = Cluster::start(3) else {
+        return;
+    };
+    let urls = cluster.urls();
+    let bus = tokio::task::spawn_blocking(move || {
+        JetStreamBus::builder()
+            .stream("sse")
+            .connect(&urls)
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    for i in 0..30 {
+        bus.publish_async(event("acme", Type::DEPLOY_STARTED, i))
+            .await
+            .unwrap();
+    }
+    let open = |bus: &JetStreamBus| {
+        bus.durable_stream("sse", Filter::all(), Position::Beginning)
+            .unwrap()
+    };
+    let mut stream = open(&bus);
+    for seq in 1..=10 {
+        let d = next(&mut stream).await;
+        assert_eq!((d.seq(), d.attempt()), (seq, 1));
+        assert_eq!(d.event().payload["i"], seq - 1);
+        d.ack().await.unwrap();
+    }
+    assert_eq!(stream.position(), 10);
+    let d = next(&mut stream).await;
+    assert_eq!(d.seq(), 11);
+    let nacked_at = std::time::Instant::now();
+    d.nack(Duration::from_millis(300));
+    let d = next(&mut stream).await;
+    assert_eq!(
+        (d.seq(), d.attempt()),
+        (11, 2),
+        "the nacked one, before any later"
+    );
+    assert!(nacked_at.elapsed() >= Duration::from_millis(250));
+    d.ack().await.unwrap();
+    let unanswered = next(&mut stream).await;
+    assert_eq!(unanswered.seq(), 12);
+    let b = bus.clone();
+    tokio::task::spawn_blocking(move || drop((stream, b)))
+        .await
+        .unwrap();
+    drop(unanswered);
+    let b = bus.clone();
+    let position = tokio::task::spawn_blocking(move || b.cursor_position("sse").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(position, 11);
+    let mut stream = open(&bus);
+    let d = next(&mut stream).await;
+    assert_eq!(d.seq(), 12, "resumes at the unanswered delivery");
+    assert_eq!(d.attempt(), 2, "the server counted the unanswered delivery");
+    d.ack().await.unwrap();
+    tokio::task::spawn_blocking(move || drop((stream, bus)))
+        .await
+        .unwrap();
+}

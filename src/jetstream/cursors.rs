@@ -33,7 +33,7 @@ impl JetStreamBus {
     pub fn cursors(&self) -> Result<Vec<CursorInfo>, StorageError> {
         let inner = &self.inner;
         let last = self.last_seq()?;
-        let infos = inner.rt.block_on(self.retrying(|| async {
+        let infos = inner.block_on(self.retrying(|| async {
             let stream = inner.stream().await?;
             let mut list = stream.consumers();
             let mut infos = Vec::new();
@@ -109,7 +109,6 @@ impl JetStreamBus {
         let inner = &self.inner;
         let cname = consumer_name(name);
         inner
-            .rt
             .block_on(async {
                 let stream = inner.stream().await?;
                 stream.delete_consumer(&cname).await.map_err(cluster)?;
@@ -124,7 +123,7 @@ impl JetStreamBus {
         let inner = &self.inner;
         let dead = dead_stream(&inner.stream);
         let subject = format!("{dead}.{}", consumer_name(name));
-        inner.rt.block_on(async {
+        inner.block_on(async {
             let Ok(stream) = inner.js().get_stream(&dead).await else {
                 return Ok(0); // none yet
             };

@@ -64,9 +64,7 @@ impl JetStreamBus {
     /// exists (then it keeps its position).
     pub(super) fn ensure_dispatch(&self, start: u64) -> Result<(), StorageError> {
         let inner = &self.inner;
-        inner
-            .rt
-            .block_on(self.retrying(|| async { self.dispatch_consumer(start).await.map(drop) }))
+        inner.block_on(self.retrying(|| async { self.dispatch_consumer(start).await.map(drop) }))
     }
 
     async fn dispatch_consumer(
@@ -160,7 +158,6 @@ impl JetStreamDeliveryWorker {
         let start = bus.last_seq().map_err(DeliveryError::Storage)? + 1;
         let (dispatch, deliver, events) = bus
             .inner
-            .rt
             .block_on(bus.retrying(|| async {
                 let dispatch = bus.dispatch_consumer(start).await?;
                 let deliver = stores
@@ -231,7 +228,7 @@ impl JetStreamDeliveryWorker {
         let deadline = timeout.map(|t| Instant::now() + t);
         let s = &self.shared;
         loop {
-            let idle = s.bus.inner.rt.block_on(async {
+            let idle = s.bus.inner.block_on(async {
                 let mut dispatch = s.dispatch.clone();
                 let mut deliver = s.deliver.clone();
                 let d = dispatch.info().await.map_err(cluster)?.clone();
@@ -299,7 +296,7 @@ fn each_message(
     mut body: impl FnMut(jetstream::Message),
 ) {
     while !s.stop.load(Ordering::Acquire) && !s.bus.inner.closed.load(Ordering::Acquire) {
-        match s.bus.inner.rt.block_on(fetch_one(consumer)) {
+        match s.bus.inner.block_on(fetch_one(consumer)) {
             Ok(Some(m)) => body(m),
             Ok(None) => {}
             Err(e) => {
@@ -319,7 +316,7 @@ enum Dispatched {
 
 fn dispatch_loop(s: &Shared) {
     each_message(s, &s.dispatch, "dispatch", |msg| {
-        let rt = &s.bus.inner.rt;
+        let rt = &s.bus.inner;
         let answer = match entry_of(&msg) {
             // Undecodable: nothing to deliver (the reader reports it).
             Err(e) => {
@@ -410,7 +407,7 @@ async fn dispatch(s: &Shared, entry: &LogEntry) -> Result<Dispatched, StorageErr
 
 fn deliver_loop(s: &Shared, agent: &ureq::Agent) {
     each_message(s, &s.deliver, "delivery", |msg| {
-        let rt = &s.bus.inner.rt;
+        let rt = &s.bus.inner;
         let answer = match parse_job(&msg.payload) {
             None => {
                 tracing::error!("delivery: an unreadable job was dropped");
@@ -444,10 +441,7 @@ fn parse_job(payload: &[u8]) -> Option<(DeliveryId, u32)> {
 
 /// Fails a pending delivery that can't be attempted.
 fn fail(s: &Shared, id: DeliveryId, reason: &str) -> Result<AckKind, StorageError> {
-    s.bus
-        .inner
-        .rt
-        .block_on(s.stores.fail_delivery(id, reason))?;
+    s.bus.inner.block_on(s.stores.fail_delivery(id, reason))?;
     Ok(AckKind::Ack)
 }
 
@@ -458,7 +452,7 @@ fn deliver(
     id: DeliveryId,
     generation: u32,
 ) -> Result<AckKind, StorageError> {
-    let rt = &s.bus.inner.rt;
+    let rt = &s.bus.inner;
     let Some((d, _)) = rt.block_on(s.stores.delivery(id))? else {
         return Ok(AckKind::Ack); // gone
     };
@@ -533,7 +527,7 @@ fn record(
     o: &Outcome,
 ) -> Result<AckKind, StorageError> {
     let opts = &s.opts;
-    let rt = &s.bus.inner.rt;
+    let rt = &s.bus.inner;
     let now = now_ns();
     let recorded = rt.block_on(s.stores.modify_delivery(id, |d| {
         // The attempt is logged even if the delivery failed meanwhile.
@@ -593,7 +587,7 @@ fn record(
 fn record_on_hook(s: &Shared, hook: WebhookId, o: &Outcome, now: i64) -> Result<(), StorageError> {
     let opts = &s.opts;
     let disable_after = i64::try_from(opts.disable_after.as_nanos()).unwrap_or(i64::MAX);
-    let rt = &s.bus.inner.rt;
+    let rt = &s.bus.inner;
     // Most attempts change nothing on the webhook: no write then (every
     // write makes each dispatcher reload the registry).
     let Some((current, _)) = rt.block_on(s.stores.hook(hook))? else {

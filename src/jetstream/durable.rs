@@ -22,7 +22,7 @@
 //! subscription.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{JetStreamBus, cluster, entry_of, subject, to_offset};
 use crate::bus::{Handler, SubscriptionId};
-use crate::durable::{DeadLetter, Position};
+use crate::durable::{DeadLetter, Position, Pull, Verdict};
 use crate::error::{CursorError, StorageError, SubscribeError};
 use crate::fanout;
 use crate::filter::Filter;
@@ -70,7 +70,28 @@ pub struct JetStreamSubscription {
     name: String,
     stop: Arc<AtomicBool>,
     last_error: Arc<Mutex<Option<String>>>,
+    /// Every event up to this `seq` was acknowledged (in this process).
+    handled: Arc<AtomicU64>,
+    /// The pulling consumer of a `DurableStream`, told to stop first.
+    pull: Option<Arc<dyn Pull>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// A running subscription's state, shared with its handle.
+struct Running {
+    name: String,
+    id: SubscriptionId,
+    stop: Arc<AtomicBool>,
+    last_error: Arc<Mutex<Option<String>>>,
+    handled: Arc<AtomicU64>,
+}
+
+/// Who handles a durable subscription's events.
+enum Taker {
+    /// A handler, run on the subscription's thread.
+    Handler(Box<dyn Handler>),
+    /// A `DurableStream`, offered each event and answering it.
+    Pull(Arc<dyn Pull>),
 }
 
 impl std::fmt::Debug for JetStreamSubscription {
@@ -93,9 +114,21 @@ impl JetStreamSubscription {
     }
 }
 
+impl crate::stream::Running for JetStreamSubscription {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn position(&self) -> u64 {
+        self.handled.load(Ordering::Acquire)
+    }
+}
+
 impl Drop for JetStreamSubscription {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        if let Some(pull) = &self.pull {
+            pull.stop();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -120,6 +153,36 @@ impl JetStreamBus {
         filter: Filter,
         start: Position,
         handler: H,
+    ) -> Result<JetStreamSubscription, SubscribeError> {
+        self.subscribe_taker(name, filter, start, Taker::Handler(Box::new(handler)))
+    }
+
+    /// A named durable cursor as a `Stream` of deliveries to acknowledge,
+    /// as [`DurableBus::durable_stream`](crate::DurableBus::durable_stream):
+    /// one delivery unanswered at a time, in `seq` order; a nack (or a
+    /// dropped delivery) is delivered again after its delay and
+    /// dead-lettered after `max_deliveries`. Processes that open the same
+    /// name share it. An ack resolves once the server confirmed it.
+    ///
+    /// # Errors
+    /// As [`JetStreamBus::subscribe_durable`].
+    pub fn durable_stream(
+        &self,
+        name: &str,
+        filter: Filter,
+        start: Position,
+    ) -> Result<crate::stream::DurableStream, SubscribeError> {
+        crate::stream::open_durable(|pull| {
+            self.subscribe_taker(name, filter, start, Taker::Pull(Arc::from(pull)))
+        })
+    }
+
+    fn subscribe_taker(
+        &self,
+        name: &str,
+        filter: Filter,
+        start: Position,
+        taker: Taker,
     ) -> Result<JetStreamSubscription, SubscribeError> {
         if !crate::durable::valid_subscription_name(name) {
             return Err(SubscribeError::InvalidName(name.to_owned()));
@@ -146,7 +209,6 @@ impl JetStreamBus {
         let cname = consumer_name(name);
         let opts = &inner.opts;
         let consumer = inner
-            .rt
             .block_on(async {
                 let stream = inner.stream().await?;
                 stream
@@ -174,43 +236,56 @@ impl JetStreamBus {
                     .map_err(cluster)
             })
             .map_err(SubscribeError::Storage)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let last_error = Arc::new(Mutex::new(None));
-        let (bus, s, e, n) = (
-            self.clone(),
-            stop.clone(),
-            last_error.clone(),
-            name.to_owned(),
+        let state = Running {
+            name: name.to_owned(),
+            id: SubscriptionId(inner.subs.next_id.fetch_add(1, Ordering::Relaxed) + 1),
+            stop: Arc::new(AtomicBool::new(false)),
+            last_error: Arc::new(Mutex::new(None)),
+            handled: Arc::new(AtomicU64::new(0)),
+        };
+        let pull = match &taker {
+            Taker::Pull(p) => Some(p.clone()),
+            Taker::Handler(_) => None,
+        };
+        let (stop, last_error, handled) = (
+            state.stop.clone(),
+            state.last_error.clone(),
+            state.handled.clone(),
         );
-        let id = SubscriptionId(inner.subs.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let bus = self.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ctrlbus-js-{name}"))
-            .spawn(move || bus.run_durable(&n, id, &consumer, &filter, &handler, &s, &e))
+            .spawn(move || {
+                bus.run_durable(&state, &consumer, &filter, &taker);
+                if let Taker::Pull(p) = &taker {
+                    p.finished();
+                }
+            })
             .map_err(|e| SubscribeError::Storage(cluster(e)))?;
         Ok(JetStreamSubscription {
             name: name.to_owned(),
             stop,
             last_error,
+            handled,
+            pull,
             thread: Some(thread),
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run_durable(
         &self,
-        name: &str,
-        id: SubscriptionId,
+        state: &Running,
         consumer: &jetstream::consumer::Consumer<pull::Config>,
         filter: &Filter,
-        handler: &dyn Handler,
-        stop: &AtomicBool,
-        last_error: &Mutex<Option<String>>,
+        taker: &Taker,
     ) {
         let inner = &self.inner;
         let opts = &inner.opts;
-        while !stop.load(Ordering::Acquire) && !inner.closed.load(Ordering::Acquire) {
+        let name = state.name.as_str();
+        let last_error = &state.last_error;
+        while !state.stop.load(Ordering::Acquire) && !inner.closed.load(Ordering::Acquire) {
             // One message at a time, waiting up to 500 ms for it.
-            let fetched = inner.rt.block_on(async {
+            let fetched = inner.block_on(async {
                 let mut batch = consumer
                     .fetch()
                     .max_messages(1)
@@ -230,6 +305,9 @@ impl JetStreamBus {
                 Err(e) => {
                     tracing::warn!(subscription = name, error = %e, "fetching failed; retrying");
                     *last_error.lock() = Some(e.to_string());
+                    if let Taker::Pull(p) = taker {
+                        p.read_failed(&crate::error::ReadError::Storage(e));
+                    }
                     std::thread::sleep(opts.max_retry_backoff);
                     continue;
                 }
@@ -238,24 +316,49 @@ impl JetStreamBus {
                 .info()
                 .map_or(1, |i| u32::try_from(i.delivered).unwrap_or(1));
             let outcome = match entry_of(&msg) {
-                Ok(entry) if !filter.matches(&entry.event) => Ok(()),
-                Ok(entry) => fanout::call_for_retry(id, handler, &entry.event)
-                    .map_err(|(f, delay)| (f.error, delay, entry.seq)),
+                Ok(entry) if !filter.matches(&entry.event) => Ok(entry.seq),
+                Ok(entry) => match taker {
+                    Taker::Handler(h) => fanout::call_for_retry(state.id, h.as_ref(), &entry.event)
+                        .map(|()| entry.seq)
+                        .map_err(|(f, delay)| Some((f.error, delay, entry.seq))),
+                    Taker::Pull(p) => match p.deliver(entry.seq, &entry.event, attempt) {
+                        Verdict::Ack => Ok(entry.seq),
+                        Verdict::Nack { error, retry_after } => {
+                            Err(Some((error, retry_after, entry.seq)))
+                        }
+                        Verdict::Closed => Err(None),
+                    },
+                },
                 Err(e) => {
                     let seq = msg.info().map_or(0, |i| i.stream_sequence);
                     // Undecodable: dead-lettered at once, never retried.
-                    Err((e.to_string(), None, seq))
+                    Err(Some((e.to_string(), None, seq)))
                 }
             };
-            let answered = inner.rt.block_on(async {
+            let answered = inner.block_on(async {
                 match outcome {
-                    Ok(()) => msg.double_ack().await.map_err(cluster),
-                    Err((error, delay, seq)) => {
+                    Ok(seq) => {
+                        msg.double_ack().await.map_err(cluster)?;
+                        state.handled.fetch_max(seq, Ordering::AcqRel);
+                        if let Taker::Pull(p) = taker {
+                            p.recorded(seq);
+                        }
+                        Ok(())
+                    }
+                    // The stream closed with the event unanswered: it
+                    // comes again at once, to whoever asks next.
+                    Err(None) => msg.ack_with(AckKind::Nak(None)).await.map_err(cluster),
+                    Err(Some((error, delay, seq))) => {
                         *last_error.lock() = Some(error.clone());
                         let exhausted = attempt >= opts.max_deliveries || entry_of(&msg).is_err();
                         if exhausted {
                             self.store_dead_letter(name, seq, &error, attempt).await?;
-                            msg.double_ack_with(AckKind::Term).await.map_err(cluster)
+                            msg.double_ack_with(AckKind::Term).await.map_err(cluster)?;
+                            state.handled.fetch_max(seq, Ordering::AcqRel);
+                            if let Taker::Pull(p) = taker {
+                                p.recorded(seq);
+                            }
+                            Ok(())
                         } else {
                             let backoff = delay.unwrap_or_else(|| {
                                 (opts.retry_backoff * 2u32.saturating_pow(attempt - 1))
@@ -366,14 +469,15 @@ impl JetStreamBus {
     /// "not found" is [`CursorError::Unknown`].
     pub(super) fn on_consumer<T, F, Fut>(&self, name: &str, op: F) -> Result<T, CursorError>
     where
-        F: FnOnce(jetstream::stream::Stream, String) -> Fut,
-        Fut: std::future::Future<Output = Result<T, String>>,
+        T: Send,
+        F: FnOnce(jetstream::stream::Stream, String) -> Fut + Send,
+        Fut: std::future::Future<Output = Result<T, String>> + Send,
     {
         if !crate::durable::valid_subscription_name(name) {
             return Err(CursorError::InvalidName(name.to_owned()));
         }
         let inner = &self.inner;
-        inner.rt.block_on(async {
+        inner.block_on(async {
             let stream = inner.stream().await?;
             match op(stream, consumer_name(name)).await {
                 Ok(v) => Ok(v),
@@ -390,7 +494,7 @@ impl JetStreamBus {
     pub fn dead_letters(&self, name: &str) -> Result<Vec<DeadLetter>, StorageError> {
         let inner = &self.inner;
         let dead = dead_stream(&inner.stream);
-        inner.rt.block_on(async {
+        inner.block_on(async {
             let Ok(stream) = inner.js().get_stream(&dead).await else {
                 return Ok(Vec::new()); // none yet
             };

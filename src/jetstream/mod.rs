@@ -167,6 +167,18 @@ impl JetStreamBusBuilder {
     /// [`OpenError::InvalidStreamName`]; [`OpenError::Connect`] when no
     /// server answers or the stream can't be created.
     pub fn connect(self, urls: &str) -> Result<JetStreamBus, OpenError> {
+        // From async code: the bus's runtime can't be started, nor blocked
+        // on, from a task of the application's; connect on a thread.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return std::thread::scope(|s| match s.spawn(|| self.connect_here(urls)).join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            });
+        }
+        self.connect_here(urls)
+    }
+
+    fn connect_here(self, urls: &str) -> Result<JetStreamBus, OpenError> {
         if !subject::valid_stream_name(&self.stream) {
             return Err(OpenError::InvalidStreamName(self.stream));
         }
@@ -225,7 +237,7 @@ impl JetStreamBusBuilder {
         let replicas = stream.cached_info().config.num_replicas;
         Ok(JetStreamBus {
             inner: Arc::new(Inner {
-                rt,
+                runtime: Some(rt),
                 conn: Some((client, js)),
                 stream: self.stream.clone(),
                 opts: self,
@@ -247,7 +259,8 @@ pub struct JetStreamBus {
 }
 
 struct Inner {
-    rt: tokio::runtime::Runtime,
+    /// `Some` until dropped.
+    runtime: Option<tokio::runtime::Runtime>,
     /// The connection; `Some` until dropped (inside the runtime: the
     /// client's parts unsubscribe from tasks of the runtime's).
     conn: Option<(async_nats::Client, jetstream::Context)>,
@@ -264,6 +277,28 @@ struct Inner {
 }
 
 impl Inner {
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("a runtime until dropped")
+    }
+
+    /// Runs `f` on the bus's runtime and waits for it. Called from inside
+    /// a tokio runtime (an application's async code calling the blocking
+    /// API), it waits on a scoped thread of its own, since a runtime can't
+    /// be blocked on from one of its tasks.
+    fn block_on<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.rt().block_on(f);
+        }
+        std::thread::scope(|s| match s.spawn(|| self.rt().block_on(f)).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        })
+    }
+
     fn js(&self) -> &jetstream::Context {
         &self.conn.as_ref().expect("connected until dropped").1
     }
@@ -280,8 +315,18 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let _in_runtime = self.rt.enter();
-        self.conn.take();
+        let Some(rt) = self.runtime.take() else {
+            return;
+        };
+        {
+            let _in_runtime = rt.enter();
+            self.conn.take();
+        }
+        // Dropped from async code (the last handle in a task), the runtime
+        // can't wait for its threads there: they finish in the background.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -323,7 +368,7 @@ impl JetStreamBus {
     /// The stream's info, asked again through elections.
     fn stream_info(&self) -> Result<jetstream::stream::Info, StorageError> {
         let inner = &self.inner;
-        inner.rt.block_on(self.retrying(|| async {
+        inner.block_on(self.retrying(|| async {
             let mut stream = inner.stream().await?;
             Ok(stream.info().await.map_err(cluster)?.clone())
         }))
@@ -422,7 +467,7 @@ impl JetStreamBus {
             }
         };
         let subjects = subject::of_filter(&inner.stream, filter);
-        let (messages, pending) = inner.rt.block_on(self.retrying(|| async {
+        let (messages, pending) = inner.block_on(self.retrying(|| async {
             let stream = inner.stream().await?;
             let mut consumer = stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -486,7 +531,7 @@ impl JetStreamReader {
     /// Ends the read; the consumer is dropped inside the runtime (its
     /// subscription unsubscribes from a task of the runtime's).
     fn finish(&mut self) {
-        let _in_runtime = self.bus.inner.rt.enter();
+        let _in_runtime = self.bus.inner.rt().enter();
         self.messages.take();
     }
 }
@@ -509,7 +554,7 @@ impl Iterator for JetStreamReader {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             let messages = self.messages.as_mut()?;
-            let got = self.bus.inner.rt.block_on(async {
+            let got = self.bus.inner.block_on(async {
                 tokio::time::timeout(Duration::from_secs(30), messages.next()).await
             });
             let msg = match got {
@@ -716,7 +761,7 @@ impl JetStreamBus {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sender = self.sender();
         let subs = self.inner.subs.clone();
-        self.inner.rt.spawn(async move {
+        self.inner.rt().spawn(async move {
             let result = match sender.send(&event).await {
                 Err(e) => Err(e),
                 Ok(ack) => {
@@ -746,7 +791,7 @@ impl Bus for JetStreamBus {
     fn publish(&self, event: Event) -> Result<Receipt, PublishError> {
         self.check(&event)?;
         let inner = &self.inner;
-        let ack = inner.rt.block_on(self.sender().send(&event))?;
+        let ack = inner.block_on(self.sender().send(&event))?;
         inner.last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
         let handler_failures = if ack.duplicate {
             Vec::new()
@@ -776,7 +821,6 @@ impl Bus for JetStreamBus {
         let start = self.last_seq().map_err(SubscribeError::Storage)? + 1;
         let id = inner.subs.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let messages = inner
-            .rt
             .block_on(async {
                 let stream = inner.stream().await?;
                 let consumer = stream
@@ -837,7 +881,7 @@ impl Bus for JetStreamBus {
             inner.subs.detach(SubscriptionId(id));
         }
         let client = inner.client().clone();
-        let _ = inner.rt.block_on(client.flush());
+        let _ = inner.block_on(client.flush());
     }
 }
 
@@ -851,7 +895,7 @@ impl JetStreamBus {
         filter: &Filter,
         handler: &dyn Handler,
     ) {
-        let rt = &self.inner.rt;
+        let rt = self.inner.rt();
         while !sub.stop.load(Ordering::Acquire) {
             let got = rt.block_on(async {
                 tokio::time::timeout(Duration::from_millis(200), messages.next()).await

@@ -434,10 +434,7 @@ impl JetStreamBus {
         if let Some(s) = self.inner.webhook_stores.get() {
             return Ok(s.clone());
         }
-        let stores = self
-            .inner
-            .rt
-            .block_on(self.retrying(|| Stores::open(self)))?;
+        let stores = self.inner.block_on(self.retrying(|| Stores::open(self)))?;
         Ok(self.inner.webhook_stores.get_or_init(|| stores).clone())
     }
 }
@@ -477,8 +474,12 @@ impl JetStreamWebhooks {
         Ok(self.bus.stores()?)
     }
 
-    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.bus.inner.rt.block_on(f)
+    fn block_on<F>(&self, f: F) -> F::Output
+    where
+        F: std::future::Future + Send,
+        F::Output: Send,
+    {
+        self.bus.inner.block_on(f)
     }
 
     /// Registers a webhook; every event of its tenant appended after this
@@ -560,7 +561,7 @@ impl JetStreamWebhooks {
     fn modify(
         &self,
         id: WebhookId,
-        f: impl FnMut(&mut StoredHook) -> Result<Option<String>, WebhookError>,
+        f: impl FnMut(&mut StoredHook) -> Result<Option<String>, WebhookError> + Send,
     ) -> Result<HookRec, WebhookError> {
         let stores = self.open()?;
         let mut f = f;

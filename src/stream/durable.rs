@@ -266,8 +266,26 @@ impl Pull for Bridge {
     }
 }
 
+/// The running subscription behind a [`DurableStream`], on either backend.
+pub(crate) trait Running: Send {
+    /// The subscription's name.
+    fn name(&self) -> &str;
+    /// Every event up to this `seq` is acknowledged (or dead-lettered).
+    fn position(&self) -> u64;
+}
+
+impl Running for DurableSubscription {
+    fn name(&self) -> &str {
+        DurableSubscription::name(self)
+    }
+    fn position(&self) -> u64 {
+        DurableSubscription::position(self)
+    }
+}
+
 /// A `Stream` over a named durable cursor (see
-/// [`DurableBus::durable_stream`](crate::DurableBus::durable_stream)).
+/// [`DurableBus::durable_stream`](crate::DurableBus::durable_stream) and,
+/// on a cluster, `JetStreamBus::durable_stream`).
 /// Items are `Ok(Delivery)` in `seq` order, or `Err(StreamError)` when
 /// reading the log failed (retried on its own). It ends when the bus
 /// closes. Dropping it is a clean close: the position of the last ack is
@@ -277,7 +295,7 @@ impl Pull for Bridge {
 pub struct DurableStream {
     rx: mpsc::Receiver<Result<Delivery, StreamError>>,
     bridge: Arc<Bridge>,
-    sub: Option<DurableSubscription>,
+    sub: Option<Box<dyn Running>>,
 }
 
 impl DurableStream {
@@ -289,7 +307,7 @@ impl DurableStream {
     /// Every event with `seq` up to this one has been acknowledged (or
     /// dead-lettered).
     pub fn position(&self) -> u64 {
-        self.sub.as_ref().map_or(0, DurableSubscription::position)
+        self.sub.as_ref().map_or(0, |s| s.position())
     }
 }
 
@@ -320,8 +338,8 @@ impl std::fmt::Debug for DurableStream {
 
 /// Opens a durable stream: `subscribe` starts the subscription with the
 /// consumer it is given.
-pub(crate) fn open<E>(
-    subscribe: impl FnOnce(Box<dyn Pull>) -> Result<DurableSubscription, E>,
+pub(crate) fn open<E, S: Running + 'static>(
+    subscribe: impl FnOnce(Box<dyn Pull>) -> Result<S, E>,
 ) -> Result<DurableStream, E> {
     let (tx, rx) = mpsc::channel(CHANNEL);
     let bridge = Arc::new(Bridge {
@@ -334,6 +352,6 @@ pub(crate) fn open<E>(
     Ok(DurableStream {
         rx,
         bridge,
-        sub: Some(sub),
+        sub: Some(Box::new(sub)),
     })
 }
