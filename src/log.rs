@@ -7,8 +7,8 @@
 //! what a log adds: batches, reading from any position, the newest `seq`,
 //! and named durable subscriptions with their positions and dead letters.
 //! `tests/contract.rs` runs one suite of checks against both backends.
-//! Webhooks are each backend's own (`DurableBus::webhooks`,
-//! `JetStreamBus::webhooks`), with the same records.
+//! The webhook registry and the delivery worker are in it too, through
+//! [`WebhookRegistry`] and [`Deliverer`].
 
 use crate::bus::{Bus, Handler, Receipt};
 use crate::durable::{CursorInfo, DeadLetter, LogEntry, Position};

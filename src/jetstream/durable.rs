@@ -146,7 +146,8 @@ impl JetStreamBus {
     /// # Errors
     /// [`SubscribeError::InvalidName`]; [`SubscribeError::Closed`];
     /// [`SubscribeError::Storage`] when the cluster fails.
-    /// [`Position::Id`] is not supported on this backend yet.
+    /// [`Position::Id`] is not supported on this backend (no index from
+    /// id to `seq`): [`SubscribeError::UnknownPosition`].
     pub fn subscribe_durable<H: Handler + 'static>(
         &self,
         name: &str,
@@ -202,7 +203,7 @@ impl JetStreamBus {
             },
             Position::Id(id) => {
                 return Err(SubscribeError::UnknownPosition(format!(
-                    "{id} (starting from an event id is not supported on JetStream yet)"
+                    "{id} (starting from an event id is not supported on JetStream: the stream has no index from id to seq)"
                 )));
             }
         };

@@ -11,29 +11,51 @@
 //! The client (`async-nats`) is async; the bus owns a small tokio runtime
 //! and runs it there, so the blocking API (`Bus`) works from any thread.
 //!
-//! How the contract holds here, as far as this backend goes so far:
-//! - G1, G2: an event is acknowledged once the stream's leader has it
+//! How the contract (G1–G12) holds on this backend, and where it differs
+//! from a redb file (`DurableBus`):
+//! - **G1, G2.** An event is acknowledged once the stream's leader has it
 //!   stored on a quorum of replicas (the `PublishAck`). It is fsync'd only
 //!   if the servers sync always (`jetstream { sync_interval: always }`);
 //!   NATS's default syncs every 2 minutes, so a simultaneous power loss of
 //!   a quorum could lose acknowledged events. The tests run with `always`.
-//!   Subscribers read from the stream, so nobody sees an event that is not
-//!   stored.
-//! - G3: `seq` is the stream sequence.
-//! - G4: `publish` returns once the live subscriptions of this process have
-//!   run for its event (they read the stream in order, and the publisher
-//!   waits for them to pass its `seq`). Subscribers in other processes are
-//!   not waited for.
-//! - Idempotency by id holds within the duplicate window
+//!   Readers and subscribers read from the stream, so nobody sees an event
+//!   that is not stored.
+//! - **G3.** `seq` is the stream sequence: contiguous, never reused.
+//!   `publish_batch` is not atomic (each event is its own message).
+//! - **Idempotency by id** holds within the stream's duplicate window
 //!   ([`JetStreamBusBuilder::duplicate_window`], default 1 hour), not
-//!   forever as on `DurableBus`.
-//! - G7: "from time T" uses `DeliverPolicy::ByStartTime` on the server's
-//!   store time of each message (the append time).
+//!   forever as on a file. Reading, subscribing or seeking from an event id
+//!   ([`Position::Id`]) is refused: the stream has no index from id to
+//!   `seq`.
+//! - **G4.** `publish` returns once the live subscriptions *of this
+//!   process* have run for its event; subscribers in other processes are
+//!   not waited for.
+//! - **G5.** Durable subscriptions are durable consumers (`durable`):
+//!   shared by every process that subscribes with the name, in `seq` order,
+//!   at least once; after a crash the event in flight is redelivered after
+//!   `ack_wait` (30 s by default), the bound on redelivery.
+//! - **G6.** As on a file for handlers; a failing durable handler holds
+//!   up only its own subscription (it never goes live: it always reads the
+//!   stream).
+//! - **G7.** "From time T" uses `DeliverPolicy::ByStartTime` on the
+//!   server's store time of each message (the append time).
+//! - **G8.** Webhooks (`webhooks`, `delivery`): the registry and the
+//!   delivery records are KV buckets of the cluster; dispatch creates
+//!   exactly one delivery per matching event, crash-safely, and delivery
+//!   workers in any number of processes share the jobs, each attempted by
+//!   one worker at a time.
+//! - **G9.** Tenants are in the subject and filtered by the server; a
+//!   webhook only receives its own tenant's events.
+//! - **G10, G11.** Events are checked as on a file before anything is
+//!   sent; an undecodable message is reported and skipped (a durable
+//!   subscription dead-letters it).
+//! - **G12.** The per-webhook cap on attempts in flight holds per process;
+//!   there is no circuit breaker across a failing webhook's deliveries.
 //!
-//! Durable subscriptions are durable consumers (`durable`); `publish_async`
-//! and `stream` work as on `DurableBus`. Webhooks, cursor listing and
-//! seeking, and `durable_stream` are not on this backend yet; the command line runs publish, replay, tail and
-//! stats on it (`--nats`).
+//! Also: `durable_stream`, `publish_async` and `stream` work as on a file,
+//! from async code too (a blocking call made inside a tokio runtime runs
+//! on a thread of its own). The command line runs every command that
+//! applies with `--nats`.
 
 mod cursors;
 mod delivery;
@@ -444,8 +466,8 @@ impl JetStreamBus {
     ///
     /// # Errors
     /// [`ReadError::Storage`] when the cluster fails; [`ReadError::Closed`].
-    /// [`Position::Id`] is not supported on this backend yet (it needs an
-    /// index from id to `seq`): [`ReadError::Storage`].
+    /// [`Position::Id`] is not supported on this backend (the stream has
+    /// no index from id to `seq`): [`ReadError::Storage`].
     pub fn read(&self, from: Position, filter: &Filter) -> Result<JetStreamReader, ReadError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
@@ -462,7 +484,7 @@ impl JetStreamBus {
             Position::End => return Ok(JetStreamReader::empty(self.clone())),
             Position::Id(_) => {
                 return Err(ReadError::Storage(StorageError::Cluster {
-                    reason: "reading from an event id is not supported on JetStream yet".into(),
+                    reason: "reading from an event id is not supported on JetStream (the stream has no index from id to seq): read from a seq or a time".into(),
                 }));
             }
         };
