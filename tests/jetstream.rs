@@ -912,3 +912,71 @@ async fn a_durable_stream_on_the_cluster_acks_nacks_and_resumes() {
         .await
         .unwrap();
 }
+
+/// Foreign entries in the cluster's webhook state: a registry entry that
+/// isn't a webhook, a delivery record that isn't one, a job that isn't
+/// one. Listings name the damaged entry; dispatch and delivery skip it and
+/// deliver every other webhook's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_entries_in_the_webhook_buckets_are_reported_and_hold_up_nothing() {
+    let Some(cluster) = Cluster::start(3) else {
+        return;
+    };
+    let rx = common::receiver::Receiver::ok();
+    let bus = connect(&cluster, "foreign");
+    let hooks = bus.webhooks().allow_private_targets(true);
+    let good = hooks.create(common::hook_for("acme", &rx.url)).unwrap();
+    let urls: Vec<String> = cluster.urls().split(',').map(str::to_owned).collect();
+    let client = async_nats::connect(urls).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let registry = js.get_key_value("foreign_webhooks").await.unwrap();
+    let damaged = ctrlbus::WebhookId::new().to_string();
+    registry
+        .put(&damaged, "not a webhook".into())
+        .await
+        .unwrap();
+    let deliveries = js.get_key_value("foreign_deliveries").await.unwrap();
+    let bad_delivery = ctrlbus::DeliveryId::new();
+    deliveries
+        .put(bad_delivery.to_string(), r#"{"nope":1}"#.into())
+        .await
+        .unwrap();
+    for job in [format!("{bad_delivery}:0"), "garbage".to_owned()] {
+        js.publish(format!("foreign_jobs.{}", good.webhook.id), job.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let e = bus
+        .publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+        .unwrap();
+    let worker = ctrlbus::JetStreamDeliveryWorker::start(
+        bus.clone(),
+        ctrlbus::DeliveryOptions {
+            allow_private_targets: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        worker.wait_idle(Some(Duration::from_secs(30))),
+        "the bad jobs were dropped"
+    );
+    worker.stop();
+    let got = rx.got();
+    assert_eq!(got.len(), 1, "the good webhook got its event");
+    assert_eq!(got[0].headers["webhook-id"], e.id.to_string());
+    let err = hooks.list(None).unwrap_err().to_string();
+    assert!(
+        err.contains(&damaged),
+        "the listing names the damaged entry: {err}"
+    );
+    let err = hooks
+        .deliveries(&ctrlbus::DeliveryQuery::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&bad_delivery.to_string()), "{err}");
+    assert!(hooks.get(good.webhook.id).unwrap().active);
+    drop(bus);
+}

@@ -357,7 +357,7 @@ async fn registry(s: &Shared) -> Result<Registry, StorageError> {
             return Ok(cached.1.clone());
         }
     }
-    let hooks = Arc::new(s.stores.hooks().await?);
+    let hooks = Arc::new(s.stores.sound_hooks().await?);
     *s.registry.lock() = (last, hooks.clone());
     Ok(hooks)
 }
@@ -415,6 +415,12 @@ fn deliver_loop(s: &Shared, agent: &ureq::Agent) {
             }
             Some((id, generation)) => match deliver(s, agent, id, generation) {
                 Ok(kind) => kind,
+                // Its record (or its webhook's) is damaged: it can't be
+                // attempted or recorded; retrying would loop forever.
+                Err(e @ StorageError::Corrupted { .. }) => {
+                    tracing::error!(delivery = %id, error = %e, "delivery: a damaged record; its job is dropped");
+                    AckKind::Ack
+                }
                 Err(e) => {
                     tracing::warn!(delivery = %id, error = %e, "delivery failed; retrying");
                     AckKind::Nak(Some(Duration::from_secs(1)))

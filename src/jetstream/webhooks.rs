@@ -160,12 +160,25 @@ impl Stores {
         Ok(out)
     }
 
-    /// Every webhook, by id.
+    /// Every webhook, by id; an entry that doesn't decode is an error.
     pub(super) async fn hooks(&self) -> Result<Vec<(WebhookId, StoredHook)>, StorageError> {
         let mut out = Vec::new();
         for (key, value) in self.all(&self.hooks).await? {
-            let id = WebhookId::parse(&key).map_err(|e| corrupted("webhooks", &key, e))?;
-            out.push((id, decode(&value, "webhooks", &key)?));
+            out.push(decode_hook(&key, &value)?);
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+
+    /// Every webhook that decodes, by id, for dispatch: a damaged entry is
+    /// logged and gets no deliveries, and holds up no other webhook's.
+    pub(super) async fn sound_hooks(&self) -> Result<Vec<(WebhookId, StoredHook)>, StorageError> {
+        let mut out = Vec::new();
+        for (key, value) in self.all(&self.hooks).await? {
+            match decode_hook(&key, &value) {
+                Ok(hook) => out.push(hook),
+                Err(e) => tracing::error!(error = %e, "dispatch: a damaged webhook is skipped"),
+            }
         }
         out.sort_by_key(|(id, _)| *id);
         Ok(out)
@@ -358,6 +371,11 @@ async fn kv_bucket(
         // Another process created it meanwhile.
         Err(e) => js.get_key_value(&bucket).await.map_err(|_| cluster(e)),
     }
+}
+
+fn decode_hook(key: &str, value: &[u8]) -> Result<(WebhookId, StoredHook), StorageError> {
+    let id = WebhookId::parse(key).map_err(|e| corrupted("webhooks", key, e))?;
+    Ok((id, decode(value, "webhooks", key)?))
 }
 
 pub(super) fn encode<T: Serialize>(v: &T) -> Bytes {
