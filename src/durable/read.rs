@@ -341,7 +341,7 @@ impl ReadOnlyLog {
         super::open::check_file(path, false)?;
         let db = redb::Builder::new()
             .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
-            .set_cache_size(super::DEFAULT_CACHE_BYTES)
+            .set_cache_size(super::READ_ONLY_CACHE_BYTES)
             .open_read_only(path)
             .map_err(|e| super::open::map_open_error(path, e))?;
         let txn = db.begin_read().map_err(|e| OpenError::Storage(e.into()))?;

@@ -281,8 +281,10 @@ pub const MAX_BATCH_BYTES: usize = 256 << 20;
 const WAL_RESTART_BYTES: u64 = 16 << 20;
 /// WAL bytes after which the writer waits for the applier to restart it.
 const WAL_MAX_BYTES: u64 = 64 << 20;
-/// Unapplied events after which the applier applies at once.
-const MAX_UNAPPLIED: usize = 20_000;
+/// Unapplied events after which the applier applies at once. 5,000, not
+/// 20,000: with the 16 MiB cache it keeps peak memory lower at 64
+/// publishers at no cost in throughput (BENCHMARKS.md, "Memory").
+const MAX_UNAPPLIED: usize = 5_000;
 /// Bytes of unapplied records after which the writer waits for the
 /// applier: what bounds the memory of acknowledged, unapplied events when
 /// they are large (1 MiB payloads would otherwise pile up to
