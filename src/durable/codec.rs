@@ -209,3 +209,30 @@ mod tests {
         }
     }
 }
+
+/// The event id of a record, reading only its first 16 bytes after the
+/// header (bincode writes a `[u8; 16]` as its bytes): what the id index's
+/// lookups compare without decoding the rest.
+pub(crate) fn id_of(bytes: &[u8]) -> Result<[u8; 16], String> {
+    check_header(bytes)?;
+    bytes
+        .get(HEADER..HEADER + 16)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| "record too short for its id".to_owned())
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn the_id_sits_right_after_the_header() {
+        let e = Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("k", 1);
+        let mut out = Vec::new();
+        encode(&e, 7, &e.payload_json(), &mut out);
+        assert_eq!(id_of(&out).unwrap(), e.id.to_bytes());
+        assert_eq!(decode_ref(&out).unwrap().1.id, e.id.to_bytes());
+        assert!(id_of(&out[..HEADER + 15]).is_err());
+        assert!(id_of(&[]).is_err());
+    }
+}

@@ -44,6 +44,7 @@ mod background_panics;
 mod codec;
 mod commit;
 mod hooks;
+mod id_index;
 mod open;
 #[cfg(test)]
 mod power_loss;

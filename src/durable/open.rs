@@ -175,6 +175,7 @@ pub(crate) fn prepare(
             hook.create_tables(&txn).map_err(OpenError::Storage)?;
         }
     }
+    super::id_index::prepare(&txn).map_err(OpenError::Storage)?;
     txn.commit().map_err(|e| OpenError::Storage(e.into()))?;
     Ok(log_id)
 }

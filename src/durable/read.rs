@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
 
 use super::codec::{self, RecordRef};
-use super::tables::{BY_ID, EVENTS, META, META_RETAINED, id_key};
+use super::tables::{EVENTS, META, META_RETAINED, id_key};
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
 use crate::filter::Filter;
@@ -122,9 +122,10 @@ pub(crate) fn resolve(txn: &redb::ReadTransaction, position: Position) -> Result
         Position::End => last + 1,
         Position::Seq(s) => s.max(first),
         Position::Id(id) => {
-            let by_id = txn.open_table(BY_ID).map_err(storage)?;
-            match by_id.get(id_key(id.to_bytes())).map_err(storage)? {
-                Some(seq) => seq.value(),
+            match super::id_index::find_in(txn, id_key(id.to_bytes()))
+                .map_err(ReadError::Storage)?
+            {
+                Some(seq) => seq,
                 None => return Err(ReadError::UnknownEvent(id)),
             }
         }

@@ -4,8 +4,9 @@
 //! Invariants:
 //! - `events` keys are contiguous: from the oldest retained `seq` to the
 //!   newest, with no gap (retention removes a prefix only).
-//! - `events_by_id` has exactly one entry per row of `events`, mapping the
-//!   event id to its `seq`.
+//! - every row of `events` is found by its id through `events_by_id` (out
+//!   of order ids, and every id before the sparse start) and
+//!   `events_by_id_marks` (see `id_index`).
 //! - Append times (record header) never decrease along `seq`.
 //! - `meta["retained_through"]`, when present, is the largest `seq` ever
 //!   removed by retention, so the next `seq` is never reused even when the
@@ -20,7 +21,7 @@ use crate::error::StorageError;
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("ctrlbus_meta");
 /// `seq` → record (see `codec`).
 pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-/// Event id (16 bytes) → `seq`.
+/// Event id (16 bytes) → `seq`, for the ids `id_index` indexes one by one.
 pub(crate) const BY_ID: TableDefinition<u128, u64> = TableDefinition::new("events_by_id");
 
 /// The `events_by_id` key of an event id: its 16 bytes as a big-endian

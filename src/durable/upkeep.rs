@@ -114,9 +114,60 @@ impl CheckReport {
     }
 }
 
+/// What the id index must hold, followed along `seq` (see `id_index`).
+#[derive(Default)]
+struct IdCheck {
+    /// The largest id so far.
+    max: u128,
+    /// The kind of the events since the last mark: `Some(true)` out of
+    /// order (indexed), `Some(false)` in order.
+    stretch: Option<bool>,
+    /// A mark has been seen since the sparse start.
+    marked: bool,
+}
+
+impl IdCheck {
+    /// Looks at the event `key` at `seq`: whether it is in `events_by_id`
+    /// (`indexed`) or a mark, and whether the sparse rule applies to it.
+    fn next(
+        &mut self,
+        seq: u64,
+        key: u128,
+        indexed: bool,
+        marked: bool,
+        sparse: bool,
+    ) -> Option<String> {
+        let above = key > self.max;
+        self.max = self.max.max(key);
+        if !sparse {
+            return (!indexed).then(|| format!("seq {seq}: missing from the id index"));
+        }
+        if marked {
+            self.marked = true;
+            self.stretch = None;
+            return indexed.then(|| format!("seq {seq}: both marked and indexed"));
+        }
+        if !indexed && !above {
+            return Some(format!("seq {seq}: missing from the id index"));
+        }
+        if !indexed && !self.marked {
+            return Some(format!("seq {seq}: an in-order event before any id mark"));
+        }
+        match self.stretch {
+            Some(kind) if kind != indexed => Some(format!(
+                "seq {seq}: in-order and out-of-order events between two id marks"
+            )),
+            _ => {
+                self.stretch = Some(indexed);
+                None
+            }
+        }
+    }
+}
+
 /// Verifies every record (decodes, append times non-decreasing, `seq`s
-/// contiguous), the id index (one entry per event, pointing back to it), and
-/// every cursor record.
+/// contiguous), the id index (every event findable by its id: see
+/// `id_index`), and every cursor record.
 pub(crate) fn check<D: ReadableDatabase>(
     db: &D,
     path: Option<&Path>,
@@ -128,6 +179,18 @@ pub(crate) fn check<D: ReadableDatabase>(
     let txn = db.begin_read()?;
     let events = txn.open_table(EVENTS)?;
     let by_id = txn.open_table(BY_ID)?;
+    let marks = match txn.open_table(super::id_index::ID_MARKS) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    // Before the sparse start (or in a file from before it) every event is
+    // in the id index.
+    let sparse_from = match txn.open_table(META) {
+        Ok(meta) => super::id_index::IndexState::load(&meta)?.map_or(u64::MAX, |s| s.sparse_from),
+        Err(_) => u64::MAX,
+    };
+    let mut ids = IdCheck::default();
     let total = events.len()?;
     let problem = |report: &mut CheckReport, p: String| {
         if report.problems.len() < MAX_PROBLEMS {
@@ -159,19 +222,48 @@ pub(crate) fn check<D: ReadableDatabase>(
                         );
                     }
                 }
-                match by_id.get(id_key(rec.id))? {
-                    Some(s) if s.value() == seq => {}
-                    Some(s) => problem(
-                        &mut report,
-                        format!("seq {seq}: id index points to seq {}", s.value()),
-                    ),
-                    None => problem(&mut report, format!("seq {seq}: missing from the id index")),
+                let key = id_key(rec.id);
+                let indexed = match by_id.get(key)? {
+                    Some(s) if s.value() == seq => true,
+                    Some(s) => {
+                        problem(
+                            &mut report,
+                            format!("seq {seq}: id index points to seq {}", s.value()),
+                        );
+                        true
+                    }
+                    None => false,
+                };
+                let marked = match &marks {
+                    Some(m) => m.get(key)?.is_some_and(|s| s.value() == seq),
+                    None => false,
+                };
+                if let Some(p) = ids.next(seq, key, indexed, marked, seq >= sparse_from) {
+                    problem(&mut report, p);
                 }
                 prev = Some((seq, append));
             }
         }
     }
     progress(report.events_checked, total);
+    for kv in marks.iter().flat_map(|m| m.iter().into_iter().flatten()) {
+        let (k, v) = kv?;
+        report.index_entries_checked += 1;
+        let seq = v.value();
+        let names = events
+            .get(seq)?
+            .and_then(|rec| codec::id_of(rec.value()).ok())
+            .is_some_and(|id| id_key(id) == k.value());
+        if !names {
+            problem(
+                &mut report,
+                format!(
+                    "id mark {} does not name the event at seq {seq}",
+                    crate::EventId::from_bytes(k.value().to_be_bytes())
+                ),
+            );
+        }
+    }
     for kv in by_id.iter()? {
         let (k, v) = kv?;
         report.index_entries_checked += 1;
@@ -259,9 +351,9 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
     loop {
         let txn = super::txn::write(shared)?;
         let removed_now;
+        let removed_ids;
         {
             let mut events = txn.open_table(EVENTS)?;
-            let mut by_id = txn.open_table(BY_ID)?;
             let count = events.len()?;
             let over_count = policy.max_events.map_or(0, |m| count.saturating_sub(m));
             let mut over_bytes = match policy.max_bytes {
@@ -295,9 +387,8 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
             removed_now = to_remove.len() as u64;
             let floor = to_remove.last().map(|&(seq, _)| seq);
             if let Some(&(last_removed, _)) = to_remove.last() {
-                for (seq, id) in &to_remove {
+                for (seq, _) in &to_remove {
                     events.remove(*seq)?;
-                    by_id.remove(id_key(*id))?;
                 }
                 let mut meta = txn.open_table(META)?;
                 let prev = match meta.get(META_RETAINED)? {
@@ -330,7 +421,9 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
                     cursors.insert(name.as_str(), to_bytes(&rec).as_slice())?;
                 }
             }
+            removed_ids = to_remove;
         }
+        super::id_index::forget(&txn, &removed_ids)?;
         if removed_now == 0 {
             drop(txn);
             break;

@@ -173,13 +173,14 @@ impl Applier {
             let txn = crate::durable::txn::begin(&shared)?;
             {
                 let mut events = txn.open_table(EVENTS)?;
-                let mut by_id = txn.open_table(BY_ID)?;
+                let mut index = crate::durable::id_index::Indexer::open(&txn)?;
                 for u in &self.unapplied {
                     for ((seq, event), record) in u.group.events.iter().zip(&u.records) {
                         events.insert(*seq, record.as_slice())?;
-                        by_id.insert(id_key(event.id.to_bytes()), *seq)?;
+                        index.add(id_key(event.id.to_bytes()), *seq)?;
                     }
                 }
+                index.finish()?;
             }
             for u in &self.unapplied {
                 let appended: Vec<(u64, &Event)> =

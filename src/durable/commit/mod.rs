@@ -54,7 +54,7 @@ use redb::ReadableTable;
 use super::codec;
 use super::recent_ids::{IdHasher, RecentIds};
 use super::subscription::DurableSub;
-use super::tables::{BY_ID, CURSORS, DEAD_LETTERS, EVENTS, id_key, to_bytes};
+use super::tables::{CURSORS, DEAD_LETTERS, EVENTS, id_key, to_bytes};
 use super::wal::Wal;
 use super::{Shared, upkeep};
 use crate::bus::{HandlerFailure, Receipt};
@@ -291,11 +291,10 @@ const MAX_UNAPPLIED: usize = 5_000;
 /// `WAL_MAX_BYTES` twice over: records, and events kept for fan-out).
 const MAX_UNAPPLIED_BYTES: u64 = 8 << 20;
 
-/// The largest event id in the file's id index (0 when empty).
+/// The largest event id in the file (0 when empty).
 fn max_id_in_file(shared: &Shared) -> Result<u128, StorageError> {
     let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
-    let table = txn.open_table(BY_ID)?;
-    Ok(table.last()?.map_or(0, |(k, _)| k.value()))
+    super::id_index::max_id(&txn)
 }
 
 impl Core {
@@ -505,7 +504,7 @@ impl Core {
             // by this process's generator only grow, so fresh events skip
             // the index entirely. A table opened after the pruning above
             // sees every pruned (applied) id.
-            let mut by_id: Option<redb::ReadOnlyTable<u128, u64>> = None;
+            let mut by_id: Option<redb::ReadTransaction> = None;
             let mut next = start_seq;
             let mut fresh: HashMap<u128, u64, BuildHasherDefault<IdHasher>> = HashMap::default();
             for req in &mut publishes {
@@ -522,11 +521,10 @@ impl Core {
                         Some(s)
                     } else {
                         if by_id.is_none() {
-                            let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
-                            by_id = Some(txn.open_table(BY_ID)?);
+                            by_id = Some(redb::ReadableDatabase::begin_read(&shared.db)?);
                         }
                         match &by_id {
-                            Some(t) => t.get(key)?.map(|g| g.value()),
+                            Some(txn) => super::id_index::find_in(txn, key)?,
                             None => None,
                         }
                     };

@@ -16,7 +16,7 @@ pub(crate) fn recover(
     let txn = crate::durable::txn::begin(shared)?;
     {
         let mut events = txn.open_table(EVENTS)?;
-        let mut by_id = txn.open_table(BY_ID)?;
+        let mut index = crate::durable::id_index::Indexer::open(&txn)?;
         let mut appended: Vec<(u64, Event, i64)> = Vec::new();
         'frames: for frame in frames {
             for (i, record) in frame.records.iter().enumerate() {
@@ -40,12 +40,13 @@ pub(crate) fn recover(
                     .to_event()
                     .map_err(|r| crate::durable::read::corrupted(seq, r))?;
                 events.insert(seq, record.as_slice())?;
-                by_id.insert(id_key(rec.id), seq)?;
+                index.add(id_key(rec.id), seq)?;
                 appended.push((seq, event, append));
                 next += 1;
                 replayed += 1;
             }
         }
+        index.finish()?;
         for hook in shared.hooks.read().iter() {
             // Hooks see each replayed group with its own append time.
             let mut i = 0;
