@@ -41,10 +41,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use futures_util::StreamExt;
 
 use super::webhooks::{PROVISIONAL_FOR, StoredHook, Stores, delivery_id, new_delivery};
-use super::{JetStreamBus, cluster, entry_of};
+use super::{JetStreamBus, cluster, entry_of, fetch_one};
 use crate::durable::LogEntry;
 use crate::error::{DeliveryError, StorageError};
 use crate::id::{DeliveryId, WebhookId};
@@ -267,24 +266,6 @@ impl JetStreamDeliveryWorker {
 impl Drop for JetStreamDeliveryWorker {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// Fetches one message of `consumer`, waiting up to 500 ms.
-async fn fetch_one(
-    consumer: &jetstream::consumer::Consumer<pull::Config>,
-) -> Result<Option<jetstream::Message>, StorageError> {
-    let mut batch = consumer
-        .fetch()
-        .max_messages(1)
-        .expires(Duration::from_millis(500))
-        .messages()
-        .await
-        .map_err(cluster)?;
-    match batch.next().await {
-        Some(Ok(m)) => Ok(Some(m)),
-        Some(Err(e)) => Err(cluster(e)),
-        None => Ok(None),
     }
 }
 

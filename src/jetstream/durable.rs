@@ -24,7 +24,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::AckKind;
@@ -286,20 +285,7 @@ impl JetStreamBus {
         let last_error = &state.last_error;
         while !state.stop.load(Ordering::Acquire) && !inner.closed.load(Ordering::Acquire) {
             // One message at a time, waiting up to 500 ms for it.
-            let fetched = inner.block_on(async {
-                let mut batch = consumer
-                    .fetch()
-                    .max_messages(1)
-                    .expires(Duration::from_millis(500))
-                    .messages()
-                    .await
-                    .map_err(cluster)?;
-                match batch.next().await {
-                    Some(Ok(m)) => Ok(Some(m)),
-                    Some(Err(e)) => Err(cluster(e)),
-                    None => Ok(None),
-                }
-            });
+            let fetched = inner.block_on(super::fetch_one(consumer));
             let msg = match fetched {
                 Ok(Some(m)) => m,
                 Ok(None) => continue,

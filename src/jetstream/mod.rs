@@ -525,6 +525,24 @@ fn from_offset(t: time::OffsetDateTime) -> Timestamp {
     Timestamp::from_nanosecond(t.unix_timestamp_nanos()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
+/// Fetches one message of `consumer`, waiting up to 500 ms.
+pub(super) async fn fetch_one(
+    consumer: &jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+) -> Result<Option<jetstream::Message>, StorageError> {
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .map_err(cluster)?;
+    match batch.next().await {
+        Some(Ok(m)) => Ok(Some(m)),
+        Some(Err(e)) => Err(cluster(e)),
+        None => Ok(None),
+    }
+}
+
 fn cluster(e: impl std::fmt::Display) -> StorageError {
     StorageError::Cluster {
         reason: e.to_string(),

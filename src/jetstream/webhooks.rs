@@ -610,26 +610,10 @@ impl JetStreamWebhooks {
         }
         let events = update.events.as_deref().map(parse_patterns).transpose()?;
         let rec = self.modify(id, |h| {
-            if let Some(url) = &update.url {
-                h.rec.url.clone_from(url);
-            }
-            if let Some(events) = &events {
-                h.rec.events.clone_from(events);
-            }
-            Ok(match update.active {
-                Some(true) if !h.rec.active => {
-                    h.rec.active = true;
-                    h.rec.disabled_reason = None;
-                    h.rec.failing_since_ns = None;
-                    None
-                }
-                Some(false) if h.rec.active => {
-                    h.rec.active = false;
-                    h.rec.disabled_reason = Some("disabled by an operator".into());
-                    Some("webhook disabled: disabled by an operator".into())
-                }
-                _ => None,
-            })
+            let disabled =
+                h.rec
+                    .apply_update(update.url.as_deref(), events.as_deref(), update.active);
+            Ok(disabled.map(str::to_owned))
         })?;
         Ok(to_webhook(id.to_bytes(), &rec))
     }
@@ -639,13 +623,7 @@ impl JetStreamWebhooks {
     /// # Errors
     /// As [`JetStreamWebhooks::update`].
     pub fn enable(&self, id: WebhookId) -> Result<Webhook, WebhookError> {
-        self.update(
-            id,
-            WebhookUpdate {
-                active: Some(true),
-                ..Default::default()
-            },
-        )
+        self.update(id, WebhookUpdate::state(true))
     }
 
     /// Disables a webhook: no new deliveries, its pending ones fail.
@@ -653,13 +631,7 @@ impl JetStreamWebhooks {
     /// # Errors
     /// As [`JetStreamWebhooks::update`].
     pub fn disable(&self, id: WebhookId) -> Result<Webhook, WebhookError> {
-        self.update(
-            id,
-            WebhookUpdate {
-                active: Some(false),
-                ..Default::default()
-            },
-        )
+        self.update(id, WebhookUpdate::state(false))
     }
 
     /// Deletes a webhook; its pending deliveries fail ("webhook deleted"),

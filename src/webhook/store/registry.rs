@@ -279,29 +279,10 @@ impl Webhooks {
         }
         let events = update.events.as_deref().map(parse_patterns).transpose()?;
         let rec = self.modify(id, |txn, rec, now| {
-            if let Some(url) = update.url {
-                rec.url = url;
-            }
-            if let Some(events) = events {
-                rec.events = events;
-            }
-            match update.active {
-                Some(true) if !rec.active => {
-                    rec.active = true;
-                    rec.disabled_reason = None;
-                    rec.failing_since_ns = None;
-                }
-                Some(false) if rec.active => {
-                    rec.active = false;
-                    rec.disabled_reason = Some("disabled by an operator".into());
-                    fail_pending(
-                        txn,
-                        &id.to_bytes(),
-                        "webhook disabled: disabled by an operator",
-                        now,
-                    )?;
-                }
-                _ => {}
+            let disabled =
+                rec.apply_update(update.url.as_deref(), events.as_deref(), update.active);
+            if let Some(reason) = disabled {
+                fail_pending(txn, &id.to_bytes(), reason, now)?;
             }
             Ok(())
         })?;
@@ -313,13 +294,7 @@ impl Webhooks {
     /// # Errors
     /// As [`Webhooks::update`].
     pub fn enable(&self, id: WebhookId) -> Result<Webhook, WebhookError> {
-        self.update(
-            id,
-            WebhookUpdate {
-                active: Some(true),
-                ..Default::default()
-            },
-        )
+        self.update(id, WebhookUpdate::state(true))
     }
 
     /// Disables a webhook: no new deliveries, its pending ones fail.
@@ -327,13 +302,7 @@ impl Webhooks {
     /// # Errors
     /// As [`Webhooks::update`].
     pub fn disable(&self, id: WebhookId) -> Result<Webhook, WebhookError> {
-        self.update(
-            id,
-            WebhookUpdate {
-                active: Some(false),
-                ..Default::default()
-            },
-        )
+        self.update(id, WebhookUpdate::state(false))
     }
 
     /// Deletes a webhook. Its pending deliveries are failed ("webhook

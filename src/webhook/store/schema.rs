@@ -62,6 +62,38 @@ impl HookRec {
         Ok(out)
     }
 
+    /// Applies a change of URL, (parsed) patterns or state. Enabling clears
+    /// the disabled reason and the failure clock; disabling records "disabled
+    /// by an operator" and returns the reason its pending deliveries fail
+    /// with (both registries fail them).
+    pub(crate) fn apply_update(
+        &mut self,
+        url: Option<&str>,
+        events: Option<&[String]>,
+        active: Option<bool>,
+    ) -> Option<&'static str> {
+        if let Some(url) = url {
+            url.clone_into(&mut self.url);
+        }
+        if let Some(events) = events {
+            self.events = events.to_vec();
+        }
+        match active {
+            Some(true) if !self.active => {
+                self.active = true;
+                self.disabled_reason = None;
+                self.failing_since_ns = None;
+                None
+            }
+            Some(false) if self.active => {
+                self.active = false;
+                self.disabled_reason = Some("disabled by an operator".into());
+                Some("webhook disabled: disabled by an operator")
+            }
+            _ => None,
+        }
+    }
+
     /// Why this webhook can't be delivered to as stored, if it can't: its
     /// deliveries fail with this reason and `check` reports it.
     pub(crate) fn unsound(&self, now_ns: i64) -> Option<String> {

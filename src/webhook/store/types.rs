@@ -78,6 +78,16 @@ pub struct WebhookUpdate {
     pub active: Option<bool>,
 }
 
+impl WebhookUpdate {
+    /// Only enabling (`true`) or disabling (`false`).
+    pub(crate) fn state(active: bool) -> WebhookUpdate {
+        WebhookUpdate {
+            active: Some(active),
+            ..WebhookUpdate::default()
+        }
+    }
+}
+
 /// The state of a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
