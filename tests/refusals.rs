@@ -45,7 +45,10 @@ fn nesting_at_the_limit_is_accepted_and_read_back_and_one_past_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let bus = DurableBus::open(dir.path().join("events.redb")).unwrap();
     let log = common::Log::default();
-    let _sub = common::audit(&bus, &log);
+    let sub = common::audit(&bus, &log);
+    // G4 holds for a caught-up subscriber: wait until it is (on an empty
+    // log its catch-up thread switches at once, unless the machine is busy).
+    common::wait_until("the subscription to go live", || sub.is_live());
     let deep = event_at_depth(MAX_JSON_DEPTH);
     let receipt = bus.publish(deep.clone()).unwrap();
     // Every reader gives it back: read, a durable subscription, and the JSON
