@@ -803,7 +803,13 @@ impl DurableBus {
     pub fn retain(&self, policy: &Retention) -> Result<RetainReport, StorageError> {
         // Count and age the events acknowledged through the WAL too.
         self.sync_reads()?;
-        upkeep::retain(&self.handle.shared, policy)
+        let shared = &self.handle.shared;
+        // Between chunks the applier takes redb's write lock: events
+        // acknowledged meanwhile reach the file, and reads waiting for them
+        // wait for one chunk at most.
+        upkeep::retain(shared, policy, &mut || {
+            let _ = commit::ensure_applied(shared, shared.last_seq.load(Ordering::Acquire));
+        })
     }
 
     /// Compacts the file at `path`, returning space freed by retention to the

@@ -340,15 +340,45 @@ pub struct RetainReport {
     pub first_seq: u64,
 }
 
-/// Removes the oldest events per `policy`, in batches of one transaction
-/// each, keeping `seq`s unique forever (`retained_through`).
-pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport, StorageError> {
-    const BATCH: u64 = 10_000;
+/// Events removed per retention transaction. 2,000, not 10,000: a chunk
+/// holds redb's write lock, which the applier (and with it every read in
+/// the process) waits for; 10,000 took ~32 ms a chunk (BENCHMARKS.md,
+/// "Retention under load").
+pub(crate) const RETAIN_CHUNK: u64 = 2_000;
+
+/// Removes the oldest events per `policy`, in chunks of one transaction
+/// each (`RETAIN_CHUNK` events), keeping `seq`s unique forever
+/// (`retained_through`); `between` runs after each chunk that removed a
+/// full chunk (the explicit `retain` lets the applier catch up there).
+pub(crate) fn retain(
+    shared: &Shared,
+    policy: &Retention,
+    between: &mut dyn FnMut(),
+) -> Result<RetainReport, StorageError> {
+    let mut report = RetainReport::default();
+    loop {
+        let chunk = retain_chunk(shared, policy)?;
+        report.removed += chunk.removed;
+        report.first_seq = chunk.first_seq;
+        if chunk.removed < RETAIN_CHUNK {
+            return Ok(report);
+        }
+        between();
+    }
+}
+
+/// One retention transaction: removes up to `RETAIN_CHUNK` of the oldest
+/// events `policy` says to remove.
+pub(crate) fn retain_chunk(
+    shared: &Shared,
+    policy: &Retention,
+) -> Result<RetainReport, StorageError> {
+    const BATCH: u64 = RETAIN_CHUNK;
     let mut report = RetainReport::default();
     let cutoff_ns = policy
         .max_age
         .map(|age| now_ns().saturating_sub(age.as_nanos().min(i64::MAX as u128) as i64));
-    loop {
+    {
         let txn = super::txn::write(shared)?;
         let removed_now;
         let removed_ids;
@@ -426,13 +456,10 @@ pub(crate) fn retain(shared: &Shared, policy: &Retention) -> Result<RetainReport
         super::id_index::forget(&txn, &removed_ids)?;
         if removed_now == 0 {
             drop(txn);
-            break;
+            return Ok(report);
         }
         txn.commit()?;
-        report.removed += removed_now;
-        if removed_now < BATCH {
-            break;
-        }
+        report.removed = removed_now;
     }
     Ok(report)
 }

@@ -38,6 +38,8 @@ pub(super) struct Applier {
     oldest_unapplied: Option<Instant>,
     last_flush: Instant,
     last_retention: Instant,
+    /// A retention pass has more chunks to remove.
+    retaining: bool,
     /// A WAL holds the acknowledged groups (so a failed apply loses
     /// nothing, and reopening recovers them).
     wal_backed: bool,
@@ -57,6 +59,7 @@ impl Applier {
             oldest_unapplied: None,
             last_flush: Instant::now(),
             last_retention: Instant::now(),
+            retaining: false,
         }
     }
 
@@ -137,14 +140,25 @@ impl Applier {
         }
     }
 
+    /// Background retention, one chunk per tick: a pass that has more to
+    /// remove goes on at the next tick (every `apply_interval` at most),
+    /// with applies between, so the applier (and every read waiting for
+    /// it) never waits on more than one chunk.
     pub(super) fn maybe_retain(&mut self) {
         if let Some(policy) = self.shared.opts.retention.clone()
-            && self.last_retention.elapsed() >= self.shared.opts.retention_interval
+            && (self.retaining
+                || self.last_retention.elapsed() >= self.shared.opts.retention_interval)
         {
-            self.last_retention = Instant::now();
+            if !self.retaining {
+                self.last_retention = Instant::now();
+            }
             self.apply(Vec::new());
-            if let Err(e) = upkeep::retain(&self.shared, &policy) {
-                tracing::warn!(error = %e, "retention failed");
+            match upkeep::retain_chunk(&self.shared, &policy) {
+                Ok(chunk) => self.retaining = chunk.removed >= upkeep::RETAIN_CHUNK,
+                Err(e) => {
+                    self.retaining = false;
+                    tracing::warn!(error = %e, "retention failed");
+                }
             }
         }
     }
