@@ -111,7 +111,13 @@ pub(crate) fn prepare(txn: &redb::WriteTransaction) -> Result<(), StorageError> 
         max_seq,
         ..IndexState::default()
     }
-    .store(&mut meta)
+    .store(&mut meta)?;
+    // From here on a build that indexes every id must not open it.
+    meta.insert(
+        super::tables::META_FORMAT,
+        [super::tables::FORMAT_VERSION].as_slice(),
+    )?;
+    Ok(())
 }
 
 /// Indexes the events of one write transaction, in `seq` order.
@@ -435,6 +441,19 @@ mod tests {
         let txn = db.begin_write().unwrap();
         prepare(&txn).unwrap();
         txn.commit().unwrap();
+        let format = db
+            .begin_read()
+            .unwrap()
+            .open_table(META)
+            .unwrap()
+            .get(super::super::tables::META_FORMAT)
+            .unwrap()
+            .map(|v| v.value().to_vec());
+        assert_eq!(
+            format,
+            Some(vec![2]),
+            "upgraded: a version-1 build refuses it"
+        );
         let new: Vec<u128> = (1..=200).map(|i| 5000 + i).chain([15, 25]).collect();
         append(&db, 101, &new, 50);
         for (i, id) in old.iter().chain(&new).enumerate() {

@@ -37,8 +37,10 @@ pub(crate) const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("dead_letters");
 
 /// The file format version this build writes. A file with a larger one is
-/// refused, untouched.
-pub(crate) const FORMAT_VERSION: u8 = 1;
+/// refused, untouched. 2: the sparse id index (`id_index`), which a build
+/// of version 1 would misread (it would not find in-order ids, and accept
+/// them again); a version-1 file is upgraded at its first writable open.
+pub(crate) const FORMAT_VERSION: u8 = 2;
 pub(crate) const META_FORMAT: &str = "format";
 pub(crate) const META_RETAINED: &str = "retained_through";
 /// 16 random bytes naming this log; its WAL carries them, so a WAL left
