@@ -150,9 +150,12 @@ impl Applier {
                 || self.last_retention.elapsed() >= self.shared.opts.retention_interval)
         {
             if !self.retaining {
+                // A pass starts from everything acknowledged; its later
+                // chunks leave applying to `tick`'s own schedule (no extra
+                // commit per chunk).
                 self.last_retention = Instant::now();
+                self.apply(Vec::new());
             }
-            self.apply(Vec::new());
             match upkeep::retain_chunk(&self.shared, &policy) {
                 Ok(chunk) => self.retaining = chunk.removed >= upkeep::RETAIN_CHUNK,
                 Err(e) => {
