@@ -19,7 +19,21 @@ pub(crate) fn publish(
     }
     let _span =
         tracing::debug_span!("publish", events = events.len(), first_id = %events[0].id).entered();
-    submit(shared, events)?.wait()
+    submit_as(shared, events, Waiter::Now)?.wait()
+}
+
+/// Who will wait for a blocking publish, which decides whether the writer
+/// thread must be woken to commit it should nobody else.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Waiter {
+    /// The submitting thread, at once (`publish`): it leads the commit
+    /// itself if nobody else does, so waking the writer thread would only
+    /// cost two context switches per group (1.7 µs of CPU per event at 16
+    /// publishers, BENCHMARKS.md).
+    Now,
+    /// The caller, whenever it calls `wait` (`submit`): the writer thread
+    /// commits it after `LINGER` if no publisher has.
+    Later,
 }
 
 /// A publish handed to the writer, not yet waited for.
@@ -136,9 +150,23 @@ pub(super) fn receipts(seqs: Vec<Assigned>, group: Option<&Group>) -> Vec<Receip
 /// Validates and encodes events on the caller's thread and hands them to the
 /// writer; the returned [`Pending`] waits for the outcome.
 pub(crate) fn submit(shared: &Arc<Shared>, events: Vec<Event>) -> Result<Pending, PublishError> {
+    submit_as(shared, events, Waiter::Later)
+}
+
+fn submit_as(
+    shared: &Arc<Shared>,
+    events: Vec<Event>,
+    waiter: Waiter,
+) -> Result<Pending, PublishError> {
     let (items, bytes) = prepare(shared, events)?;
     let (reply, rx) = oneshot();
-    enqueue(shared, items, bytes, Reply::Blocking(reply));
+    enqueue(
+        shared,
+        items,
+        bytes,
+        Reply::Blocking(reply),
+        waiter == Waiter::Later,
+    );
     Ok(Pending {
         shared: shared.clone(),
         rx: Some(rx),
@@ -160,7 +188,7 @@ pub(crate) fn submit_async(
     let (items, bytes) = prepare(shared, events)?;
     shared.completions.start(shared)?;
     let (reply, rx) = crate::sync::async_oneshot();
-    enqueue(shared, items, bytes, Reply::Async(reply, submitted));
+    enqueue(shared, items, bytes, Reply::Async(reply, submitted), true);
     // Queued after the writer thread shut down (a close racing this
     // call): nobody will commit it, so it is refused, as a waiting
     // blocking publisher refuses what it finds queued then. `try_lock`
@@ -216,8 +244,9 @@ fn prepare(shared: &Shared, events: Vec<Event>) -> Result<(Vec<Prepared>, usize)
 
 /// Queues a request. A blocking publisher may lead its own commit, so the
 /// writer thread waits `LINGER` for it; nobody leads an async one, so the
-/// writer commits it at once.
-fn enqueue(shared: &Shared, items: Vec<Prepared>, bytes: usize, reply: Reply) {
+/// writer commits it at once. With `wake_writer` false the writer thread is not
+/// woken: the caller waits at once and leads the commit itself.
+fn enqueue(shared: &Shared, items: Vec<Prepared>, bytes: usize, reply: Reply, wake_writer: bool) {
     let now = Instant::now();
     let due = if reply.has_leader() {
         now + LINGER
@@ -234,7 +263,7 @@ fn enqueue(shared: &Shared, items: Vec<Prepared>, bytes: usize, reply: Reply) {
             reply,
             due,
         });
-        was_empty || !led
+        wake_writer && (was_empty || !led)
     };
     if kick {
         // The writer thread is the committer of last resort.
