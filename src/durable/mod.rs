@@ -56,6 +56,7 @@ mod tables;
 pub(crate) mod txn;
 mod upkeep;
 mod wal;
+mod wal_ahead;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

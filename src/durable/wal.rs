@@ -17,7 +17,8 @@
 //! A payload is `[first_seq u64][count u32]` then per record `[len u32][bytes]`
 //! (records are `codec` records; each carries its append time). All integers
 //! little-endian. The file is preallocated with zeros so that appends
-//! overwrite allocated blocks and `fdatasync` flushes data only.
+//! overwrite allocated blocks and `fdatasync` flushes data only; a thread
+//! of its own fills the zeros ahead of the frames (`wal_ahead`).
 //!
 //! Invariants:
 //! - Frames of the current generation hold consecutive `seq`s, starting
@@ -33,10 +34,12 @@
 //!   already in the file; recovery skips those.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::wal_ahead::Ahead;
 
 const MAGIC: &[u8; 8] = b"CBUSWAL1";
 const VERSION: u32 = 1;
@@ -83,7 +86,15 @@ impl WalIo for File {
     fn read_at(&mut self, pos: u64, buf: &mut [u8]) -> io::Result<bool> {
         read_full(self, pos, buf)
     }
+    #[cfg(unix)]
     fn write_at(&mut self, pos: u64, data: &[u8]) -> io::Result<()> {
+        // One `pwrite` (no `lseek` per frame), leaving the file position
+        // alone: the zero-filling thread's handle shares it (`wal_ahead`).
+        std::os::unix::fs::FileExt::write_all_at(self, data, pos)
+    }
+    #[cfg(not(unix))]
+    fn write_at(&mut self, pos: u64, data: &[u8]) -> io::Result<()> {
+        use std::io::Write;
         self.seek(SeekFrom::Start(pos))?;
         self.write_all(data)
     }
@@ -126,6 +137,11 @@ pub(crate) struct Wal {
     buf: Vec<u8>,
     /// Fault injection for tests: I/O steps left before one fails.
     faults: Option<Arc<AtomicU64>>,
+    /// The thread that zero-fills ahead of the frames; `None` when the
+    /// file layer is wrapped or faults are injected (tests: every write
+    /// goes through that layer), or no thread could start. The committer
+    /// then grows the file itself.
+    ahead: Option<Ahead>,
 }
 
 impl Wal {
@@ -148,6 +164,12 @@ impl Wal {
             ),
             std::fs::TryLockError::Error(e) => e,
         })?;
+        // A handle of its own for the zero-filling thread; it writes with
+        // `pwrite`, so the two never share a position.
+        let fill = match (wrap, &faults) {
+            (None, None) => file.try_clone().ok(),
+            _ => None,
+        };
         let mut file: Box<dyn WalIo> = match wrap {
             Some(w) => (w.0)(file),
             None => Box::new(file),
@@ -184,16 +206,19 @@ impl Wal {
             sync,
             buf: Vec::new(),
             faults,
+            ahead: None,
         };
         if foreign {
             // A new generation under our id: the old frames no longer count.
             wal.reset()?;
+            wal.ahead = fill.and_then(|f| Ahead::start(f, wal.allocated, sync));
             return Ok((wal, Vec::new()));
         }
         if len == 0 {
             wal.write_header()?;
         }
         let frames = wal.recover(len)?;
+        wal.ahead = fill.and_then(|f| Ahead::start(f, wal.allocated, sync));
         Ok((wal, frames))
     }
 
@@ -240,6 +265,11 @@ impl Wal {
 
     fn write_at_end(&mut self, frame: &[u8]) -> io::Result<()> {
         let end = self.pos + frame.len() as u64;
+        if end > self.allocated
+            && let Some(ahead) = &self.ahead
+        {
+            self.allocated = self.allocated.max(ahead.allocated());
+        }
         if end > self.allocated {
             // Preallocate with real zeros (not a sparse hole) so that later
             // appends do not change the file's block map.
@@ -250,17 +280,18 @@ impl Wal {
             } else {
                 end.div_ceil(GROW) * GROW
             };
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = self.allocated;
-            while at < target {
-                let n = ((target - at) as usize).min(zeros.len());
-                self.file.write_at(at, &zeros[..n])?;
-                at += n as u64;
-            }
-            if self.sync {
-                self.file.sync_all()?;
-            }
-            self.allocated = target;
+            let (file, sync) = (&mut self.file, self.sync);
+            self.allocated = match &self.ahead {
+                // The thread has fallen behind: fill the rest here (it
+                // waits meanwhile, so the two never write the same bytes).
+                Some(ahead) => {
+                    ahead.fill_now(target, |from, to| zero_fill(file.as_mut(), from, to, sync))?
+                }
+                None => {
+                    zero_fill(file.as_mut(), self.allocated, target, sync)?;
+                    target
+                }
+            };
         }
         if self.inject_fault() {
             // A torn write: half the frame reaches the file.
@@ -277,6 +308,14 @@ impl Wal {
             crate::telemetry::fsync(started.elapsed());
         }
         self.pos = end;
+        if let Some(ahead) = &mut self.ahead {
+            // Keep as many zeros ahead as the frames use, up to GROW: a
+            // one-shot publish writes no more zeros than the first growth.
+            let upto = end + end.min(GROW);
+            if upto > self.allocated {
+                ahead.ask(upto.next_multiple_of(256 << 10));
+            }
+        }
         Ok(())
     }
 
@@ -304,6 +343,10 @@ impl Wal {
     /// kept spares the next run the first growths (writing zeros and an
     /// fsync each, ~8 ms for the first 8 MiB here).
     pub(crate) fn trim(&mut self) -> io::Result<()> {
+        // Stop the zero-filling first: nothing may grow the file after.
+        if let Some(ahead) = self.ahead.take() {
+            self.allocated = self.allocated.max(ahead.allocated());
+        }
         self.reset()?;
         let keep = HEADER_LEN + KEEP_ON_CLOSE;
         if self.allocated > keep {
@@ -499,6 +542,22 @@ fn parse_payload(p: &[u8]) -> Option<Frame> {
         at += len;
     }
     (at == p.len()).then_some(Frame { first_seq, records })
+}
+
+/// Writes zeros over `[from, to)` and (with `sync`) syncs them with the
+/// file's block map.
+fn zero_fill(file: &mut dyn WalIo, from: u64, to: u64, sync: bool) -> io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(zeros.len());
+        file.write_at(at, &zeros[..n])?;
+        at += n as u64;
+    }
+    if sync {
+        file.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Reads exactly `buf.len()` bytes at `pos`; false at end of file.
