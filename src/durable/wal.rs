@@ -281,16 +281,13 @@ impl Wal {
                 end.div_ceil(GROW) * GROW
             };
             let (file, sync) = (&mut self.file, self.sync);
-            self.allocated = match &self.ahead {
+            self.allocated = if let Some(ahead) = &self.ahead {
                 // The thread has fallen behind: fill the rest here (it
                 // waits meanwhile, so the two never write the same bytes).
-                Some(ahead) => {
-                    ahead.fill_now(target, |from, to| zero_fill(file.as_mut(), from, to, sync))?
-                }
-                None => {
-                    zero_fill(file.as_mut(), self.allocated, target, sync)?;
-                    target
-                }
+                ahead.fill_now(target, |from, to| zero_fill(file.as_mut(), from, to, sync))?
+            } else {
+                zero_fill(file.as_mut(), self.allocated, target, sync)?;
+                target
             };
         }
         if self.inject_fault() {
