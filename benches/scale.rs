@@ -1,0 +1,142 @@
+//! Issue 15's scale cases as criterion benches, each a pair to compare in
+//! one run: the publish cost per event at 16 publishers (a thread each,
+//! fsync on) with
+//! - 1 and 1,000 idle durable cursors (`scale_idle_cursors`);
+//! - 10 and 10,000 registered webhooks over 1,000 tenants, each event
+//!   matching exactly one (`scale_webhooks`: dispatch, no worker);
+//! - an empty log and a log of 1M events (`scale_log_size`).
+//!
+//! Run: `cargo bench --bench scale`. The examples `idle_cursors` and
+//! `webhook_scale` alternate the same pairs on fresh logs and print the
+//! ratios; BENCHMARKS.md keeps both.
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use ctrlbus::{Bus, DurableBus, Event, Filter, HandlerError, NewWebhook, Position, Type};
+
+const PUBLISHERS: u64 = 16;
+
+/// Time per event of `iters` events published by 16 threads.
+fn publish_16(bus: &DurableBus, iters: u64, tenant: &str) -> Duration {
+    let per = iters.div_ceil(PUBLISHERS);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..PUBLISHERS {
+            s.spawn(|| {
+                for _ in 0..per {
+                    bus.publish(
+                        Event::new(Type::DEPLOY_STARTED, tenant).with_payload_value("k", 1),
+                    )
+                    .unwrap();
+                }
+            });
+        }
+    });
+    start
+        .elapsed()
+        .mul_f64(iters as f64 / (per * PUBLISHERS) as f64)
+}
+
+fn group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(1));
+    g
+}
+
+fn idle_cursors(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = group(c, "scale_idle_cursors");
+    for cursors in [1usize, 1000] {
+        let bus = DurableBus::open(dir.path().join(format!("c{cursors}.redb"))).unwrap();
+        bus.publish(Event::new(Type::DEPLOY_STARTED, "t")).unwrap();
+        for i in 0..cursors {
+            let sub = bus
+                .subscribe_durable(
+                    &format!("cursor-{i}"),
+                    Filter::types(["deploy.*"]).unwrap(),
+                    Position::Beginning,
+                    |_: &Event| -> Result<(), HandlerError> { Ok(()) },
+                )
+                .unwrap();
+            drop(sub);
+        }
+        assert_eq!(bus.cursors().unwrap().len(), cursors);
+        g.bench_with_input(BenchmarkId::from_parameter(cursors), &cursors, |b, _| {
+            b.iter_custom(|iters| publish_16(&bus, iters, "t"));
+        });
+        bus.close();
+    }
+    g.finish();
+}
+
+fn webhooks(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = group(c, "scale_webhooks");
+    for count in [10usize, 10_000] {
+        let bus = DurableBus::open(dir.path().join(format!("w{count}.redb"))).unwrap();
+        let hooks = bus.webhooks();
+        for i in 0..count {
+            // Tenant 0's first webhook takes every deploy; the rest watch
+            // health, or are other tenants'.
+            let events = if i == 0 { "deploy.*" } else { "health.*" };
+            hooks
+                .create(NewWebhook {
+                    tenant_id: format!("tenant-{}", i % 1000),
+                    // A public address literal: checked without a DNS lookup.
+                    url: format!("https://93.184.215.14/hooks/{i}"),
+                    events: vec![events.into()],
+                    secret: None,
+                })
+                .unwrap();
+        }
+        g.bench_with_input(BenchmarkId::from_parameter(count), &count, |b, _| {
+            b.iter_custom(|iters| publish_16(&bus, iters, "tenant-0"));
+        });
+        let made = hooks
+            .deliveries(&ctrlbus::DeliveryQuery::default())
+            .unwrap()
+            .len() as u64;
+        assert!(made > 0 && made == bus.last_seq(), "one delivery per event");
+        bus.close();
+    }
+    g.finish();
+}
+
+fn log_size(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = group(c, "scale_log_size");
+    for events in [0u64, 1_000_000] {
+        let path = dir.path().join(format!("l{events}.redb"));
+        {
+            // Built without fsync, in 10k-event batches.
+            let bus = DurableBus::builder().sync(false).open(&path).unwrap();
+            let mut n = 0;
+            while n < events {
+                let batch = (0..10_000)
+                    .map(|_| {
+                        Event::new(Type::HEALTH_PASSED, "t")
+                            .with_payload_value("d", "x".repeat(300))
+                    })
+                    .collect();
+                bus.publish_batch(batch).unwrap();
+                n += 10_000;
+            }
+            bus.close();
+        }
+        let bus = DurableBus::open(&path).unwrap();
+        assert_eq!(bus.last_seq(), events);
+        g.bench_with_input(BenchmarkId::from_parameter(events), &events, |b, _| {
+            b.iter_custom(|iters| publish_16(&bus, iters, "t"));
+        });
+        bus.close();
+    }
+    g.finish();
+}
+
+criterion_group!(benches, idle_cursors, webhooks, log_size);
+criterion_main!(benches);
