@@ -256,14 +256,17 @@ fn enqueue(shared: &Shared, items: Vec<Prepared>, bytes: usize, reply: Reply, wa
     let led = reply.has_leader();
     let kick = {
         let mut q = shared.queue.lock();
-        let was_empty = q.reqs.is_empty();
         q.reqs.push(PublishReq {
             items,
             bytes,
             reply,
             due,
         });
-        wake_writer && (was_empty || !led)
+        // An async publish is due at once; a submitted one within LINGER,
+        // which a watching writer thread sees without being woken.
+        let kick = wake_writer && (!led || !q.writer_watching);
+        q.writer_watching |= kick;
+        kick
     };
     if kick {
         // The writer thread is the committer of last resort.
