@@ -181,7 +181,7 @@ pub(crate) fn run_on<B: Submit>(bus: &B, cmd: Command, out: &mut Out) -> Result 
     let threads = args.threads.min(args.publishers);
     let share = |total: u64, i: u64| total / threads + u64::from(i < total % threads);
     let start = Instant::now();
-    let results: Vec<Result<Vec<u32>>> = std::thread::scope(|s| {
+    let results: Vec<Result<Latencies>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|i| {
                 let (payload, acks) = (&payload, acks.as_ref());
@@ -198,19 +198,18 @@ pub(crate) fn run_on<B: Submit>(bus: &B, cmd: Command, out: &mut Out) -> Result 
             .collect()
     });
     let elapsed = start.elapsed();
-    let mut latencies = Vec::with_capacity(args.events as usize);
+    let mut latencies = latencies();
     for r in results {
-        latencies.extend(r?);
+        latencies
+            .add(r?)
+            .map_err(|e| CliError::msg(format!("cannot merge latencies: {e}")))?;
     }
-    latencies.sort_unstable();
     let pct = |p: f64| -> u64 {
         if latencies.is_empty() {
-            return 0;
+            0
+        } else {
+            latencies.value_at_quantile(p)
         }
-        // A non-negative rank (p is in 0..=1), at most the length.
-        #[allow(clippy::cast_sign_loss)]
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        u64::from(latencies[i])
     };
     let secs = elapsed.as_secs_f64().max(1e-9);
     out.record(&Report {
@@ -222,10 +221,33 @@ pub(crate) fn run_on<B: Submit>(bus: &B, cmd: Command, out: &mut Out) -> Result 
         p50_us: pct(0.50),
         p99_us: pct(0.99),
         p999_us: pct(0.999),
-        max_us: latencies.last().copied().map_or(0, u64::from),
+        max_us: if latencies.is_empty() {
+            0
+        } else {
+            latencies.max()
+        },
         elapsed_ms: elapsed.as_millis() as u64,
     })?;
     Ok(())
+}
+
+/// Publish latencies in µs. A histogram (3 significant digits), not every
+/// latency: a list of 10M would hold 80 MB and make the publisher's peak
+/// RSS grow with `--events` (BENCHMARKS.md, "Log size").
+type Latencies = hdrhistogram::Histogram<u32>;
+
+/// An empty [`Latencies`]: 1 µs to an hour, growing past it if need be.
+fn latencies() -> Latencies {
+    let mut h = Latencies::new_with_bounds(1, 3_600_000_000, 3)
+        .unwrap_or_else(|_| unreachable!("valid bounds"));
+    h.auto(true);
+    h
+}
+
+/// Records one latency, from `t0` to now.
+fn record(latencies: &mut Latencies, t0: Instant) {
+    let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+    latencies.saturating_record(us.max(1));
 }
 
 /// One thread of `window` publishers: `count` publishes, at most `window`
@@ -237,8 +259,8 @@ fn publisher<B: Submit>(
     window: usize,
     payload: &Map<String, Value>,
     acks: Option<&Mutex<File>>,
-) -> Result<Vec<u32>> {
-    let mut latencies = Vec::with_capacity(count as usize);
+) -> Result<Latencies> {
+    let mut latencies = latencies();
     let mut line = String::with_capacity(40);
     let mut in_flight = std::collections::VecDeque::with_capacity(window);
     let mut submitted = 0;
@@ -249,7 +271,7 @@ fn publisher<B: Submit>(
             let t0 = Instant::now();
             let receipt = bus.publish(event)?;
             submitted += 1;
-            latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            record(&mut latencies, t0);
             record_ack(acks, &mut line, &receipt)?;
             continue;
         }
@@ -264,7 +286,7 @@ fn publisher<B: Submit>(
             break;
         };
         let receipt = bus.wait(pending)?;
-        latencies.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+        record(&mut latencies, t0);
         record_ack(acks, &mut line, &receipt)?;
     }
     Ok(latencies)
