@@ -22,6 +22,9 @@ pub(super) struct Unapplied {
 pub(super) enum ApplyMsg {
     /// `FlushAcks`, `DeadLetter` or `Apply`: apply now, then answer.
     Now(WriteReq),
+    /// The unapplied groups passed `SOFT_UNAPPLIED_BYTES`: apply now,
+    /// before the writer has to wait for it at `MAX_UNAPPLIED_BYTES`.
+    Soon,
     Shutdown,
 }
 
@@ -109,10 +112,14 @@ impl Applier {
             .min(self.shared.opts.ack_flush_interval);
         loop {
             let mut others = Vec::new();
-            let mut shutdown = false;
+            let (mut shutdown, mut soon) = (false, false);
             let mut take = |msg: ApplyMsg| match msg {
                 ApplyMsg::Now(req) => {
                     others.push(req);
+                    false
+                }
+                ApplyMsg::Soon => {
+                    soon = true;
                     false
                 }
                 ApplyMsg::Shutdown => true,
@@ -133,7 +140,7 @@ impl Applier {
                 self.counted_bytes += u.bytes;
                 self.push(u);
             }
-            self.tick(others, shutdown);
+            self.tick(others, shutdown || soon);
             if shutdown {
                 break;
             }

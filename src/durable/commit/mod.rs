@@ -299,7 +299,17 @@ const MAX_UNAPPLIED: usize = 5_000;
 /// applier: what bounds the memory of acknowledged, unapplied events when
 /// they are large (1 MiB payloads would otherwise pile up to
 /// `WAL_MAX_BYTES` twice over: records, and events kept for fan-out).
-const MAX_UNAPPLIED_BYTES: u64 = 8 << 20;
+///
+/// 2 MiB, not 8: the events kept for fan-out take about three times
+/// their records, and at 8 MiB a stalled apply (the file growing, a slow
+/// fsync) let a long publisher's peak RSS climb with the log (80 MiB at 1M
+/// events); at 2 MiB, with `SOFT_UNAPPLIED_BYTES`, it stays at 50-53 MiB
+/// from 100k to 3M events, for 4% fewer events/s (BENCHMARKS.md, "Memory").
+const MAX_UNAPPLIED_BYTES: u64 = 2 << 20;
+/// Bytes of unapplied records after which the writer asks the applier to
+/// apply at once, without waiting for it: so that it rarely has to wait at
+/// `MAX_UNAPPLIED_BYTES`.
+const SOFT_UNAPPLIED_BYTES: u64 = 1 << 20;
 
 /// The largest event id in the file (0 when empty).
 fn max_id_in_file(shared: &Shared) -> Result<u128, StorageError> {
@@ -620,14 +630,16 @@ impl Core {
                     return;
                 }
             }
-            ApplyTarget::Thread(queue, ..) => {
+            ApplyTarget::Thread(queue, tx, _) => {
                 for (seq, event) in &group.events {
                     self.unapplied_ids.insert(id_key(event.id.to_bytes()), *seq);
                 }
-                shared
-                    .unapplied_bytes
-                    .fetch_add(unapplied.bytes, Ordering::AcqRel);
+                let bytes = unapplied.bytes;
+                let before = shared.unapplied_bytes.fetch_add(bytes, Ordering::AcqRel);
                 queue.lock().push(unapplied);
+                if before < SOFT_UNAPPLIED_BYTES && before + bytes >= SOFT_UNAPPLIED_BYTES {
+                    let _ = tx.send(ApplyMsg::Soon);
+                }
             }
         }
         shared.last_seq.store(last, Ordering::Release);
