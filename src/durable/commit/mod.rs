@@ -661,8 +661,8 @@ pub(crate) fn run_writer(shared: Arc<Shared>, rx: Receiver<WriteReq>) {
     let _dart = PoisonDart::new(&shared.poisoned, "ctrlbus-writer");
     // Without the applier thread (no WAL) this thread runs the timed
     // applies and acknowledgement flushes: wake at least this often.
-    let tick = match shared.core.lock().as_ref() {
-        Some(core) => core.timeout(),
+    let (tick, inline) = match shared.core.lock().as_ref() {
+        Some(core) => (core.timeout(), matches!(core.apply, ApplyTarget::Inline(_))),
         None => return,
     };
     let mut last_seen = Instant::now();
@@ -700,7 +700,11 @@ pub(crate) fn run_writer(shared: Arc<Shared>, rx: Receiver<WriteReq>) {
             }
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => {
-                with_core(&shared, Core::idle);
+                // Only an inline applier has timed work; a watching wake
+                // must not queue for the core behind a committer's fsync.
+                if inline {
+                    with_core(&shared, Core::idle);
+                }
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
