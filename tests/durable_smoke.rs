@@ -102,6 +102,38 @@ fn submit_keeps_publishes_in_flight_and_drop_still_fans_out() {
     assert_eq!(last.event.id, id);
 }
 
+/// Polls until the log's last `seq` reaches `seq` (nobody waits for it).
+fn committed_without_waiting(bus: &DurableBus, seq: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while bus.last_seq() < seq {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seq {seq} never committed"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn submits_nobody_waits_for_are_committed_while_the_writer_watches_and_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::open(dir.path().join("log.redb")).unwrap();
+    // The first wakes the writer thread, which then watches the queue for
+    // a while without being woken again: the next ones, submitted while it
+    // watches, must still be committed by it.
+    let mut pending = Vec::new();
+    for seq in 1..=5u64 {
+        pending.push(bus.submit(Event::new(Type::DEPLOY_STARTED, "t")).unwrap());
+        committed_without_waiting(&bus, seq);
+    }
+    // Long after it stopped watching: a submit wakes it again.
+    std::thread::sleep(Duration::from_millis(100));
+    pending.push(bus.submit(Event::new(Type::DEPLOY_STARTED, "t")).unwrap());
+    committed_without_waiting(&bus, 6);
+    let seqs: Vec<u64> = pending.into_iter().map(|p| p.wait().unwrap().seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+}
+
 #[test]
 fn a_submitted_publish_becomes_durable_without_waiting() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,8 +28,8 @@ pub(crate) fn publish(
 enum Waiter {
     /// The submitting thread, at once (`publish`): it leads the commit
     /// itself if nobody else does, so waking the writer thread would only
-    /// cost two context switches per group (1.7 µs of CPU per event at 16
-    /// publishers, BENCHMARKS.md).
+    /// cost two context switches per group (at 1 publisher, 30% of the
+    /// process's CPU; BENCHMARKS.md, "Seventh session").
     Now,
     /// The caller, whenever it calls `wait` (`submit`): the writer thread
     /// commits it after `LINGER` if no publisher has.
