@@ -138,11 +138,14 @@ fn killing_the_stream_leader_while_8_publishers_write_loses_nothing_acknowledged
         .collect();
     assert!(read.windows(2).all(|w| w[0].0 + 1 == w[1].0), "contiguous");
     let stored: std::collections::HashMap<u64, EventId> = read.iter().copied().collect();
+    let newest_acked = acked.iter().map(|a| a.0).max();
     for (seq, id) in &acked {
         assert_eq!(
             stored.get(seq),
             Some(id),
-            "acknowledged seq {seq} lost or moved"
+            "acknowledged seq {seq} lost or moved (read {} events up to seq {:?}; newest acknowledged {newest_acked:?})",
+            read.len(),
+            read.last().map(|r| r.0),
         );
     }
     let ids: BTreeSet<EventId> = read.iter().map(|r| r.1).collect();

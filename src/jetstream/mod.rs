@@ -489,8 +489,12 @@ impl JetStreamBus {
             }
         };
         let subjects = subject::of_filter(&inner.stream, filter);
-        let (messages, pending) = inner.block_on(self.retrying(|| async {
+        let whole = subjects == [subject::all(&inner.stream)];
+        let (messages, pending, last) = inner.block_on(self.retrying(|| async {
+            // The stream's last seq as its leader has it: what a read of
+            // every subject must reach (see `JetStreamReader::until`).
             let stream = inner.stream().await?;
+            let last = stream.cached_info().state.last_sequence;
             let mut consumer = stream
                 .create_consumer(jetstream::consumer::pull::OrderedConfig {
                     deliver_policy,
@@ -501,14 +505,20 @@ impl JetStreamBus {
                 .map_err(cluster)?;
             let pending = consumer.info().await.map_err(cluster)?.num_pending;
             let messages = consumer.messages().await.map_err(cluster)?;
-            Ok::<_, StorageError>((messages, pending))
+            Ok::<_, StorageError>((messages, pending, last))
         }))?;
+        let start = match from {
+            Position::Seq(s) => s.max(1),
+            _ => 1,
+        };
+        let until = (whole && last >= start).then_some(last);
         let mut reader = JetStreamReader {
             bus: self.clone(),
             messages: Some(messages),
             filter: filter.clone(),
+            until,
         };
-        if pending == 0 {
+        if pending == 0 && until.is_none() {
             reader.finish();
         }
         Ok(reader)
@@ -555,6 +565,13 @@ pub struct JetStreamReader {
     /// `None` once the snapshot is read.
     messages: Option<jetstream::consumer::pull::Ordered>,
     filter: Filter,
+    /// For a read of every subject, the stream's last seq when it began,
+    /// as the stream's leader had it: the read ends there, not where the
+    /// consumer first says nothing is pending. A consumer's server may be
+    /// a replica still catching up after a failover, whose count of what
+    /// is pending is short (a read right after a leader's restart once
+    /// ended before acknowledged events).
+    until: Option<u64>,
 }
 
 impl JetStreamReader {
@@ -563,6 +580,7 @@ impl JetStreamReader {
             bus,
             messages: None,
             filter: Filter::all(),
+            until: None,
         }
     }
 }
@@ -605,7 +623,13 @@ impl Iterator for JetStreamReader {
                 }
                 Ok(None) => {
                     self.finish();
-                    return None;
+                    // A read of every subject ends at `until`, which it
+                    // has not reached: say so, rather than end short.
+                    return self.until.map(|until| {
+                        Err(ReadError::Storage(cluster(format!(
+                            "the stream's consumer ended before seq {until}, the last when the read began"
+                        ))))
+                    });
                 }
                 Err(_) => {
                     self.finish();
@@ -618,7 +642,11 @@ impl Iterator for JetStreamReader {
                 Ok(e) => e,
                 Err(e) => return Some(Err(e)),
             };
-            if msg.info().is_ok_and(|i| i.pending == 0) {
+            let last_one = match self.until {
+                Some(until) => entry.seq >= until,
+                None => msg.info().is_ok_and(|i| i.pending == 0),
+            };
+            if last_one {
                 // The last one of the snapshot.
                 self.finish();
             }
