@@ -160,6 +160,12 @@ fn reads_filter_and_start_where_asked<L: EventLog>(log: &L) {
         seqs(log, Position::Time(t), &Filter::all()).first(),
         Some(&first_at_t)
     );
+    // Past the newest event, by time or by seq: empty (not an error after
+    // waiting for events that are not there).
+    let after_newest = all[29].appended_at + jiff::SignedDuration::from_secs(60);
+    assert!(seqs(log, Position::Time(after_newest), &Filter::all()).is_empty());
+    assert!(seqs(log, Position::Seq(31), &Filter::all()).is_empty());
+    assert_eq!(seqs(log, Position::Seq(30), &Filter::all()), [30]);
     // recent_events: the newest matching, oldest first.
     let recent = log.recent_events(4, &deploys_of_acme).unwrap();
     assert_eq!(

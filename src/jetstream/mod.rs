@@ -489,7 +489,7 @@ impl JetStreamBus {
             }
         };
         let subjects = subject::of_filter(&inner.stream, filter);
-        let whole = subjects == [subject::all(&inner.stream)];
+        let whole = subject::is_every_event(&inner.stream, &subjects);
         let (messages, pending, last) = inner.block_on(self.retrying(|| async {
             // The stream's last seq as its leader has it: what a read of
             // every subject must reach (see `JetStreamReader::until`).
@@ -507,11 +507,14 @@ impl JetStreamBus {
             let messages = consumer.messages().await.map_err(cluster)?;
             Ok::<_, StorageError>((messages, pending, last))
         }))?;
+        // Only where the read starts at a known seq: from a time, the
+        // consumer alone knows where it starts (maybe past `last`).
         let start = match from {
-            Position::Seq(s) => s.max(1),
-            _ => 1,
+            Position::Beginning => Some(1),
+            Position::Seq(s) => Some(s.max(1)),
+            _ => None,
         };
-        let until = (whole && last >= start).then_some(last);
+        let until = start.filter(|&s| whole && last >= s).map(|_| last);
         let mut reader = JetStreamReader {
             bus: self.clone(),
             messages: Some(messages),

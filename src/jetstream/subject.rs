@@ -32,6 +32,11 @@ pub(crate) fn all(stream: &str) -> String {
     format!("{stream}.ev.>")
 }
 
+/// True if `subjects` (from [`of_filter`]) take every event of `stream`.
+pub(crate) fn is_every_event(stream: &str, subjects: &[String]) -> bool {
+    matches!(subjects, [one] if *one == format!("{stream}.ev.*.>") || *one == all(stream))
+}
+
 /// The subjects that hold exactly the events of `filter`'s types and
 /// tenant (its instance, if any, is checked on the client).
 pub(crate) fn of_filter(stream: &str, filter: &Filter) -> Vec<String> {
@@ -71,6 +76,18 @@ pub(crate) fn valid_stream_name(name: &str) -> bool {
 mod tests {
     use super::*;
     use crate::event::Type;
+
+    #[test]
+    fn only_an_unrestricted_filter_takes_every_event() {
+        let every = |f: &Filter| is_every_event("s", &of_filter("s", f));
+        assert!(every(&Filter::all()));
+        assert!(every(&Filter::types(["*"]).unwrap()));
+        assert!(!every(&Filter::all().tenant("acme")));
+        assert!(!every(&Filter::types(["deploy.*"]).unwrap()));
+        assert!(!every(
+            &Filter::types(["deploy.failed", "*"]).unwrap().tenant("a")
+        ));
+    }
 
     #[test]
     fn any_tenant_is_one_safe_token() {
