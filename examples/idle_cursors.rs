@@ -6,7 +6,8 @@
 //! Usage: `cargo run --release --example idle_cursors [EVENTS]` (default
 //! 40,000); prints events/s per round and the ratio of the medians.
 
-use std::time::Instant;
+#[path = "support/pairs.rs"]
+mod pairs;
 
 use ctrlbus::{Bus, DurableBus, Event, Filter, HandlerError, Position, Type};
 
@@ -24,46 +25,22 @@ fn round(cursors: usize, events: usize) -> Result<f64, Box<dyn std::error::Error
         drop(sub);
     }
     assert_eq!(bus.cursors()?.len(), cursors);
-    let threads = 16;
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let bus = bus.clone();
-            s.spawn(move || {
-                for _ in 0..events / threads {
-                    bus.publish(Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("k", 1))
-                        .expect("publish");
-                }
-            });
-        }
+    let (rate, _) = pairs::publish_rate(&bus, events, || {
+        Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("k", 1)
     });
-    let rate = events as f64 / start.elapsed().as_secs_f64();
     bus.close();
     Ok(rate)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let events: usize = match std::env::args().nth(1) {
-        Some(n) => n.parse()?,
-        None => 40_000,
-    };
-    let (mut one, mut many) = (Vec::new(), Vec::new());
-    for r in 0..3 {
-        one.push(round(1, events)?);
-        many.push(round(1000, events)?);
-        println!(
-            "round {r}: 1 cursor {:.0} events/s, 1,000 cursors {:.0} events/s",
-            one[r], many[r]
-        );
-    }
-    println!(
-        "1,000 idle cursors / 1: {:.3} (medians)",
-        median(many) / median(one)
-    );
-    Ok(())
+    pairs::alternate(
+        &pairs::Pair {
+            small: 1,
+            large: 1000,
+            small_label: "1 cursor",
+            large_label: "1,000 cursors",
+            ratio_label: "1,000 idle cursors / 1",
+        },
+        round,
+    )
 }

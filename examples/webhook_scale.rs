@@ -8,7 +8,8 @@
 //! Usage: `cargo run --release --example webhook_scale [EVENTS]` (default
 //! 40,000); prints events/s per round and the ratio of the medians.
 
-use std::time::Instant;
+#[path = "support/pairs.rs"]
+mod pairs;
 
 use ctrlbus::{Bus, DurableBus, Event, NewWebhook, Type};
 
@@ -29,48 +30,24 @@ fn round(webhooks: usize, events: usize) -> Result<f64, Box<dyn std::error::Erro
             secret: None,
         })?;
     }
-    let threads = 16;
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let bus = bus.clone();
-            s.spawn(move || {
-                for _ in 0..events / threads {
-                    bus.publish(Event::new(Type::DEPLOY_STARTED, "tenant-0"))
-                        .expect("publish");
-                }
-            });
-        }
+    let (rate, published) = pairs::publish_rate(&bus, events, || {
+        Event::new(Type::DEPLOY_STARTED, "tenant-0")
     });
-    let rate = events as f64 / start.elapsed().as_secs_f64();
     let made = hooks.deliveries(&ctrlbus::DeliveryQuery::default())?.len();
-    assert_eq!(made, events / threads * threads, "one delivery per event");
+    assert_eq!(made, published, "one delivery per event");
     bus.close();
     Ok(rate)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let events: usize = match std::env::args().nth(1) {
-        Some(n) => n.parse()?,
-        None => 40_000,
-    };
-    let (mut few, mut many) = (Vec::new(), Vec::new());
-    for r in 0..3 {
-        few.push(round(10, events)?);
-        many.push(round(10_000, events)?);
-        println!(
-            "round {r}: 10 webhooks {:.0} events/s, 10,000 webhooks {:.0} events/s",
-            few[r], many[r]
-        );
-    }
-    println!(
-        "10,000 webhooks / 10: {:.3} (medians)",
-        median(many) / median(few)
-    );
-    Ok(())
+    pairs::alternate(
+        &pairs::Pair {
+            small: 10,
+            large: 10_000,
+            small_label: "10 webhooks",
+            large_label: "10,000 webhooks",
+            ratio_label: "10,000 webhooks / 10",
+        },
+        round,
+    )
 }

@@ -264,10 +264,11 @@ fn publisher<B: Submit>(
     let mut line = String::with_capacity(40);
     let mut in_flight = std::collections::VecDeque::with_capacity(window);
     let mut submitted = 0;
+    let event = || Event::new(Type::INSTANCE_STARTED, "bench").with_payload(payload.clone());
     while submitted < count || !in_flight.is_empty() {
         if submitted < count && window <= 1 {
             // One in flight: a plain publish, as such a publisher calls it.
-            let event = Event::new(Type::INSTANCE_STARTED, "bench").with_payload(payload.clone());
+            let event = event();
             let t0 = Instant::now();
             let receipt = bus.publish(event)?;
             submitted += 1;
@@ -276,7 +277,7 @@ fn publisher<B: Submit>(
             continue;
         }
         if submitted < count && in_flight.len() < window {
-            let event = Event::new(Type::INSTANCE_STARTED, "bench").with_payload(payload.clone());
+            let event = event();
             let t0 = Instant::now();
             in_flight.push_back((t0, bus.submit(event)?));
             submitted += 1;

@@ -165,6 +165,32 @@ impl IdCheck {
     }
 }
 
+/// What an id-index entry (or mark) for `key` finds at `seq`.
+#[derive(PartialEq, Eq)]
+enum Named {
+    It,
+    Another,
+    Nothing,
+    Unreadable,
+}
+
+/// Reads only the record's id (`codec::id_of`): the records themselves
+/// are decoded once, by `check`'s pass over `events`.
+fn entry_names(
+    events: &redb::ReadOnlyTable<u64, &[u8]>,
+    seq: u64,
+    key: u128,
+) -> Result<Named, StorageError> {
+    Ok(match events.get(seq)? {
+        None => Named::Nothing,
+        Some(rec) => match codec::id_of(rec.value()) {
+            Ok(id) if id_key(id) == key => Named::It,
+            Ok(_) => Named::Another,
+            Err(_) => Named::Unreadable,
+        },
+    })
+}
+
 /// Verifies every record (decodes, append times non-decreasing, `seq`s
 /// contiguous), the id index (every event findable by its id: see
 /// `id_index`), and every cursor record.
@@ -250,11 +276,7 @@ pub(crate) fn check<D: ReadableDatabase>(
         let (k, v) = kv?;
         report.index_entries_checked += 1;
         let seq = v.value();
-        let names = events
-            .get(seq)?
-            .and_then(|rec| codec::id_of(rec.value()).ok())
-            .is_some_and(|id| id_key(id) == k.value());
-        if !names {
+        if entry_names(&events, seq, k.value())? != Named::It {
             problem(
                 &mut report,
                 format!(
@@ -268,24 +290,20 @@ pub(crate) fn check<D: ReadableDatabase>(
         let (k, v) = kv?;
         report.index_entries_checked += 1;
         let seq = v.value();
-        match events.get(seq)? {
-            None => problem(
+        match entry_names(&events, seq, k.value())? {
+            Named::Nothing => problem(
                 &mut report,
                 format!(
                     "id index entry {} points to missing seq {seq}",
                     crate::EventId::from_bytes(k.value().to_be_bytes())
                 ),
             ),
-            Some(rec) => {
-                if let Ok((_, r)) = codec::decode_ref(rec.value())
-                    && r.id != k.value().to_be_bytes()
-                {
-                    problem(
-                        &mut report,
-                        format!("id index entry for seq {seq} names another event"),
-                    );
-                }
-            }
+            Named::Another => problem(
+                &mut report,
+                format!("id index entry for seq {seq} names another event"),
+            ),
+            // An unreadable record is reported where records are checked.
+            Named::It | Named::Unreadable => {}
         }
     }
     let last = read::last_assigned(&txn)?;

@@ -165,9 +165,11 @@ impl Wal {
             std::fs::TryLockError::Error(e) => e,
         })?;
         // A handle of its own for the zero-filling thread; it writes with
-        // `pwrite`, so the two never share a position.
+        // `pwrite` (`WalIo::write_at`), so the two never share a position.
+        // Elsewhere a write is a seek and a write on a position the two
+        // handles would share: no thread there.
         let fill = match (wrap, &faults) {
-            (None, None) => file.try_clone().ok(),
+            (None, None) if cfg!(unix) => file.try_clone().ok(),
             _ => None,
         };
         let mut file: Box<dyn WalIo> = match wrap {
@@ -310,7 +312,7 @@ impl Wal {
             // one-shot publish writes no more zeros than the first growth.
             let upto = end + end.min(GROW);
             if upto > self.allocated {
-                ahead.ask(upto.next_multiple_of(256 << 10));
+                ahead.ask(upto.next_multiple_of(super::wal_ahead::CHUNK));
             }
         }
         Ok(())

@@ -24,13 +24,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
+use super::wal::WalIo;
 use crate::sync::{Condvar, Mutex};
 
 /// Bytes the thread zero-fills (and syncs) at a time: what a frame's
 /// `fdatasync` running beside it may have to flush with it. 256 KiB, not
 /// 1 MiB: at 16 publishers the slowest 1% of publishes stayed as without
-/// the thread (1 MiB made them 1.3-1.6x slower), BENCHMARKS.md.
-const CHUNK: u64 = 256 << 10;
+/// the thread (1 MiB made them 1.3-1.6x slower), BENCHMARKS.md. The WAL
+/// asks for zeros in steps of it too.
+pub(crate) const CHUNK: u64 = 256 << 10;
 
 /// What the committer asked for and whether to stop.
 struct Want {
@@ -73,7 +75,7 @@ impl Ahead {
         let s = state.clone();
         let thread = std::thread::Builder::new()
             .name("ctrlbus-wal-fill".into())
-            .spawn(move || run(&s, &file, sync))
+            .spawn(move || run(&s, file, sync))
             .ok()?;
         Some(Ahead {
             state,
@@ -128,7 +130,7 @@ impl Drop for Ahead {
 
 /// The thread: waits to be asked, then fills chunk by chunk, publishing
 /// each once written (and synced).
-fn run(state: &State, file: &File, sync: bool) {
+fn run(state: &State, mut file: File, sync: bool) {
     let zeros = vec![0u8; CHUNK as usize];
     loop {
         let upto = {
@@ -148,9 +150,10 @@ fn run(state: &State, file: &File, sync: bool) {
                 return Ok(());
             }
             let end = (at + CHUNK).min(upto);
-            write_at(file, at, &zeros[..(end - at) as usize])?;
+            // One `pwrite`: the committer's handle keeps its position.
+            file.write_at(at, &zeros[..(end - at) as usize])?;
             if sync {
-                file.sync_all()?;
+                WalIo::sync_all(&mut file)?;
             }
             state.allocated.store(end, Ordering::Release);
             Ok(())
@@ -161,20 +164,6 @@ fn run(state: &State, file: &File, sync: bool) {
             return;
         }
     }
-}
-
-#[cfg(unix)]
-fn write_at(file: &File, pos: u64, data: &[u8]) -> io::Result<()> {
-    std::os::unix::fs::FileExt::write_all_at(file, data, pos)
-}
-
-#[cfg(not(unix))]
-fn write_at(file: &File, pos: u64, data: &[u8]) -> io::Result<()> {
-    // A handle of its own has its own position on these systems.
-    use std::io::{Seek, SeekFrom, Write};
-    let mut f = file;
-    f.seek(SeekFrom::Start(pos))?;
-    f.write_all(data)
 }
 
 #[cfg(test)]
@@ -195,14 +184,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w");
         let file = File::create(&path).unwrap();
-        let frames = file.try_clone().unwrap();
+        let mut frames = file.try_clone().unwrap();
         let mut ahead = Ahead::start(file, 0, true).unwrap();
         ahead.ask(3 * CHUNK + 5);
         wait_for(&ahead, 3 * CHUNK + 5);
         // Exactly what was asked: a chunk at a time, the last one short.
         assert_eq!(ahead.allocated(), 3 * CHUNK + 5);
         // A "frame" below `allocated`, then more asked: it stays.
-        write_at(&frames, 10, b"frame").unwrap();
+        frames.write_at(10, b"frame").unwrap();
         ahead.ask(4 * CHUNK);
         wait_for(&ahead, 4 * CHUNK);
         drop(ahead);
