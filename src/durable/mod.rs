@@ -105,7 +105,7 @@ use crate::error::{CursorError, OpenError, PublishError, ReadError, StorageError
 use crate::event::{DEFAULT_MAX_PAYLOAD_BYTES, Event};
 use crate::fanout::Subscribers;
 use crate::filter::Filter;
-use crate::sync::{Mutex, RwLock};
+use crate::sync::{Condvar, Mutex, RwLock};
 
 /// Default redb page cache of a bus: enough for the hot end of the log and
 /// the indexes, small enough for a control plane's sidecar. 16 MiB, not 32:
@@ -427,6 +427,9 @@ pub(crate) struct Shared {
     pub(crate) core: Mutex<Option<commit::Core>>,
     /// Publishes not yet committed (`commit::Pending` commits them).
     pub(crate) queue: Mutex<commit::PublishQueue>,
+    /// Signalled when the queue holds the requests a committer gathering
+    /// its group waits for (`PublishQueue::gather_until`).
+    pub(crate) queue_grew: Condvar,
     /// The writer thread's queue.
     pub(crate) tx: Sender<commit::WriteReq>,
     /// Async publishes waiting for their fan-out (`publish_async`).
@@ -561,6 +564,7 @@ impl DurableBus {
             hooks: RwLock::new(hooks),
             core: Mutex::new(None),
             queue: Mutex::new(commit::PublishQueue::default()),
+            queue_grew: Condvar::new(),
             tx,
             #[cfg(feature = "tokio")]
             completions: commit::completion::Completions::default(),

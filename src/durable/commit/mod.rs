@@ -69,6 +69,7 @@ mod applier;
 #[cfg(feature = "tokio")]
 pub(crate) mod completion;
 mod fanout;
+mod gather;
 mod publish;
 mod replay;
 
@@ -195,6 +196,10 @@ pub(crate) struct PublishQueue {
     /// least every `LINGER` until `WATCH` passes with nothing queued):
     /// a submit need not wake it.
     writer_watching: bool,
+    /// While a committer waits for the rest of its group (`gather`): the
+    /// requests at which `enqueue` wakes it (`Shared::queue_grew`); 0
+    /// when nobody waits.
+    gather_until: usize,
 }
 
 /// How long a queued publish may wait for its own publisher (or another)
@@ -281,6 +286,8 @@ pub(crate) struct Core {
     /// Every id in the log (file or WAL) is at most this (as `id_key`).
     max_id: u128,
     apply: ApplyTarget,
+    /// How many requests the next group may wait for (`gather`).
+    gather: gather::Gather,
 }
 
 /// Most bytes of encoded events in one `publish_batch`, and in one group
@@ -349,6 +356,7 @@ impl Core {
             max_id,
             unapplied_ids: RecentIds::default(),
             apply,
+            gather: gather::Gather::default(),
         }
     }
 
@@ -375,6 +383,7 @@ impl Core {
         let max_bytes = self.shared.opts.max_batch_bytes;
         let publishes = {
             let mut q = self.shared.queue.lock();
+            self.gather_rest(&mut q, max);
             let (mut count, mut bytes) = (0, 0);
             // A group is one WAL frame: bounded in events and in bytes (so
             // its u32 length can't overflow; one request always fits).
@@ -394,6 +403,27 @@ impl Core {
         if !publishes.is_empty() {
             self.append(publishes);
         }
+    }
+
+    /// Waits, within the bounds `gather` sets, for the publishers the last
+    /// group expects to join this one (none without fsyncs, or once
+    /// closing: nobody more will come).
+    fn gather_rest(&self, q: &mut crate::sync::MutexGuard<'_, PublishQueue>, max: usize) {
+        let shared = &self.shared;
+        if !shared.opts.sync || shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let Some((target, patience)) = self.gather.wait_for(q.reqs.len(), max) else {
+            return;
+        };
+        let deadline = Instant::now() + patience;
+        q.gather_until = target;
+        while q.reqs.len() < target {
+            if shared.queue_grew.wait_until(q, deadline).timed_out() {
+                break;
+            }
+        }
+        q.gather_until = 0;
     }
 
     /// Takes `first` and every request waiting behind it and hands them to
@@ -592,6 +622,7 @@ impl Core {
             reply_all(&shared, publishes, outcomes, None);
             return;
         };
+        let durable_since = Instant::now();
         if let Some(wal) = &mut self.wal
             && let Err(e) = wal.append(start_seq, records.iter().map(|r| r.as_slice()))
         {
@@ -642,6 +673,11 @@ impl Core {
                 }
             }
         }
+        // Who may join the next group: this one's publishers, answered
+        // below, and those that queued while it was made durable.
+        let arrived = shared.queue.lock().reqs.len();
+        self.gather
+            .committed(publishes.len(), arrived, durable_since.elapsed());
         shared.last_seq.store(last, Ordering::Release);
         crate::telemetry::committed(group.events.len());
         crate::telemetry::apply_lag(

@@ -262,6 +262,12 @@ fn enqueue(shared: &Shared, items: Vec<Prepared>, bytes: usize, reply: Reply, wa
             reply,
             due,
         });
+        // A committer waiting for the rest of its group wakes once it is
+        // all here, not at every arrival.
+        if q.gather_until > 0 && q.reqs.len() >= q.gather_until {
+            q.gather_until = 0;
+            shared.queue_grew.notify_one();
+        }
         // An async publish is due at once; a submitted one within LINGER,
         // which a watching writer thread sees without being woken.
         let kick = wake_writer && (!led || !q.writer_watching);
