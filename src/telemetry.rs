@@ -19,6 +19,11 @@ pub const GROUP_COMMIT_EVENTS: &str = "ctrlbus_group_commit_events";
 /// Seconds per fsync that makes a group durable (the WAL's `fdatasync`, or
 /// without a WAL the redb commit).
 pub const FSYNC_SECONDS: &str = "ctrlbus_fsync_seconds";
+/// Times a committer waited for the rest of its group (label `outcome`:
+/// `filled`, everyone expected came; `ran_out`, the wait's bound passed
+/// first). Many `ran_out`s mean publishers take longer to come back than
+/// an fsync, and the waits cost latency without saving fsyncs.
+pub const GROUP_COMMIT_WAITS: &str = "ctrlbus_group_commit_waits_total";
 /// Acknowledged events not yet applied to the redb file.
 pub const APPLY_LAG_EVENTS: &str = "ctrlbus_apply_lag_events";
 /// Events appended after a durable subscription's position
@@ -75,6 +80,10 @@ pub fn describe() {
             "From publish to receipt: durable and fanned out"
         );
         describe_histogram!(GROUP_COMMIT_EVENTS, "Events per group commit");
+        describe_counter!(
+            GROUP_COMMIT_WAITS,
+            "Waits of a committer for the rest of its group, by outcome"
+        );
         describe_histogram!(
             FSYNC_SECONDS,
             Unit::Seconds,
@@ -112,6 +121,18 @@ pub(crate) fn committed(events: usize) {
     }
     #[cfg(not(feature = "metrics"))]
     let _ = events;
+}
+
+/// A committer waited for the rest of its group; `filled` if all it
+/// expected came.
+pub(crate) fn group_waited(filled: bool) {
+    #[cfg(feature = "metrics")]
+    {
+        let outcome = if filled { "filled" } else { "ran_out" };
+        metrics::counter!(GROUP_COMMIT_WAITS, "outcome" => outcome).increment(1);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = filled;
 }
 
 /// A publish got its receipt `took` after it was called.

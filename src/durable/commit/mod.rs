@@ -424,6 +424,7 @@ impl Core {
             }
         }
         q.gather_until = 0;
+        crate::telemetry::group_waited(q.reqs.len() >= target);
     }
 
     /// Takes `first` and every request waiting behind it and hands them to
