@@ -27,6 +27,24 @@ pub(crate) trait AppendHook: Send + Sync {
         Ok(())
     }
 
+    /// Whether the hook may want the events of a group committed now: when
+    /// false, the committer doesn't keep the group's events for the
+    /// applier (only its records). A guess from what the hook knows
+    /// without a transaction; `wants_events` decides at the apply.
+    fn may_want_events(&self) -> bool {
+        true
+    }
+
+    /// Whether `on_append` would do anything with events, in the apply's
+    /// transaction `txn`: when no hook would, the events of groups not kept
+    /// for the hooks are not decoded and `on_append` is not called for them.
+    ///
+    /// # Errors
+    /// [`StorageError`]: the whole transaction, events included, fails.
+    fn wants_events(&self, _txn: &redb::WriteTransaction) -> Result<bool, StorageError> {
+        Ok(true)
+    }
+
     /// Called inside the write transaction, after the events are inserted.
     ///
     /// # Errors

@@ -111,13 +111,9 @@ impl Dispatcher {
     }
 }
 
-impl AppendHook for Dispatcher {
-    fn on_append(
-        &self,
-        txn: &redb::WriteTransaction,
-        appended: &[(u64, &Event)],
-        append_ns: i64,
-    ) -> Result<(), StorageError> {
+impl Dispatcher {
+    /// The registry as `txn` has it (reloaded when its version moved).
+    fn current(&self, txn: &redb::WriteTransaction) -> Result<Arc<Cache>, StorageError> {
         let version = {
             let meta = txn.open_table(HOOK_META)?;
             meta.get(META_VERSION)?.map_or(0, |g| g.value())
@@ -127,6 +123,28 @@ impl AppendHook for Dispatcher {
             cache = Arc::new(Self::load(txn, version)?);
             *self.cache.write() = cache.clone();
         }
+        Ok(cache)
+    }
+}
+
+impl AppendHook for Dispatcher {
+    /// No webhook active as of the last apply (or not loaded yet: maybe).
+    fn may_want_events(&self) -> bool {
+        let cache = self.cache.read();
+        cache.version.is_none() || !cache.by_tenant.is_empty()
+    }
+
+    fn wants_events(&self, txn: &redb::WriteTransaction) -> Result<bool, StorageError> {
+        Ok(!self.current(txn)?.by_tenant.is_empty())
+    }
+
+    fn on_append(
+        &self,
+        txn: &redb::WriteTransaction,
+        appended: &[(u64, &Event)],
+        append_ns: i64,
+    ) -> Result<(), StorageError> {
+        let cache = self.current(txn)?;
         if cache.by_tenant.is_empty() {
             return Ok(());
         }

@@ -307,8 +307,9 @@ const MAX_UNAPPLIED: usize = 5_000;
 /// they are large (1 MiB payloads would otherwise pile up to
 /// `WAL_MAX_BYTES` twice over: records, and events kept for fan-out).
 ///
-/// 2 MiB, not 8: the events kept for fan-out take about three times
-/// their records, and at 8 MiB a stalled apply (the file growing, a slow
+/// 2 MiB, not 8: the events kept for the append hooks (while a webhook is
+/// active; else only the records are held, `Unapplied`) take about three
+/// times their records, and at 8 MiB a stalled apply (the file growing, a slow
 /// fsync) let a long publisher's peak RSS climb with the log (80 MiB at 1M
 /// events); at 2 MiB, with `SOFT_UNAPPLIED_BYTES`, it stays at 50-53 MiB
 /// from 100k to 3M events, for 4% fewer events/s (BENCHMARKS.md, "Memory").
@@ -644,7 +645,19 @@ impl Core {
             done_cv: Condvar::new(),
         });
         let unapplied = Unapplied {
-            group: group.clone(),
+            first: start_seq,
+            last,
+            ids: group
+                .events
+                .iter()
+                .map(|(_, e)| id_key(e.id.to_bytes()))
+                .collect(),
+            group: shared
+                .hooks
+                .read()
+                .iter()
+                .any(|h| h.may_want_events())
+                .then(|| group.clone()),
             bytes: records.iter().map(|r| r.len() as u64).sum(),
             records,
             append_ns,
