@@ -231,14 +231,17 @@ impl Event {
     /// A new event of `event_type` for `tenant_id`, with a fresh id and the
     /// current time.
     pub fn new(event_type: Type, tenant_id: impl Into<String>) -> Event {
+        // One clock reading for the id and the timestamp.
+        let now = std::time::SystemTime::now();
         Event {
-            id: EventId::new(),
+            id: EventId::new_at(now),
             event_type,
             tenant_id: tenant_id.into(),
             instance_id: None,
             actor_id: String::new(),
             payload: Map::new(),
-            timestamp: Timestamp::now(),
+            // Out of jiff's range (past 9999) only; `now` panics there too.
+            timestamp: Timestamp::try_from(now).unwrap_or_else(|_| Timestamp::now()),
         }
     }
 

@@ -160,17 +160,19 @@ fn submit_as(
 ) -> Result<Pending, PublishError> {
     let (items, bytes) = prepare(shared, events)?;
     let (reply, rx) = oneshot();
+    let submitted = Instant::now();
     enqueue(
         shared,
         items,
         bytes,
         Reply::Blocking(reply),
         waiter == Waiter::Later,
+        submitted,
     );
     Ok(Pending {
         shared: shared.clone(),
         rx: Some(rx),
-        submitted: Instant::now(),
+        submitted,
     })
 }
 
@@ -188,7 +190,14 @@ pub(crate) fn submit_async(
     let (items, bytes) = prepare(shared, events)?;
     shared.completions.start(shared)?;
     let (reply, rx) = crate::sync::async_oneshot();
-    enqueue(shared, items, bytes, Reply::Async(reply, submitted), true);
+    enqueue(
+        shared,
+        items,
+        bytes,
+        Reply::Async(reply, submitted),
+        true,
+        submitted,
+    );
     // Queued after the writer thread shut down (a close racing this
     // call): nobody will commit it, so it is refused, as a waiting
     // blocking publisher refuses what it finds queued then. `try_lock`
@@ -245,9 +254,16 @@ fn prepare(shared: &Shared, events: Vec<Event>) -> Result<(Vec<Prepared>, usize)
 /// Queues a request. A blocking publisher may lead its own commit, so the
 /// writer thread waits `LINGER` for it; nobody leads an async one, so the
 /// writer commits it at once. With `wake_writer` false the writer thread is not
-/// woken: the caller waits at once and leads the commit itself.
-fn enqueue(shared: &Shared, items: Vec<Prepared>, bytes: usize, reply: Reply, wake_writer: bool) {
-    let now = Instant::now();
+/// woken: the caller waits at once and leads the commit itself. `now` is
+/// when it was submitted.
+fn enqueue(
+    shared: &Shared,
+    items: Vec<Prepared>,
+    bytes: usize,
+    reply: Reply,
+    wake_writer: bool,
+    now: Instant,
+) {
     let due = if reply.has_leader() {
         now + LINGER
     } else {
