@@ -43,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod bus;
+mod compact_json;
 mod durable;
 mod error;
 mod event;
