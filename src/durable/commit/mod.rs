@@ -42,8 +42,7 @@
 //!   before `next_seq`, so the switch has no gap and no duplicate.
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::BuildHasherDefault;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -52,7 +51,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use redb::ReadableTable;
 
 use super::codec;
-use super::recent_ids::{IdHasher, RecentIds};
+use super::recent_ids::RecentIds;
 use super::subscription::DurableSub;
 use super::tables::{CURSORS, DEAD_LETTERS, EVENTS, id_key, to_bytes};
 use super::wal::Wal;
@@ -558,18 +557,15 @@ impl Core {
             // sees every pruned (applied) id.
             let mut by_id: Option<redb::ReadTransaction> = None;
             let mut next = start_seq;
-            let mut fresh: HashMap<u128, u64, BuildHasherDefault<IdHasher>> = HashMap::default();
+            // This group's new ids so far (for a second publish of one).
+            let mut fresh = RecentIds::with_capacity(publishes.iter().map(|r| r.items.len()).sum());
             for req in &mut publishes {
                 let mut seqs = Vec::with_capacity(req.items.len());
                 for item in &mut req.items {
                     let key = id_key(item.event.id.to_bytes());
                     let known = if key > self.max_id {
                         None
-                    } else if let Some(s) = self
-                        .unapplied_ids
-                        .get(key)
-                        .or_else(|| fresh.get(&key).copied())
-                    {
+                    } else if let Some(s) = self.unapplied_ids.get(key).or_else(|| fresh.get(key)) {
                         Some(s)
                     } else {
                         if by_id.is_none() {
