@@ -190,13 +190,7 @@ mod tests {
     #[test]
     fn generated_strings_match() {
         // xorshift: strings mixing plain ASCII runs with every kind of byte.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::test_rng::xorshift(0x9e37_79b9_7f4a_7c15);
         let pool = [
             'a', 'Z', ' ', '"', '\\', '\n', '\u{1}', '\u{1f}', '\u{7f}', 'é', '😀', '/',
         ];
@@ -205,7 +199,7 @@ mod tests {
             let s: String = (0..len)
                 .map(|_| {
                     let r = next();
-                    if r % 3 == 0 {
+                    if r.is_multiple_of(3) {
                         pool[(r / 3 % pool.len() as u64) as usize]
                     } else {
                         'q'

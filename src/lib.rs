@@ -62,6 +62,8 @@ mod memory;
 pub mod stream;
 mod sync;
 pub mod telemetry;
+#[cfg(test)]
+mod test_rng;
 mod time;
 pub mod webhook;
 mod webhook_access;

@@ -173,20 +173,14 @@ mod tests {
 
     #[test]
     fn a_search_and_a_map_agree_on_generated_ids() {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::test_rng::xorshift(0x2545_f491_4f6c_dd1d);
         for round in 0..50 {
             let mut ids = RecentIds::default();
             let mut all = std::collections::HashMap::new();
             let mut key = 1u128 << 100;
             for seq in 1..=200u64 {
                 // Mostly ascending; in some rounds an id below the last.
-                key = if round % 2 == 1 && next() % 50 == 0 {
+                key = if round % 2 == 1 && next().is_multiple_of(50) {
                     u128::from(next())
                 } else {
                     key + u128::from(next() % 3 + 1)

@@ -12,9 +12,10 @@ use super::*;
 /// payload maps) are freed by the publisher thread that made them once the
 /// group is fanned out, not by this thread, which cost the publisher's
 /// allocator its slow path (frees from another thread) and this thread the
-/// drops (BENCHMARKS.md, "Eighth session"). The append hooks get the
-/// events: kept when a hook was registered at commit, else decoded from the
-/// records (a hook registered since).
+/// drops (BENCHMARKS.md, "Eighth session"). The append hooks still get
+/// the events: kept when a hook may want them at commit
+/// (`AppendHook::may_want_events`: a webhook is active), else decoded from
+/// the records if one wants them by the apply (`wants_events`).
 pub(super) struct Unapplied {
     /// The `seq` of `records[0]`; the others follow without a gap.
     pub(super) first: u64,
@@ -22,8 +23,8 @@ pub(super) struct Unapplied {
     pub(super) last: u64,
     /// Each record's event id (`id_key`), for the id index.
     pub(super) ids: Vec<u128>,
-    /// The group, with its events, if an append hook was registered when
-    /// it was committed.
+    /// The group, with its events, if an append hook may have wanted them
+    /// when it was committed.
     pub(super) group: Option<Arc<Group>>,
     pub(super) records: Vec<Vec<u8>>,
     /// Bytes of `records` (what `Shared::unapplied_bytes` counts).
@@ -33,8 +34,8 @@ pub(super) struct Unapplied {
     pub(super) acked_at: Instant,
 }
 
-/// The events of a group committed with no append hook registered, for
-/// a hook registered since: decoded from its records.
+/// The events of a group committed when no append hook wanted them, for
+/// one that does by the apply: decoded from its records.
 fn decode_group(u: &Unapplied) -> Result<Vec<(u64, Event)>, StorageError> {
     (u.first..)
         .zip(&u.records)
