@@ -1,7 +1,8 @@
 //! Group commit's wait for the rest of a group (`commit::gather`): a
 //! committer waits only for publishers the last group expects, so a lone
 //! publisher never waits and one left alone after a crowd waits once at
-//! most; and a crowd that waits loses, duplicates and reorders nothing.
+//! most, and a group already whole in events waits for nobody; and a
+//! crowd that waits loses, duplicates and reorders nothing.
 //! One test: the metrics recorder is process-wide.
 #![cfg(feature = "metrics")]
 
@@ -96,6 +97,31 @@ fn a_committer_waits_only_for_the_publishers_it_expects() {
         "a publisher left alone waited {ran_out} times"
     );
     eprintln!("the crowd's waits: {} filled, {} ran out", crowd.0, crowd.1);
+
+    // A group already whole in events waits for nobody: four submits in
+    // one group make the next commit expect four requests, but a batch of
+    // `max_group_events` events alone fills a group.
+    let small = DurableBus::builder()
+        .max_group_events(10)
+        .open(dir.path().join("small.redb"))
+        .unwrap();
+    let pending: Vec<_> = (0..4)
+        .map(|i| {
+            small
+                .submit(Event::new(Type::INSTANCE_STARTED, "w").with_payload_value("i", i))
+                .unwrap()
+        })
+        .collect();
+    for p in pending {
+        p.wait().unwrap();
+    }
+    waits(&snapshotter);
+    let batch = (0..10)
+        .map(|i| Event::new(Type::INSTANCE_STARTED, "w").with_payload_value("b", i))
+        .collect();
+    assert_eq!(small.publish_batch(batch).unwrap().len(), 10);
+    assert_eq!(waits(&snapshotter), (0, 0), "a whole group waited");
+    drop(small);
 
     // Every crowd receipt is the event at its seq; each thread's seqs rise;
     // the log is 1..=N without a gap or a duplicate.

@@ -416,6 +416,11 @@ impl Core {
         let Some((target, patience)) = self.gather.wait_for(q.reqs.len(), max) else {
             return;
         };
+        // Already a whole group of events (a large `publish_batch`): more
+        // requests wouldn't fit in it.
+        if q.reqs.iter().map(|r| r.items.len()).sum::<usize>() >= max {
+            return;
+        }
         let deadline = Instant::now() + patience;
         q.gather_until = target;
         while q.reqs.len() < target {
