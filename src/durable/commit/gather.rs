@@ -20,7 +20,8 @@
 //!   durable. A publisher that stops costs one wait, after which `expect`
 //!   no longer counts it.
 //! - Nothing waits without an fsync to share (`sync(false)`), nor for one
-//!   publisher (`expect` 1).
+//!   publisher (`expect` 1), nor when the queue already holds a whole
+//!   group of events (the committer's check, `Core::gather_rest`).
 
 use std::time::Duration;
 
