@@ -98,14 +98,6 @@ macro_rules! prefixed_id {
                 Self(next_ulid())
             }
 
-            /// A fresh id from the monotonic generator for the clock
-            /// reading `now` (it stays above every earlier id even if the
-            /// clock went back).
-            #[allow(dead_code)]
-            pub(crate) fn new_at(now: std::time::SystemTime) -> Self {
-                Self(next_ulid_at(now))
-            }
-
             /// Wraps a ULID.
             pub const fn from_ulid(ulid: Ulid) -> Self {
                 Self(ulid)
@@ -202,6 +194,15 @@ prefixed_id!(
     "evt",
     "event id"
 );
+impl EventId {
+    /// A fresh id from the monotonic generator for the clock reading `now`
+    /// (it stays above every earlier id even if the clock went back): an
+    /// event's id and timestamp from one reading.
+    pub(crate) fn new_at(now: std::time::SystemTime) -> EventId {
+        EventId(next_ulid_at(now))
+    }
+}
+
 prefixed_id!(
     /// The id of an instance the control plane manages: `inst_` + ULID.
     InstanceId,

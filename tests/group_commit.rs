@@ -1,7 +1,8 @@
 //! Group commit's wait for the rest of a group (`commit::gather`): a
 //! committer waits only for publishers the last group expects, so a lone
 //! publisher never waits and one left alone after a crowd waits once at
-//! most, and a group already whole in events waits for nobody; and a
+//! most, a group already whole in events waits for nobody, nor does
+//! anything with `sync(false)`; and a
 //! crowd that waits loses, duplicates and reorders nothing.
 //! One test: the metrics recorder is process-wide.
 #![cfg(feature = "metrics")]
@@ -122,6 +123,33 @@ fn a_committer_waits_only_for_the_publishers_it_expects() {
     assert_eq!(small.publish_batch(batch).unwrap().len(), 10);
     assert_eq!(waits(&snapshotter), (0, 0), "a whole group waited");
     drop(small);
+
+    // Without fsyncs there is nothing to share: a crowd never waits.
+    let unsynced = Arc::new(
+        DurableBus::builder()
+            .sync(false)
+            .open(dir.path().join("unsynced.redb"))
+            .unwrap(),
+    );
+    let crowd: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let bus = unsynced.clone();
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    bus.publish(
+                        Event::new(Type::INSTANCE_STARTED, format!("u-{t}"))
+                            .with_payload_value("i", i),
+                    )
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in crowd {
+        h.join().unwrap();
+    }
+    assert_eq!(waits(&snapshotter), (0, 0), "a commit without fsync waited");
+    drop(unsynced);
 
     // Every crowd receipt is the event at its seq; each thread's seqs rise;
     // the log is 1..=N without a gap or a duplicate.

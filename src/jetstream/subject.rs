@@ -32,9 +32,10 @@ pub(crate) fn all(stream: &str) -> String {
     format!("{stream}.ev.>")
 }
 
-/// True if `subjects` (from [`of_filter`]) take every event of `stream`.
+/// True if `subjects` (from [`of_filter`]) take every event of `stream`:
+/// those of the unrestricted filter.
 pub(crate) fn is_every_event(stream: &str, subjects: &[String]) -> bool {
-    matches!(subjects, [one] if *one == format!("{stream}.ev.*.>") || *one == all(stream))
+    subjects == of_filter(stream, &Filter::all())
 }
 
 /// The subjects that hold exactly the events of `filter`'s types and

@@ -206,6 +206,42 @@ impl Applier {
         }
     }
 
+    /// Hands every unapplied group's events to the append hooks, in the
+    /// apply's transaction: the kept events, or for a group not kept,
+    /// decoded from its records if any hook wants events now.
+    fn run_hooks(&self, txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+        let hooks = self.shared.hooks.read();
+        if hooks.is_empty() {
+            return Ok(());
+        }
+        // Asked once per apply, and only for a group whose events were
+        // not kept.
+        let mut wanted: Option<bool> = None;
+        for u in &self.unapplied {
+            let decoded: Vec<(u64, Event)>;
+            let appended: Vec<(u64, &Event)> = if let Some(g) = &u.group {
+                g.events.iter().map(|(s, e)| (*s, e)).collect()
+            } else {
+                if wanted.is_none() {
+                    let mut any = false;
+                    for hook in hooks.iter() {
+                        any |= hook.wants_events(txn)?;
+                    }
+                    wanted = Some(any);
+                }
+                if wanted == Some(false) {
+                    continue;
+                }
+                decoded = decode_group(u)?;
+                decoded.iter().map(|(s, e)| (*s, e)).collect()
+            };
+            for hook in hooks.iter() {
+                hook.on_append(txn, &appended, u.append_ns)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies every unapplied group to redb, with the hooks, the dead letters
     /// in `others` and the subscriptions' positions, in one durable commit.
     /// True on success. A failure poisons the bus when a WAL holds the
@@ -239,33 +275,7 @@ impl Applier {
                 }
                 index.finish()?;
             }
-            let hooks = shared.hooks.read();
-            // Asked once per apply, and only for a group whose events were
-            // not kept: whether any hook now wants events at all.
-            let mut wanted: Option<bool> = None;
-            for u in self.unapplied.iter().filter(|_| !hooks.is_empty()) {
-                let decoded: Vec<(u64, Event)>;
-                let appended: Vec<(u64, &Event)> = if let Some(g) = &u.group {
-                    g.events.iter().map(|(s, e)| (*s, e)).collect()
-                } else {
-                    if wanted.is_none() {
-                        let mut any = false;
-                        for hook in hooks.iter() {
-                            any |= hook.wants_events(&txn)?;
-                        }
-                        wanted = Some(any);
-                    }
-                    if wanted == Some(false) {
-                        continue;
-                    }
-                    decoded = decode_group(u)?;
-                    decoded.iter().map(|(s, e)| (*s, e)).collect()
-                };
-                for hook in hooks.iter() {
-                    hook.on_append(&txn, &appended, u.append_ns)?;
-                }
-            }
-            drop(hooks);
+            self.run_hooks(&txn)?;
             {
                 let mut dead = txn.open_table(DEAD_LETTERS)?;
                 for req in &others {

@@ -677,8 +677,8 @@ impl Core {
                 }
             }
             ApplyTarget::Thread(queue, tx, _) => {
-                for (seq, event) in &group.events {
-                    self.unapplied_ids.insert(id_key(event.id.to_bytes()), *seq);
+                for (seq, id) in (unapplied.first..).zip(&unapplied.ids) {
+                    self.unapplied_ids.insert(*id, seq);
                 }
                 let bytes = unapplied.bytes;
                 let before = shared.unapplied_bytes.fetch_add(bytes, Ordering::AcqRel);
