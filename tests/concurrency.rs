@@ -5,6 +5,7 @@
 mod common;
 use common::{Log, recorder};
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,13 @@ const TYPES: [Type; 5] = [
     Type::INSTANCE_CREATED,
     Type::INSTANCE_STOPPED,
 ];
+
+thread_local! {
+    /// Set on the test's publishing threads: a durable subscription's live
+    /// deliveries run on them (inside `publish`), its catch-up deliveries
+    /// on its own worker.
+    static PUBLISHER: Cell<bool> = const { Cell::new(false) };
+}
 
 /// A deterministic coin: does attempt `n` at event `id` fail?
 fn coin(id: EventId, n: u64, one_in: u64) -> bool {
@@ -50,8 +58,8 @@ fn eight_publishers_four_durable_subscribers() {
         .max_deliveries(1000)
         .retry_backoff(Duration::from_millis(1), Duration::from_millis(4))
         // Well above what a fast handler takes even on a loaded two-core
-        // machine: a live handler preempted past it would be detached early,
-        // and the gated 11th event below could then reach it live.
+        // machine, so that the fast subscribers stay live; the slow one's
+        // test holds even if it is detached early (see its handler).
         .slow_handler(Duration::from_secs(1))
         .open(dir.path().join("log.redb"))
         .unwrap();
@@ -101,11 +109,18 @@ fn eight_publishers_four_durable_subscribers() {
             .unwrap()
         },
         {
-            // Sleeps past `slow_handler` on its 10th event (so it is
-            // detached), then blocks on its 11th until every publisher has
+            // Sleeps past `slow_handler` on its first live delivery from the
+            // 10th delivery on (so it is detached), then blocks on the next
+            // delivery its catch-up worker makes until every publisher has
             // finished: if it held back commits, the publishers could not.
+            // Which delivery blocks is told by the thread it runs on, not
+            // by a count alone: a live delivery stalled past `slow_handler`
+            // under load detaches it early, and a count alone could then put
+            // the blocking delivery on a publisher's thread (live), which is
+            // how this test failed under a full parallel run.
             let log = slow.clone();
             let count = AtomicU64::new(0);
+            let (slept, blocked) = (AtomicBool::new(false), AtomicBool::new(false));
             let gate2 = gate.clone();
             let timed_out2 = timed_out.clone();
             bus.subscribe_durable(
@@ -114,19 +129,22 @@ fn eight_publishers_four_durable_subscribers() {
                 Position::Beginning,
                 move |e: &Event| -> Result<(), HandlerError> {
                     log.lock().unwrap().push(e.id);
-                    match count.fetch_add(1, Ordering::SeqCst) + 1 {
-                        10 => std::thread::sleep(Duration::from_millis(1300)),
-                        11 => {
-                            let (open, cv) = &*gate2;
-                            let guard = open.lock().unwrap();
-                            let (_g, res) = cv
-                                .wait_timeout_while(guard, Duration::from_secs(60), |o| !*o)
-                                .unwrap();
-                            if res.timed_out() {
-                                timed_out2.store(true, Ordering::SeqCst);
-                            }
+                    let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                    let live = PUBLISHER.with(Cell::get);
+                    if live && n >= 10 && !slept.swap(true, Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1300));
+                    } else if !live
+                        && slept.load(Ordering::SeqCst)
+                        && !blocked.swap(true, Ordering::SeqCst)
+                    {
+                        let (open, cv) = &*gate2;
+                        let guard = open.lock().unwrap();
+                        let (_g, res) = cv
+                            .wait_timeout_while(guard, Duration::from_secs(60), |o| !*o)
+                            .unwrap();
+                        if res.timed_out() {
+                            timed_out2.store(true, Ordering::SeqCst);
                         }
-                        _ => {}
                     }
                     Ok(())
                 },
@@ -146,6 +164,7 @@ fn eight_publishers_four_durable_subscribers() {
     for p in 0..PUBLISHERS {
         let bus = bus.clone();
         publishers.push(std::thread::spawn(move || {
+            PUBLISHER.with(|p| p.set(true));
             let mut receipts = Vec::new();
             for i in 0..PER_PUBLISHER {
                 let t = TYPES[(p * 7 + i * 3) % TYPES.len()].clone();
