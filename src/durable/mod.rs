@@ -57,6 +57,8 @@ pub(crate) mod txn;
 mod upkeep;
 mod wal;
 mod wal_ahead;
+#[cfg(target_os = "linux")]
+mod wal_direct;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
