@@ -181,6 +181,15 @@ impl Wal {
             _ => None,
         };
         #[cfg(target_os = "linux")]
+        let fill_direct = match (wrap, &faults) {
+            (None, None) if sync => {
+                super::wal_ahead::DirectZeros::open(path, &file, super::wal_ahead::CHUNK as usize)
+            }
+            _ => None,
+        };
+        #[cfg(not(target_os = "linux"))]
+        let fill_direct = None;
+        #[cfg(target_os = "linux")]
         let direct = match (wrap, &faults) {
             (None, None) if sync => DirectFrames::open(path, &file),
             _ => None,
@@ -228,14 +237,14 @@ impl Wal {
         if foreign {
             // A new generation under our id: the old frames no longer count.
             wal.reset()?;
-            wal.ahead = fill.and_then(|f| Ahead::start(f, wal.allocated, sync));
+            wal.ahead = fill.and_then(|f| Ahead::start(f, fill_direct, wal.allocated, sync));
             return Ok((wal, Vec::new()));
         }
         if len == 0 {
             wal.write_header()?;
         }
         let frames = wal.recover(len)?;
-        wal.ahead = fill.and_then(|f| Ahead::start(f, wal.allocated, sync));
+        wal.ahead = fill.and_then(|f| Ahead::start(f, fill_direct, wal.allocated, sync));
         Ok((wal, frames))
     }
 

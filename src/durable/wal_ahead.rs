@@ -17,6 +17,9 @@
 //!   has fallen behind; it then waits at most for one chunk of the thread's.
 //! - The thread only ever writes zeros past the frames: if it fails or
 //!   stops, nothing is lost, and the committer grows the file itself.
+//! - On Linux with sync on, the thread writes whole pages of zeros past
+//!   the page cache (`wal_direct::DirectZeros`), else buffered; either way
+//!   it syncs them before publishing `allocated`.
 
 use std::fs::File;
 use std::io;
@@ -25,6 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use super::wal::WalIo;
+#[cfg(target_os = "linux")]
+pub(crate) use super::wal_direct::DirectZeros;
 use crate::sync::{Condvar, Mutex};
 
 /// Bytes the thread zero-fills (and syncs) at a time: what a frame's
@@ -33,6 +38,18 @@ use crate::sync::{Condvar, Mutex};
 /// the thread (1 MiB made them 1.3-1.6x slower), BENCHMARKS.md. The WAL
 /// asks for zeros in steps of it too.
 pub(crate) const CHUNK: u64 = 256 << 10;
+
+/// Zeros past the page cache: Linux only (`wal_direct`); elsewhere there
+/// are none, and the thread writes its zeros buffered.
+#[cfg(not(target_os = "linux"))]
+pub(crate) enum DirectZeros {}
+
+#[cfg(not(target_os = "linux"))]
+impl DirectZeros {
+    fn write(&mut self, _at: u64, _len: usize) -> io::Result<bool> {
+        match *self {}
+    }
+}
 
 /// What the committer asked for and whether to stop.
 struct Want {
@@ -59,10 +76,16 @@ pub(crate) struct Ahead {
 }
 
 impl Ahead {
-    /// Starts the thread on `file` (a handle of the WAL's own), the file
-    /// being `allocated` bytes long. `None` if no thread can be started:
+    /// Starts the thread on `file` (a handle of the WAL's own), writing its
+    /// zeros through `direct` when it can, the file being `allocated` bytes
+    /// long. `None` if no thread can be started:
     /// the committer then grows the file itself.
-    pub(crate) fn start(file: File, allocated: u64, sync: bool) -> Option<Ahead> {
+    pub(crate) fn start(
+        file: File,
+        direct: Option<DirectZeros>,
+        allocated: u64,
+        sync: bool,
+    ) -> Option<Ahead> {
         let state = Arc::new(State {
             allocated: AtomicU64::new(allocated),
             fill: Mutex::new(()),
@@ -75,7 +98,7 @@ impl Ahead {
         let s = state.clone();
         let thread = std::thread::Builder::new()
             .name("ctrlbus-wal-fill".into())
-            .spawn(move || run(&s, file, sync))
+            .spawn(move || run(&s, file, direct, sync))
             .ok()?;
         Some(Ahead {
             state,
@@ -130,7 +153,7 @@ impl Drop for Ahead {
 
 /// The thread: waits to be asked, then fills chunk by chunk, publishing
 /// each once written (and synced).
-fn run(state: &State, mut file: File, sync: bool) {
+fn run(state: &State, mut file: File, mut direct: Option<DirectZeros>, sync: bool) {
     let zeros = vec![0u8; CHUNK as usize];
     loop {
         let upto = {
@@ -150,8 +173,15 @@ fn run(state: &State, mut file: File, sync: bool) {
                 return Ok(());
             }
             let end = (at + CHUNK).min(upto);
-            // One `pwrite`: the committer's handle keeps its position.
-            file.write_at(at, &zeros[..(end - at) as usize])?;
+            let len = (end - at) as usize;
+            let written = match &mut direct {
+                Some(d) => d.write(at, len)?,
+                None => false,
+            };
+            if !written {
+                // One `pwrite`: the committer's handle keeps its position.
+                file.write_at(at, &zeros[..len])?;
+            }
             if sync {
                 WalIo::sync_all(&mut file)?;
             }
@@ -185,7 +215,7 @@ mod tests {
         let path = dir.path().join("w");
         let file = File::create(&path).unwrap();
         let mut frames = file.try_clone().unwrap();
-        let mut ahead = Ahead::start(file, 0, true).unwrap();
+        let mut ahead = Ahead::start(file, None, 0, true).unwrap();
         ahead.ask(3 * CHUNK + 5);
         wait_for(&ahead, 3 * CHUNK + 5);
         // Exactly what was asked: a chunk at a time, the last one short.
@@ -201,11 +231,46 @@ mod tests {
         assert!(bytes[15..].iter().all(|b| *b == 0));
     }
 
+    /// Zeros written past the page cache (then buffered, once the fill is
+    /// no longer page-aligned) replace what the file held, up to what was
+    /// asked and no further.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn direct_zeros_overwrite_the_file_up_to_what_is_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        let old = 5 * CHUNK as usize;
+        std::fs::write(&path, vec![0xab; old]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let direct = DirectZeros::open(&path, &file, CHUNK as usize);
+        let mut ahead = Ahead::start(file, direct, 0, true).unwrap();
+        for upto in [CHUNK, 2 * CHUNK + 5, 4 * CHUNK] {
+            ahead.ask(upto);
+            wait_for(&ahead, upto);
+        }
+        drop(ahead);
+        let bytes = std::fs::read(&path).unwrap();
+        let filled = 4 * CHUNK as usize;
+        assert_eq!(bytes.len(), old);
+        assert!(
+            bytes[..filled].iter().all(|b| *b == 0),
+            "zeros up to what was asked"
+        );
+        assert!(
+            bytes[filled..].iter().all(|b| *b == 0xab),
+            "nothing past it"
+        );
+    }
+
     #[test]
     fn the_committer_fills_for_itself_only_what_the_thread_has_not() {
         let dir = tempfile::tempdir().unwrap();
         let file = File::create(dir.path().join("w")).unwrap();
-        let mut ahead = Ahead::start(file, 0, false).unwrap();
+        let mut ahead = Ahead::start(file, None, 0, false).unwrap();
         ahead.ask(CHUNK);
         wait_for(&ahead, CHUNK);
         // Already there: nothing written.
