@@ -151,6 +151,14 @@ impl Drop for Ahead {
     }
 }
 
+/// Where a chunk of zeros from `at` ends: at the next whole chunk, or at
+/// `upto`. A file of odd length (cut by a crash or by hand) is back on
+/// page bounds after one chunk, so its zeros can go past the page cache
+/// from then on.
+fn chunk_end(at: u64, upto: u64) -> u64 {
+    (at + 1).next_multiple_of(CHUNK).min(upto)
+}
+
 /// The thread: waits to be asked, then fills chunk by chunk, publishing
 /// each once written (and synced).
 fn run(state: &State, mut file: File, mut direct: Option<DirectZeros>, sync: bool) {
@@ -172,7 +180,7 @@ fn run(state: &State, mut file: File, mut direct: Option<DirectZeros>, sync: boo
             if at >= upto {
                 return Ok(());
             }
-            let end = (at + CHUNK).min(upto);
+            let end = chunk_end(at, upto);
             let len = (end - at) as usize;
             let written = match &mut direct {
                 Some(d) => d.write(at, len)?,
@@ -264,6 +272,15 @@ mod tests {
             bytes[filled..].iter().all(|b| *b == 0xab),
             "nothing past it"
         );
+    }
+
+    #[test]
+    fn a_chunk_ends_on_a_whole_chunk_or_at_what_was_asked() {
+        assert_eq!(chunk_end(0, 10 * CHUNK), CHUNK);
+        assert_eq!(chunk_end(CHUNK, 10 * CHUNK), 2 * CHUNK);
+        assert_eq!(chunk_end(CHUNK - 1, 10 * CHUNK), CHUNK);
+        assert_eq!(chunk_end(2 * CHUNK + 5, 10 * CHUNK), 3 * CHUNK);
+        assert_eq!(chunk_end(2 * CHUNK + 5, 2 * CHUNK + 9), 2 * CHUNK + 9);
     }
 
     #[test]
