@@ -5,30 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::{AppendHook, DurableBus};
+use super::DurableBus;
+use super::hooks::FnHook;
 use crate::bus::Bus;
 use crate::error::{PublishError, ReadError, StorageError};
 use crate::event::{Event, Type};
 use crate::filter::Filter;
-
-/// Panics inside the applier's transaction once armed.
-struct Bomb(AtomicBool);
-
-impl AppendHook for Bomb {
-    fn on_append(
-        &self,
-        _txn: &redb::WriteTransaction,
-        _appended: &[(u64, &Event)],
-        _append_ns: i64,
-    ) -> Result<(), StorageError> {
-        assert!(!self.0.load(Ordering::SeqCst), "boom in a hook");
-        Ok(())
-    }
-
-    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
-        self
-    }
-}
 
 #[test]
 fn a_panicking_applier_poisons_the_bus_and_nobody_hangs() {
@@ -37,10 +19,17 @@ fn a_panicking_applier_poisons_the_bus_and_nobody_hangs() {
         .apply_interval(Duration::from_millis(1))
         .open(dir.path().join("log.redb"))
         .unwrap();
-    let bomb = Arc::new(Bomb(AtomicBool::new(false)));
-    bus.shared().hooks.write().push(bomb.clone());
+    // Panics inside the applier's transaction once armed.
+    let armed = Arc::new(AtomicBool::new(false));
+    let bomb = armed.clone();
+    bus.shared()
+        .hooks
+        .write()
+        .push(Arc::new(FnHook(move |_: &[(u64, &Event)], _: i64| {
+            assert!(!bomb.load(Ordering::SeqCst), "boom in a hook");
+        })));
     bus.publish(Event::new(Type::DEPLOY_STARTED, "t")).unwrap();
-    bomb.0.store(true, Ordering::SeqCst);
+    armed.store(true, Ordering::SeqCst);
     // Acknowledged through the WAL; the applier then panics applying it.
     let acked = bus.publish(Event::new(Type::DEPLOY_STARTED, "t"));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -76,6 +76,31 @@ pub(crate) trait AppendHook: Send + Sync {
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
+/// A hook that hands what `on_append` gets (the events and their append
+/// time) to a closure: the tests' recording and panicking hooks.
+#[cfg(test)]
+pub(crate) struct FnHook<F>(pub(crate) F);
+
+#[cfg(test)]
+impl<F> AppendHook for FnHook<F>
+where
+    F: Fn(&[(u64, &Event)], i64) + Send + Sync + 'static,
+{
+    fn on_append(
+        &self,
+        _txn: &redb::WriteTransaction,
+        appended: &[(u64, &Event)],
+        append_ns: i64,
+    ) -> Result<(), StorageError> {
+        (self.0)(appended, append_ns);
+        Ok(())
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
 /// Makes one hook for a new bus.
 pub(crate) type HookFactory = Arc<dyn Fn() -> Arc<dyn AppendHook> + Send + Sync>;
 

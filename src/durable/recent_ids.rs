@@ -77,6 +77,11 @@ impl RecentIds {
         }
     }
 
+    /// The ids recorded and not pruned, in `seq` order.
+    pub(crate) fn into_ids(self) -> Vec<u128> {
+        self.order.into_iter().map(|(_, id)| id).collect()
+    }
+
     /// Forgets everything.
     pub(crate) fn clear(&mut self) {
         self.map = None;

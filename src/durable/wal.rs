@@ -172,27 +172,34 @@ impl Wal {
             ),
             std::fs::TryLockError::Error(e) => e,
         })?;
+        // The zero-filling thread and direct I/O only for a file written as
+        // it is: a wrapped file layer or injected faults (tests) see every
+        // write go through them.
+        let plain = wrap.is_none() && faults.is_none();
         // A handle of its own for the zero-filling thread; it writes with
         // `pwrite` (`WalIo::write_at`), so the two never share a position.
         // Elsewhere a write is a seek and a write on a position the two
         // handles would share: no thread there.
-        let fill = match (wrap, &faults) {
-            (None, None) if cfg!(unix) => file.try_clone().ok(),
-            _ => None,
-        };
+        let fill = (plain && cfg!(unix))
+            .then(|| file.try_clone().ok())
+            .flatten();
+        // Direct writes wait for the disk: only worth it where every frame
+        // is waited for anyway (sync on).
+        let direct_io = plain && sync;
         #[cfg(target_os = "linux")]
-        let fill_direct = match (wrap, &faults) {
-            (None, None) if sync => {
-                super::wal_ahead::DirectZeros::open(path, &file, super::wal_ahead::CHUNK as usize)
-            }
-            _ => None,
+        let (direct, fill_direct) = if direct_io {
+            let zeros = super::wal_ahead::CHUNK as usize;
+            (
+                DirectFrames::open(path, &file),
+                super::wal_ahead::DirectZeros::open(path, &file, zeros),
+            )
+        } else {
+            (None, None)
         };
         #[cfg(not(target_os = "linux"))]
-        let fill_direct = None;
-        #[cfg(target_os = "linux")]
-        let direct = match (wrap, &faults) {
-            (None, None) if sync => DirectFrames::open(path, &file),
-            _ => None,
+        let fill_direct = {
+            let _ = direct_io;
+            None
         };
         let mut file: Box<dyn WalIo> = match wrap {
             Some(w) => (w.0)(file),
@@ -777,6 +784,20 @@ mod tests {
                 "round {round}: the files differ before the last frame's end"
             );
         }
+    }
+
+    /// Without fsyncs the frames are written buffered: a direct write waits
+    /// for the disk, and with `sync(false)` nothing else does.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn without_sync_frames_are_written_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(&dir.path().join("x.wal"), ID, false, None, None).unwrap();
+        assert!(wal.direct.is_none());
+        wal.append(1, [b"a".as_slice()].into_iter()).unwrap();
+        drop(wal);
+        let (_, frames) = Wal::open(&dir.path().join("x.wal"), ID, true, None, None).unwrap();
+        assert_eq!(records_of(&frames), vec![(1, vec![b"a".to_vec()])]);
     }
 
     /// A WAL cut inside its last frame (an odd length): the frames before

@@ -13,7 +13,8 @@
 //! page-aligned buffer. A frame starts where the last one ended, usually
 //! inside a page: that page's earlier bytes (the end of the frame before)
 //! are written again, from a copy of the last page written (`tail`), or
-//! read back from the file when there is none (after a reopen). The
+//! read back from the file when there is none (after a reopen), with the
+//! same bytes, as the buffered write-back of that page would write it. The
 //! bytes after the frame, up to the page's end, are written as zeros:
 //! past the last frame there is nothing a recovery keeps (zeros, or
 //! frames of older generations, which it refuses).

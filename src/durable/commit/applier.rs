@@ -214,26 +214,22 @@ impl Applier {
         if hooks.is_empty() {
             return Ok(());
         }
-        // Asked once per apply, and only for a group whose events were
-        // not kept.
-        let mut wanted: Option<bool> = None;
+        // Asked once per apply, and only if a group's events were not kept.
+        let mut decode = false;
+        if self.unapplied.iter().any(|u| u.group.is_none()) {
+            for hook in hooks.iter() {
+                decode |= hook.wants_events(txn)?;
+            }
+        }
         for u in &self.unapplied {
             let decoded: Vec<(u64, Event)>;
-            let appended: Vec<(u64, &Event)> = if let Some(g) = &u.group {
-                g.events.iter().map(|(s, e)| (*s, e)).collect()
-            } else {
-                if wanted.is_none() {
-                    let mut any = false;
-                    for hook in hooks.iter() {
-                        any |= hook.wants_events(txn)?;
-                    }
-                    wanted = Some(any);
+            let appended: Vec<(u64, &Event)> = match &u.group {
+                Some(g) => g.events.iter().map(|(s, e)| (*s, e)).collect(),
+                None if decode => {
+                    decoded = decode_group(u)?;
+                    decoded.iter().map(|(s, e)| (*s, e)).collect()
                 }
-                if wanted == Some(false) {
-                    continue;
-                }
-                decoded = decode_group(u)?;
-                decoded.iter().map(|(s, e)| (*s, e)).collect()
+                None => continue,
             };
             for hook in hooks.iter() {
                 hook.on_append(txn, &appended, u.append_ns)?;
@@ -378,33 +374,12 @@ mod tests {
     use std::time::Duration;
 
     use crate::bus::Bus;
-    use crate::durable::{AppendHook, DurableBus, Position};
-    use crate::error::StorageError;
+    use crate::durable::hooks::FnHook;
+    use crate::durable::{DurableBus, Position};
     use crate::event::{Event, Type};
     use crate::filter::Filter;
     use crate::sync::Mutex;
     use std::sync::Arc;
-
-    /// Keeps what it is handed.
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<(u64, Event, i64)>>);
-
-    impl AppendHook for Recorder {
-        fn on_append(
-            &self,
-            _txn: &redb::WriteTransaction,
-            appended: &[(u64, &Event)],
-            append_ns: i64,
-        ) -> Result<(), StorageError> {
-            let mut seen = self.0.lock();
-            seen.extend(appended.iter().map(|(s, e)| (*s, (*e).clone(), append_ns)));
-            Ok(())
-        }
-
-        fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
-            self
-        }
-    }
 
     #[test]
     fn a_hook_gets_the_events_committed_before_and_after_it_was_registered() {
@@ -429,8 +404,15 @@ mod tests {
         // records, and decodes them for the hook registered after.
         let before = vec![event(1), event(2)];
         let r1 = bus.publish_batch(before.clone()).unwrap();
-        let hook = Arc::new(Recorder::default());
-        bus.shared().hooks.write().push(hook.clone());
+        // Keeps what it is handed.
+        let seen: Arc<Mutex<Vec<(u64, Event, i64)>>> = Arc::default();
+        let keep = seen.clone();
+        bus.shared().hooks.write().push(Arc::new(FnHook(
+            move |appended: &[(u64, &Event)], ns: i64| {
+                keep.lock()
+                    .extend(appended.iter().map(|(s, e)| (*s, (*e).clone(), ns)));
+            },
+        )));
         // Committed with the hook: the group's events are kept for it.
         let after = event(3);
         let r2 = bus.publish(after.clone()).unwrap();
@@ -442,7 +424,7 @@ mod tests {
             .collect();
         assert_eq!(log.len(), 4);
         assert_eq!(log[0].seq, first.seq);
-        let seen = hook.0.lock().clone();
+        let seen = seen.lock().clone();
         let expected: Vec<(u64, Event)> = vec![
             (r1[0].seq, before[0].clone()),
             (r1[1].seq, before[1].clone()),

@@ -553,6 +553,9 @@ impl Core {
         // The read transaction begins before the pruning below, so an id
         // pruned from memory is visible to it.
         let mut outcomes: Vec<Vec<Assigned>> = Vec::with_capacity(publishes.len());
+        // This group's new ids so far (for a second publish of one), in
+        // `seq` order: the group's ids for the id index after.
+        let mut fresh = RecentIds::with_capacity(publishes.iter().map(|r| r.items.len()).sum());
         let lookup = (|| -> Result<(), StorageError> {
             self.unapplied_ids
                 .prune(shared.applied_seq.load(Ordering::Acquire));
@@ -562,8 +565,6 @@ impl Core {
             // sees every pruned (applied) id.
             let mut by_id: Option<redb::ReadTransaction> = None;
             let mut next = start_seq;
-            // This group's new ids so far (for a second publish of one).
-            let mut fresh = RecentIds::with_capacity(publishes.iter().map(|r| r.items.len()).sum());
             for req in &mut publishes {
                 let mut seqs = Vec::with_capacity(req.items.len());
                 for item in &mut req.items {
@@ -648,11 +649,7 @@ impl Core {
         let unapplied = Unapplied {
             first: start_seq,
             last,
-            ids: group
-                .events
-                .iter()
-                .map(|(_, e)| id_key(e.id.to_bytes()))
-                .collect(),
+            ids: fresh.into_ids(),
             group: shared
                 .hooks
                 .read()
@@ -664,6 +661,7 @@ impl Core {
             append_ns,
             acked_at: Instant::now(),
         };
+        debug_assert_eq!(unapplied.ids.len(), group.events.len());
         self.last_append = append_ns;
         match &mut self.apply {
             ApplyTarget::Inline(a) => {
