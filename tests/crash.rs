@@ -10,7 +10,9 @@
 //! page cache, so these files are exact.
 //!
 //! Rounds: 20 by default, `CTRLBUS_CRASH_ROUNDS` for more. The seed of the
-//! random kill delays is printed; `CTRLBUS_CRASH_SEED` replays one.
+//! random kill delays is printed; `CTRLBUS_CRASH_SEED` replays one. With the
+//! `fuzzing` feature, odd rounds restart the WAL every 16 KiB and apply
+//! every 2 ms, so kills land in restarts that carry unapplied frames.
 
 mod common;
 
@@ -95,7 +97,14 @@ fn crash_child() {
         .parse()
         .unwrap();
     let drain = std::env::var("CTRLBUS_CRASH_MODE").as_deref() == Ok("drain");
-    let bus = builder().open(dir.join("log.redb")).unwrap();
+    let mut b = builder();
+    #[cfg(feature = "fuzzing")]
+    if round % 2 == 1 {
+        b = b
+            .wal_restart_after(16 << 10)
+            .apply_interval(Duration::from_millis(2));
+    }
+    let bus = b.open(dir.join("log.redb")).unwrap();
     let acks = Arc::new(Mutex::new(open_append(&dir.join("acks"))));
     let handled = Arc::new(Mutex::new(open_append(
         &dir.join(format!("handled.{round}")),

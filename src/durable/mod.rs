@@ -143,6 +143,9 @@ pub(crate) struct Options {
     pub(crate) wal_faults: Option<Arc<AtomicU64>>,
     /// Wraps the WAL's file (the power-loss tests' simulated disk).
     pub(crate) wal_io: Option<wal::WalIoWrap>,
+    /// WAL bytes after which the WAL starts a new generation (tests set
+    /// it low, to restart often).
+    pub(crate) wal_restart_bytes: u64,
     pub(crate) retention: Option<Retention>,
     pub(crate) retention_interval: Duration,
 }
@@ -168,6 +171,7 @@ impl Default for Options {
             apply_interval: Duration::from_millis(20),
             wal_faults: None,
             wal_io: None,
+            wal_restart_bytes: commit::WAL_RESTART_BYTES,
             retention: None,
             retention_interval: Duration::from_secs(60),
         }
@@ -324,6 +328,16 @@ impl DurableBusBuilder {
     #[doc(hidden)]
     pub fn wal_fault_countdown(mut self, countdown: Arc<AtomicU64>) -> Self {
         self.opts.wal_faults = Some(countdown);
+        self
+    }
+
+    /// For tests: the write-ahead log starts a new generation once it
+    /// holds `bytes` (default 16 MiB), carrying the frames not yet applied.
+    /// Not part of the API.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn wal_restart_after(mut self, bytes: u64) -> Self {
+        self.opts.wal_restart_bytes = bytes;
         self
     }
 

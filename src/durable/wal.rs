@@ -9,10 +9,15 @@
 //! accumulated groups to redb in one durable commit every `apply_interval`
 //! (20 ms), amortizing redb's commit over many groups. After a crash, the
 //! frames past the file's last `seq` are replayed. Once the WAL holds 16 MiB
-//! and everything in it is applied, it starts over.
+//! it starts over: a new generation from the file's start. If frames at its
+//! end are not applied yet (a busy log always has some), the new
+//! generation *carries* them: its header says where they start, recovery
+//! reads them first, and new frames stay below them until they are applied
+//! (`Carry`). So the WAL stays near 16 MiB under any load, where it used to
+//! grow to 64 MiB and then stall publishers on the applier.
 //!
 //! File layout: a 4096-byte header (`MAGIC`, version, generation, the log's
-//! id, CRC), then
+//! id, [version 2: where the carried frames start,] CRC), then
 //! frames `[FRAME_MAGIC u32][generation u64][len u32][crc32 u32][payload]`.
 //! A payload is `[first_seq u64][count u32]` then per record `[len u32][bytes]`
 //! (records are `codec` records; each carries its append time). All integers
@@ -31,9 +36,15 @@
 //!   stops at the first invalid frame (a torn write of an unacknowledged
 //!   group).
 //! - The generation changes only after a durable redb commit holds every
-//!   record of the old generation. Frames of a generation may repeat `seq`s
-//!   already in the file; recovery skips those.
+//!   record of the old generation, or with a carry: a header naming where
+//!   the old generation's first unapplied frame starts, written and synced
+//!   before any frame of the new generation. Frames of the new generation
+//!   end below that offset (page-rounded writes included) until a durable
+//!   redb commit holds every carried record and a header without the carry
+//!   is synced. Frames of a generation may repeat `seq`s already in the
+//!   file; recovery skips those.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -45,10 +56,13 @@ use super::wal_ahead::Ahead;
 use super::wal_direct::DirectFrames;
 
 const MAGIC: &[u8; 8] = b"CBUSWAL1";
+/// The header's version without a carry (and the only one before carries).
 const VERSION: u32 = 1;
+/// The header's version with a carry: 8 more bytes before the CRC.
+const VERSION_CARRY: u32 = 2;
 const HEADER_LEN: u64 = 4096;
-/// Bytes of the header that hold data (the rest is zero).
-const HEADER_USED: usize = 40;
+/// Bytes of the header that hold data (the rest is zero): 40 in version 1.
+const HEADER_USED: usize = 48;
 const FRAME_MAGIC: u32 = 0xC7B0_5E01;
 const FRAME_HEAD: usize = 4 + 8 + 4 + 4;
 /// Bytes preallocated at a time.
@@ -122,6 +136,22 @@ impl std::fmt::Debug for WalIoWrap {
     }
 }
 
+/// The previous generation's frames a generation carries: they start at
+/// `from` and end with `last_seq`, and are not all in redb yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Carry {
+    from: u64,
+    last_seq: u64,
+}
+
+/// A valid header.
+struct Header {
+    generation: u64,
+    log_id: [u8; 16],
+    /// Where the carried frames (of `generation - 1`) start.
+    carry_from: Option<u64>,
+}
+
 /// One recovered frame.
 pub(crate) struct Frame {
     pub(crate) first_seq: u64,
@@ -150,6 +180,11 @@ pub(crate) struct Wal {
     /// system refuses direct I/O.
     #[cfg(target_os = "linux")]
     direct: Option<DirectFrames>,
+    /// The previous generation's frames this one carries, until applied.
+    carry: Option<Carry>,
+    /// Each frame of this generation not known to be applied: the `seq`
+    /// after its last record, and where it starts. What a restart carries.
+    frames: VecDeque<(u64, u64)>,
 }
 
 impl Wal {
@@ -208,20 +243,24 @@ impl Wal {
         let len = file.len()?;
         let mut header = [0u8; HEADER_USED];
         let mut foreign = false;
-        let generation = if len >= HEADER_LEN && file.read_at(0, &mut header)? {
-            let (generation, id) = parse_header(&header).ok_or_else(|| {
+        let parsed = if len >= HEADER_LEN && file.read_at(0, &mut header)? {
+            let h = parse_header(&header).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
                     format!("{} is not a ctrlbus WAL", path.display()),
                 )
             })?;
-            if id != log_id {
+            if h.log_id != log_id {
                 tracing::warn!(wal = %path.display(), "discarding a write-ahead log of another log file");
                 foreign = true;
             }
-            generation
+            h
         } else if len == 0 {
-            0
+            Header {
+                generation: 0,
+                log_id,
+                carry_from: None,
+            }
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -230,7 +269,7 @@ impl Wal {
         };
         let mut wal = Wal {
             file,
-            generation,
+            generation: parsed.generation,
             log_id,
             pos: HEADER_LEN,
             allocated: len,
@@ -240,6 +279,8 @@ impl Wal {
             ahead: None,
             #[cfg(target_os = "linux")]
             direct,
+            carry: None,
+            frames: VecDeque::new(),
         };
         if foreign {
             // A new generation under our id: the old frames no longer count.
@@ -248,16 +289,17 @@ impl Wal {
             return Ok((wal, Vec::new()));
         }
         if len == 0 {
-            wal.write_header()?;
+            wal.write_header(None)?;
         }
-        let frames = wal.recover(len)?;
+        let frames = wal.recover(&parsed, len)?;
         wal.ahead = fill.and_then(|f| Ahead::start(f, fill_direct, wal.allocated, sync));
         Ok((wal, frames))
     }
 
-    fn recover(&mut self, len: u64) -> io::Result<Vec<Frame>> {
-        let (frames, pos) = read_frames(self.file.as_mut(), self.generation, len)?;
+    fn recover(&mut self, header: &Header, len: u64) -> io::Result<Vec<Frame>> {
+        let (frames, pos, carry) = read_all_frames(self.file.as_mut(), header, len)?;
         self.pos = pos;
+        self.carry = carry;
         Ok(frames)
     }
 
@@ -291,9 +333,68 @@ impl Wal {
         buf[4..12].copy_from_slice(&self.generation.to_le_bytes());
         buf[12..16].copy_from_slice(&plen.to_le_bytes());
         buf[16..20].copy_from_slice(&crc.to_le_bytes());
+        let at = self.pos;
         let result = self.write_at_end(&buf);
         self.buf = buf;
+        if result.is_ok() {
+            self.frames.push_back((first_seq + u64::from(count), at));
+        }
         result
+    }
+
+    /// Bytes of the frame `append` would write for records of these lengths.
+    pub(crate) fn frame_len(records: impl Iterator<Item = usize>) -> usize {
+        FRAME_HEAD + 12 + records.map(|n| 4 + n).sum::<usize>()
+    }
+
+    /// True when a frame of `len` bytes can't be written until the carried
+    /// frames are applied ([`Wal::release_carry`]): it would reach them.
+    pub(crate) fn carry_blocks(&self, len: usize) -> bool {
+        self.carry.is_some_and(|c| self.written_up_to(len) > c.from)
+    }
+
+    /// Whether this generation still carries frames of the previous one.
+    pub(crate) fn carrying(&self) -> bool {
+        self.carry.is_some()
+    }
+
+    /// Forgets the frames whose records are all at or below `applied`
+    /// (durable in redb), and ends the carry once it is all applied: a
+    /// header without it, synced, so new frames may overwrite it.
+    pub(crate) fn release_carry(&mut self, applied: u64) -> io::Result<()> {
+        while self.frames.front().is_some_and(|f| f.0 <= applied + 1) {
+            self.frames.pop_front();
+        }
+        if self.carry.is_some_and(|c| c.last_seq <= applied) {
+            self.write_header(None)?;
+            self.carry = None;
+        }
+        Ok(())
+    }
+
+    /// Starts a new generation although records above `applied` are not in
+    /// redb yet: it carries their frames (see the module docs). Without
+    /// such frames, the same as [`Wal::reset`]. Refused while carrying.
+    pub(crate) fn restart_carrying(&mut self, applied: u64) -> io::Result<()> {
+        if self.carry.is_some() {
+            return Err(io::Error::other(
+                "the write-ahead log restarts while it still carries frames",
+            ));
+        }
+        self.release_carry(applied)?;
+        let (Some(&(_, from)), Some(&(end, _))) = (self.frames.front(), self.frames.back()) else {
+            return self.reset();
+        };
+        let carry = Carry {
+            from,
+            last_seq: end - 1,
+        };
+        self.generation += 1;
+        self.write_header(Some(carry.from))?;
+        self.carry = Some(carry);
+        self.frames.clear();
+        self.pos = HEADER_LEN;
+        Ok(())
     }
 
     fn write_at_end(&mut self, frame: &[u8]) -> io::Result<()> {
@@ -301,6 +402,16 @@ impl Wal {
         // What must be zero-filled before the write: a direct write covers
         // the frame's last page whole (else it would grow the file).
         let room = self.written_up_to(frame.len());
+        if let Some(c) = self.carry
+            && room > c.from
+        {
+            // The committer waits for the applier first (`carry_blocks`);
+            // this only happens if that apply failed.
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "the write-ahead log is full: the frames it carries are not applied",
+            ));
+        }
         if room > self.allocated
             && let Some(ahead) = &self.ahead
         {
@@ -421,19 +532,33 @@ impl Wal {
     /// Starts a new generation: every frame so far is durable in redb.
     pub(crate) fn reset(&mut self) -> io::Result<()> {
         self.generation += 1;
-        self.write_header()?;
+        self.write_header(None)?;
+        self.carry = None;
+        self.frames.clear();
         self.pos = HEADER_LEN;
         Ok(())
     }
 
-    fn write_header(&mut self) -> io::Result<()> {
+    /// Writes (and with sync, syncs) the header of the current generation:
+    /// version 1 without a carry, version 2 with where it starts.
+    fn write_header(&mut self, carry_from: Option<u64>) -> io::Result<()> {
         let mut h = vec![0u8; HEADER_LEN as usize];
         h[0..8].copy_from_slice(MAGIC);
-        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
         h[12..20].copy_from_slice(&self.generation.to_le_bytes());
         h[20..36].copy_from_slice(&self.log_id);
-        let crc = crc32fast::hash(&h[0..36]);
-        h[36..40].copy_from_slice(&crc.to_le_bytes());
+        let used = match carry_from {
+            None => {
+                h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+                36
+            }
+            Some(from) => {
+                h[8..12].copy_from_slice(&VERSION_CARRY.to_le_bytes());
+                h[36..44].copy_from_slice(&from.to_le_bytes());
+                44
+            }
+        };
+        let crc = crc32fast::hash(&h[0..used]);
+        h[used..used + 4].copy_from_slice(&crc.to_le_bytes());
         self.file.write_at(0, &h)?;
         if self.sync {
             self.file.sync_data()?;
@@ -449,9 +574,14 @@ impl Wal {
 /// frame whose CRC holds but whose first `seq` does not follow the frame
 /// before it can only be damage, and what follows it can't be placed in
 /// `seq` order, so it is the end of the log (with a warning).
-fn read_frames(file: &mut dyn WalIo, generation: u64, len: u64) -> io::Result<(Vec<Frame>, u64)> {
-    let mut frames: Vec<Frame> = Vec::new();
-    let mut pos = HEADER_LEN;
+fn read_frames(
+    file: &mut dyn WalIo,
+    generation: u64,
+    from: u64,
+    len: u64,
+    frames: &mut Vec<Frame>,
+) -> io::Result<u64> {
+    let mut pos = from;
     let mut head = [0u8; FRAME_HEAD];
     while pos + FRAME_HEAD as u64 <= len {
         if !file.read_at(pos, &mut head)? {
@@ -493,7 +623,33 @@ fn read_frames(file: &mut dyn WalIo, generation: u64, len: u64) -> io::Result<(V
         frames.push(frame);
         pos += FRAME_HEAD as u64 + plen;
     }
-    Ok((frames, pos))
+    Ok(pos)
+}
+
+/// Reads the frames a WAL with `header` holds, oldest first: those it
+/// carries (of the generation before, from where the header says), then
+/// its own from the start, below the carried ones; a frame of its own
+/// that does not follow the carried ones in `seq` ends the log, as
+/// `read_frames` says. Returns them, where the next frame goes, and the
+/// carry.
+fn read_all_frames(
+    file: &mut dyn WalIo,
+    header: &Header,
+    len: u64,
+) -> io::Result<(Vec<Frame>, u64, Option<Carry>)> {
+    let mut frames = Vec::new();
+    let mut carry = None;
+    let mut own_end = len;
+    if let Some(from) = header.carry_from {
+        read_frames(file, header.generation - 1, from, len, &mut frames)?;
+        let last_seq = frames
+            .last()
+            .map_or(0, |f| f.first_seq + f.records.len() as u64 - 1);
+        carry = Some(Carry { from, last_seq });
+        own_end = from.min(len);
+    }
+    let pos = read_frames(file, header.generation, HEADER_LEN, own_end, &mut frames)?;
+    Ok((frames, pos, carry))
 }
 
 /// What a WAL file holds, read without changing or locking it (for
@@ -539,7 +695,7 @@ pub(crate) fn inspect(path: &Path, what: Inspect) -> io::Result<Option<WalInfo>>
     } else {
         None
     };
-    let Some((generation, log_id)) = parsed else {
+    let Some(header) = parsed else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{} is not a ctrlbus WAL", path.display()),
@@ -556,11 +712,11 @@ pub(crate) fn inspect(path: &Path, what: Inspect) -> io::Result<Option<WalInfo>>
     let frames = match what {
         Inspect::Header => Vec::new(),
         Inspect::FramesUnlessOwned if owned => Vec::new(),
-        _ => read_frames(&mut file, generation, len)?.0,
+        _ => read_all_frames(&mut file, &header, len)?.0,
     };
     Ok(Some(WalInfo {
-        generation,
-        log_id,
+        generation: header.generation,
+        log_id: header.log_id,
         frames,
         owned,
     }))
@@ -574,19 +730,36 @@ fn frame_crc(generation: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// The generation and log id of a valid header.
-fn parse_header(h: &[u8; HEADER_USED]) -> Option<(u64, [u8; 16])> {
-    if &h[0..8] != MAGIC || u32::from_le_bytes(h[8..12].try_into().ok()?) != VERSION {
+/// A valid header (version 1, or 2 with a carry), or `None`.
+fn parse_header(h: &[u8; HEADER_USED]) -> Option<Header> {
+    if &h[0..8] != MAGIC {
         return None;
     }
-    let crc = u32::from_le_bytes(h[36..40].try_into().ok()?);
-    if crc32fast::hash(&h[0..36]) != crc {
+    let used = match u32::from_le_bytes(h[8..12].try_into().ok()?) {
+        VERSION => 36,
+        VERSION_CARRY => 44,
+        _ => return None,
+    };
+    let crc = u32::from_le_bytes(h[used..used + 4].try_into().ok()?);
+    if crc32fast::hash(&h[0..used]) != crc {
         return None;
     }
-    Some((
-        u64::from_le_bytes(h[12..20].try_into().ok()?),
-        h[20..36].try_into().ok()?,
-    ))
+    let generation = u64::from_le_bytes(h[12..20].try_into().ok()?);
+    let carry_from = if used == 44 {
+        let from = u64::from_le_bytes(h[36..44].try_into().ok()?);
+        // A carry is of the generation before, from past the header.
+        if generation == 0 || from < HEADER_LEN {
+            return None;
+        }
+        Some(from)
+    } else {
+        None
+    };
+    Some(Header {
+        generation,
+        log_id: h[20..36].try_into().ok()?,
+        carry_from,
+    })
 }
 
 fn parse_payload(p: &[u8]) -> Option<Frame> {
@@ -703,6 +876,147 @@ mod tests {
         let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].records, vec![b"first".to_vec()]);
+    }
+
+    /// One frame per record: seq `first..` with a record of `len` bytes.
+    fn append_each(wal: &mut Wal, first: u64, lens: &[usize]) {
+        for (seq, &len) in (first..).zip(lens) {
+            let record = vec![seq as u8; len];
+            wal.append(seq, [record.as_slice()].into_iter()).unwrap();
+        }
+    }
+
+    /// The seqs of `frames`' records, in order.
+    fn seqs_of(frames: &[Frame]) -> Vec<u64> {
+        frames
+            .iter()
+            .flat_map(|f| f.first_seq..f.first_seq + f.records.len() as u64)
+            .collect()
+    }
+
+    fn header_version(path: &Path) -> u32 {
+        let bytes = std::fs::read(path).unwrap();
+        u32::from_le_bytes(bytes[8..12].try_into().unwrap())
+    }
+
+    #[test]
+    fn a_restart_carries_the_unapplied_frames_until_they_are_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        let lens = [10, 5000, 300, 4096, 1, 7000, 20, 20, 9000, 3];
+        {
+            let (mut wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
+            append_each(&mut wal, 1, &lens);
+            let generation = wal.generation();
+            // Seqs 1-4 are in redb: 5-10 are carried.
+            wal.restart_carrying(4).unwrap();
+            assert!(wal.carrying());
+            assert_eq!(wal.generation(), generation + 1);
+            assert_eq!(wal.used(), 0);
+            assert_eq!(header_version(&path), VERSION_CARRY);
+            append_each(&mut wal, 11, &[100, 200]);
+            // A crash here: the carried frames, then the new ones.
+        }
+        let info = inspect(&path, Inspect::Frames).unwrap().unwrap();
+        assert_eq!(seqs_of(&info.frames), (5..=12).collect::<Vec<_>>());
+        let (mut wal, frames) = Wal::open(&path, ID, true, None, None).unwrap();
+        assert_eq!(seqs_of(&frames), (5..=12).collect::<Vec<_>>());
+        for f in &frames {
+            let len = lens.get(f.first_seq as usize - 1).copied();
+            let len = len.unwrap_or(if f.first_seq == 11 { 100 } else { 200 });
+            assert_eq!(f.records, vec![vec![f.first_seq as u8; len]]);
+        }
+        assert!(wal.carrying(), "the reopened WAL still carries seqs 5-10");
+        // Applied up to 9: still carried; up to 10: a header without it.
+        wal.release_carry(9).unwrap();
+        assert!(wal.carrying());
+        wal.release_carry(10).unwrap();
+        assert!(!wal.carrying());
+        assert_eq!(header_version(&path), VERSION);
+        append_each(&mut wal, 13, &[50]);
+        drop(wal);
+        let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
+        assert_eq!(seqs_of(&frames), vec![11, 12, 13]);
+    }
+
+    #[test]
+    fn a_frame_that_would_reach_the_carried_frames_waits_for_their_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        let (mut wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
+        // Seq 1 is small and applied; seq 2 is carried, from just past it.
+        append_each(&mut wal, 1, &[10, 6000]);
+        wal.restart_carrying(1).unwrap();
+        let len = Wal::frame_len([100].into_iter());
+        assert!(wal.carry_blocks(len));
+        let refused = wal.append(3, [[3u8; 100].as_slice()].into_iter());
+        assert_eq!(
+            refused.unwrap_err().kind(),
+            io::ErrorKind::StorageFull,
+            "a frame over the carried ones must be refused"
+        );
+        // Nothing was written: the carried frame is whole.
+        let info = inspect(&path, Inspect::Frames).unwrap().unwrap();
+        assert_eq!(seqs_of(&info.frames), vec![2]);
+        assert_eq!(info.frames[0].records, vec![vec![2u8; 6000]]);
+        // Once seq 2 is applied, the same frame goes in.
+        wal.release_carry(2).unwrap();
+        assert!(!wal.carry_blocks(len));
+        wal.append(3, [[3u8; 100].as_slice()].into_iter()).unwrap();
+        drop(wal);
+        let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
+        assert_eq!(seqs_of(&frames), vec![3]);
+    }
+
+    #[test]
+    fn a_restart_with_everything_applied_carries_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        let (mut wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
+        append_each(&mut wal, 1, &[10, 20, 30]);
+        wal.restart_carrying(3).unwrap();
+        assert!(!wal.carrying());
+        assert_eq!(header_version(&path), VERSION);
+        // Restarting again while carrying is refused.
+        append_each(&mut wal, 4, &[10, 20]);
+        wal.restart_carrying(4).unwrap();
+        assert!(wal.carrying());
+        assert!(wal.restart_carrying(5).is_err());
+        drop(wal);
+        let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
+        assert_eq!(seqs_of(&frames), vec![5]);
+    }
+
+    #[test]
+    fn a_carry_header_that_makes_no_sense_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        {
+            let (mut wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
+            append_each(&mut wal, 1, &[10, 20]);
+            wal.restart_carrying(1).unwrap();
+        }
+        let good = std::fs::read(&path).unwrap();
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut bytes = good.clone();
+            f(&mut bytes);
+            let crc = crc32fast::hash(&bytes[0..44]);
+            bytes[44..48].copy_from_slice(&crc.to_le_bytes());
+            std::fs::write(&path, &bytes).unwrap();
+            Wal::open(&path, ID, true, None, None).map(|(_, f)| seqs_of(&f))
+        };
+        assert_eq!(with(&|_| {}).unwrap(), vec![2]);
+        // A carry from inside the header, or of a generation before 0.
+        let inside = with(&|b| b[36..44].copy_from_slice(&100u64.to_le_bytes()));
+        assert_eq!(inside.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let before_zero = with(&|b| b[12..20].copy_from_slice(&0u64.to_le_bytes()));
+        assert_eq!(before_zero.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // An unknown version.
+        let version = with(&|b| b[8..12].copy_from_slice(&3u32.to_le_bytes()));
+        assert_eq!(version.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // A carry past the end of the file: nothing carried, nothing lost.
+        let past = with(&|b| b[36..44].copy_from_slice(&(1u64 << 40).to_le_bytes()));
+        assert_eq!(past.unwrap(), Vec::<u64>::new());
     }
 
     /// Whether the file system under `dir` takes `O_DIRECT` at all.

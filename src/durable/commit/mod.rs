@@ -293,10 +293,9 @@ pub(crate) struct Core {
 /// commit: each is one write-ahead-log frame, whose length is a `u32`.
 pub const MAX_BATCH_BYTES: usize = 256 << 20;
 
-/// WAL bytes after which the WAL restarts (once everything is applied).
-const WAL_RESTART_BYTES: u64 = 16 << 20;
-/// WAL bytes after which the writer waits for the applier to restart it.
-const WAL_MAX_BYTES: u64 = 64 << 20;
+/// WAL bytes after which the WAL restarts, carrying the frames not yet
+/// applied (`wal`).
+pub(crate) const WAL_RESTART_BYTES: u64 = 16 << 20;
 /// Unapplied events after which the applier applies at once. 5,000, not
 /// 20,000: with the 16 MiB cache it keeps peak memory lower at 64
 /// publishers at no cost in throughput (BENCHMARKS.md, "Memory").
@@ -304,7 +303,7 @@ const MAX_UNAPPLIED: usize = 5_000;
 /// Bytes of unapplied records after which the writer waits for the
 /// applier: what bounds the memory of acknowledged, unapplied events when
 /// they are large (1 MiB payloads would otherwise pile up to
-/// `WAL_MAX_BYTES` twice over: records, and events kept for fan-out).
+/// the WAL's size twice over: records, and events kept for fan-out).
 ///
 /// 2 MiB, not 8: the events kept for the append hooks (while a webhook is
 /// active; else only the records are held, `Unapplied`) take about three
@@ -500,26 +499,48 @@ impl Core {
         }
     }
 
-    /// Restarts the WAL once it is big and everything in it is applied;
-    /// past `WAL_MAX_BYTES`, waits for the applier first.
+    /// Ends the WAL's carry once what it carries is applied, and restarts
+    /// the WAL once it holds `wal_restart_bytes`: a plain new generation
+    /// when everything is applied, else one carrying the unapplied frames
+    /// (never a wait for the applier here).
     fn maybe_restart_wal(&mut self) {
         let Some(wal) = &mut self.wal else { return };
-        if wal.used() < WAL_RESTART_BYTES {
+        let shared = &self.shared;
+        // `applied` first: it is at most `last`, so "all applied" holds.
+        let applied = shared.applied_seq.load(Ordering::Acquire);
+        let result = (|| -> std::io::Result<()> {
+            wal.release_carry(applied)?;
+            if wal.used() < shared.opts.wal_restart_bytes || wal.carrying() {
+                return Ok(());
+            }
+            if applied >= shared.last_seq.load(Ordering::Acquire) {
+                wal.reset()?;
+                self.unapplied_ids.clear();
+                Ok(())
+            } else {
+                wal.restart_carrying(applied)
+            }
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot restart the write-ahead log");
+            shared.poisoned.store(true, Ordering::Release);
+        }
+    }
+
+    /// Before a frame of `len` bytes that would reach the frames the WAL
+    /// carries: waits for the applier, then ends the carry. If the apply
+    /// failed the carry stays, and the WAL refuses the frame.
+    fn make_room_in_wal(&mut self, len: usize) {
+        if !self.wal.as_ref().is_some_and(|w| w.carry_blocks(len)) {
             return;
         }
-        let shared = &self.shared;
-        let last = shared.last_seq.load(Ordering::Acquire);
-        if shared.applied_seq.load(Ordering::Acquire) < last && wal.used() >= WAL_MAX_BYTES {
-            self.wait_for_applier();
-        }
-        let shared = &self.shared;
-        let Some(wal) = &mut self.wal else { return };
-        if shared.applied_seq.load(Ordering::Acquire) >= last {
-            if let Err(e) = wal.reset() {
-                tracing::error!(error = %e, "cannot restart the write-ahead log");
-                shared.poisoned.store(true, Ordering::Release);
-            }
-            self.unapplied_ids.clear();
+        self.wait_for_applier();
+        let applied = self.shared.applied_seq.load(Ordering::Acquire);
+        if let Some(wal) = &mut self.wal
+            && let Err(e) = wal.release_carry(applied)
+        {
+            tracing::error!(error = %e, "cannot end the write-ahead log's carry");
+            self.shared.poisoned.store(true, Ordering::Release);
         }
     }
 
@@ -627,6 +648,7 @@ impl Core {
             return;
         };
         let durable_since = Instant::now();
+        self.make_room_in_wal(Wal::frame_len(records.iter().map(Vec::len)));
         if let Some(wal) = &mut self.wal
             && let Err(e) = wal.append(start_seq, records.iter().map(|r| r.as_slice()))
         {
