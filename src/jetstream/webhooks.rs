@@ -118,14 +118,11 @@ impl Stores {
         })
     }
 
-    /// The state of the bucket `store` now.
+    /// The state of the bucket `store` now: one stream-info request on the
+    /// bucket's own stream handle (dispatch asks before every event; it
+    /// used to look the stream up first, a second request each time).
     pub(super) async fn state(&self, store: &kv::Store) -> Result<BucketState, StorageError> {
-        let bucket = store.status().await.map_err(cluster)?.bucket;
-        let mut stream = self
-            .js
-            .get_stream(format!("KV_{bucket}"))
-            .await
-            .map_err(cluster)?;
+        let mut stream = store.stream.clone();
         let info = stream.info().await.map_err(cluster)?;
         Ok(BucketState {
             messages: info.state.messages,
