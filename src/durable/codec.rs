@@ -13,6 +13,12 @@
 //! search over `seq`) reads 8 bytes per probe without decoding the rest. The
 //! payload is stored as its compact JSON bytes, since bincode cannot decode a
 //! `serde_json::Value`; an empty payload is stored as zero bytes.
+//!
+//! Records are decoded by bincode and encoded here by hand, into the bytes
+//! bincode writes (`put_record`; the tests compare the two on generated
+//! records): bincode's serde path writes a `[u8; 16]` one element at a
+//! time through the serializer, and encoding was a tenth of a publish's
+//! instructions on the publishing thread (callgrind, BENCHMARKS.md).
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -90,10 +96,68 @@ pub(crate) fn encode(event: &Event, append_ns: i64, payload_json: &[u8], out: &m
         ts_nanos: event.timestamp.subsec_nanosecond(),
         payload: Bytes(payload_json),
     };
-    // Encoding into a Vec only fails on an unsupported serde shape, which
-    // RecordRef does not have.
-    if bincode::serde::encode_into_std_write(&record, out, config()).is_err() {
-        unreachable!("RecordRef always encodes");
+    put_record(&record, out);
+}
+
+/// Appends `r` as bincode 2 (standard config: little-endian varints)
+/// writes it through serde: the fields in order; a `[u8; 16]` as its
+/// bytes; a string or byte string as its length then its bytes; an
+/// `Option` as 0, or 1 then the value; signed integers zigzagged.
+fn put_record(r: &RecordRef<'_>, out: &mut Vec<u8>) {
+    out.reserve(
+        16 + 17
+            + r.event_type.len()
+            + r.tenant_id.len()
+            + r.actor_id.len()
+            + r.payload.0.len()
+            + 5 * 9,
+    );
+    out.extend_from_slice(&r.id);
+    put_bytes(r.event_type.as_bytes(), out);
+    put_bytes(r.tenant_id.as_bytes(), out);
+    match &r.instance_id {
+        None => out.push(0),
+        Some(id) => {
+            out.push(1);
+            out.extend_from_slice(id);
+        }
+    }
+    put_bytes(r.actor_id.as_bytes(), out);
+    put_varint(zigzag(r.ts_secs), out);
+    put_varint(zigzag(i64::from(r.ts_nanos)), out);
+    put_bytes(r.payload.0, out);
+}
+
+fn put_bytes(b: &[u8], out: &mut Vec<u8>) {
+    put_varint(b.len() as u64, out);
+    out.extend_from_slice(b);
+}
+
+/// bincode's varint: one byte up to 250, else a marker (251, 252, 253)
+/// and the value as a little-endian `u16`, `u32` or `u64`.
+fn put_varint(v: u64, out: &mut Vec<u8>) {
+    if v <= 250 {
+        out.push(v as u8);
+    } else if let Ok(v) = u16::try_from(v) {
+        out.push(251);
+        out.extend_from_slice(&v.to_le_bytes());
+    } else if let Ok(v) = u32::try_from(v) {
+        out.push(252);
+        out.extend_from_slice(&v.to_le_bytes());
+    } else {
+        out.push(253);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// bincode's zigzag for signed integers: 0, -1, 1, -2, … as 0, 1, 2, 3, ….
+/// An `i32` zigzagged as an `i64` gives the same value as bincode's `i32`
+/// zigzag (both are `2n` or `-2n - 1`).
+fn zigzag(v: i64) -> u64 {
+    if v < 0 {
+        !v.cast_unsigned() * 2 + 1
+    } else {
+        v.cast_unsigned() * 2
     }
 }
 
@@ -163,6 +227,71 @@ impl RecordRef<'_> {
 mod tests {
     use super::*;
     use crate::event::Type;
+
+    /// What bincode itself writes for `r`: the reference `put_record`
+    /// must equal.
+    fn bincode_of(r: &RecordRef<'_>) -> Vec<u8> {
+        bincode::serde::encode_to_vec(r, config()).unwrap()
+    }
+
+    #[test]
+    fn records_are_encoded_as_bincode_encodes_them() {
+        // Lengths and integers at each of bincode's varint bounds.
+        let lens = [0usize, 1, 250, 251, 252, 65_535, 65_536, 70_000];
+        let ints = [
+            0i64,
+            1,
+            -1,
+            125,
+            -125,
+            126,
+            -126,
+            32_767,
+            -32_768,
+            32_768,
+            i64::from(i32::MAX),
+            i64::from(i32::MIN),
+            i64::from(u32::MAX),
+            i64::MAX,
+            i64::MIN,
+        ];
+        let nanos = [0i32, 1, -1, 125, -126, 999_999_999, i32::MAX, i32::MIN];
+        let mut rng = crate::test_rng::xorshift(0xc0dec);
+        let text: String = (0..70_000u32)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        for i in 0..400 {
+            let mut pick = |n: usize| (rng() % n as u64) as usize;
+            let (type_len, tenant_len, actor_len, payload_len) = (
+                lens[pick(lens.len())],
+                lens[pick(lens.len())].min(300),
+                lens[pick(lens.len())].min(300),
+                lens[pick(lens.len())],
+            );
+            let mut id = [0u8; 16];
+            id.iter_mut()
+                .enumerate()
+                .for_each(|(k, x)| *x = (i * 7 + k) as u8);
+            let record = RecordRef {
+                id,
+                event_type: &text[..type_len],
+                tenant_id: &text[..tenant_len],
+                instance_id: (i % 2 == 0).then_some([i as u8; 16]),
+                actor_id: &text[..actor_len],
+                ts_secs: ints[pick(ints.len())],
+                ts_nanos: nanos[pick(nanos.len())],
+                payload: Bytes(&text.as_bytes()[..payload_len]),
+            };
+            let mut out = vec![9, 9];
+            put_record(&record, &mut out);
+            assert_eq!(&out[..2], &[9, 9], "appends, never overwrites");
+            assert_eq!(
+                out[2..],
+                bincode_of(&record)[..],
+                "record {i}: lengths {type_len} {tenant_len} {actor_len} {payload_len}"
+            );
+        }
+    }
 
     #[test]
     fn round_trip() {
