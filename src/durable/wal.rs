@@ -67,6 +67,9 @@ const FRAME_MAGIC: u32 = 0xC7B0_5E01;
 const FRAME_HEAD: usize = 4 + 8 + 4 + 4;
 /// Bytes preallocated at a time.
 const GROW: u64 = 8 << 20;
+/// Bytes preallocated first (a one-shot `ctrlbus publish` should not
+/// write megabytes of zeros).
+const FIRST_GROWTH: u64 = 1 << 20;
 /// Preallocated bytes a clean close keeps (beyond the header).
 const KEEP_ON_CLOSE: u64 = 8 << 20;
 
@@ -285,15 +288,26 @@ impl Wal {
         if foreign {
             // A new generation under our id: the old frames no longer count.
             wal.reset()?;
-            wal.ahead = fill.and_then(|f| Ahead::start(f, fill_direct, wal.allocated, sync));
+            wal.start_fill(fill, fill_direct);
             return Ok((wal, Vec::new()));
         }
         if len == 0 {
             wal.write_header(None)?;
         }
         let frames = wal.recover(&parsed, len)?;
-        wal.ahead = fill.and_then(|f| Ahead::start(f, fill_direct, wal.allocated, sync));
+        wal.start_fill(fill, fill_direct);
         Ok((wal, frames))
+    }
+
+    /// Starts the zero-filling thread on `fill`, and asks it at once for
+    /// the first growth's zeros: a fresh log's first publish then finds
+    /// them written (or waits for one chunk), instead of writing a
+    /// megabyte of zeros and syncing it itself.
+    fn start_fill(&mut self, fill: Option<File>, direct: Option<super::wal_ahead::DirectZeros>) {
+        self.ahead = fill.and_then(|f| Ahead::start(f, direct, self.allocated, self.sync));
+        if let Some(ahead) = &mut self.ahead {
+            ahead.ask(HEADER_LEN + FIRST_GROWTH);
+        }
     }
 
     fn recover(&mut self, header: &Header, len: u64) -> io::Result<Vec<Frame>> {
@@ -419,11 +433,13 @@ impl Wal {
         }
         if room > self.allocated {
             // Preallocate with real zeros (not a sparse hole) so that later
-            // appends do not change the file's block map.
-            // 1 MiB first (a one-shot `ctrlbus publish` should not write
-            // megabytes of zeros), doubling, then GROW at a time.
-            let target = if room <= GROW {
-                room.next_power_of_two().max(1 << 20)
+            // appends do not change the file's block map. With the thread,
+            // only the chunks this frame needs (the thread fills on);
+            // without it, FIRST_GROWTH first, doubling, then GROW at a time.
+            let target = if self.ahead.is_some() {
+                room.next_multiple_of(super::wal_ahead::CHUNK)
+            } else if room <= GROW {
+                room.next_power_of_two().max(FIRST_GROWTH)
             } else {
                 room.div_ceil(GROW) * GROW
             };
@@ -876,6 +892,29 @@ mod tests {
         let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].records, vec![b"first".to_vec()]);
+    }
+
+    #[test]
+    fn the_first_megabyte_of_zeros_is_written_in_the_background_from_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        let (wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
+        let ahead = wal.ahead.as_ref().expect("a fill thread on a plain file");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while ahead.allocated() < HEADER_LEN + FIRST_GROWTH {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no zeros before the first publish: {} bytes",
+                ahead.allocated()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // No publish yet, and no more than the first growth.
+        assert_eq!(wal.used(), 0);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            HEADER_LEN + FIRST_GROWTH
+        );
     }
 
     /// One frame per record: seq `first..` with a record of `len` bytes.
