@@ -81,11 +81,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Bytes<'a> {
     }
 }
 
-/// Encodes an event with its append time.
+/// Encodes an event with its append time, into `out` (cleared first, and
+/// grown at most once, to the record's exact length).
 pub(crate) fn encode(event: &Event, append_ns: i64, payload_json: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    out.push(RECORD_VERSION);
-    out.extend_from_slice(&append_ns.to_be_bytes());
     let record = RecordRef {
         id: event.id.to_bytes(),
         event_type: event.event_type.as_str(),
@@ -96,7 +95,32 @@ pub(crate) fn encode(event: &Event, append_ns: i64, payload_json: &[u8], out: &m
         ts_nanos: event.timestamp.subsec_nanosecond(),
         payload: Bytes(payload_json),
     };
+    out.reserve_exact(HEADER + record_len(&record));
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&append_ns.to_be_bytes());
     put_record(&record, out);
+}
+
+/// The bytes `put_record` writes for `r`.
+fn record_len(r: &RecordRef<'_>) -> usize {
+    let bytes = |n: usize| varint_len(n as u64) + n;
+    16 + bytes(r.event_type.len())
+        + bytes(r.tenant_id.len())
+        + if r.instance_id.is_some() { 17 } else { 1 }
+        + bytes(r.actor_id.len())
+        + varint_len(zigzag(r.ts_secs))
+        + varint_len(zigzag(i64::from(r.ts_nanos)))
+        + bytes(r.payload.0.len())
+}
+
+/// The bytes `put_varint` writes for `v`.
+fn varint_len(v: u64) -> usize {
+    match v {
+        0..=250 => 1,
+        251..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
 }
 
 /// Appends `r` as bincode 2 (standard config: little-endian varints)
@@ -104,14 +128,6 @@ pub(crate) fn encode(event: &Event, append_ns: i64, payload_json: &[u8], out: &m
 /// bytes; a string or byte string as its length then its bytes; an
 /// `Option` as 0, or 1 then the value; signed integers zigzagged.
 fn put_record(r: &RecordRef<'_>, out: &mut Vec<u8>) {
-    out.reserve(
-        16 + 17
-            + r.event_type.len()
-            + r.tenant_id.len()
-            + r.actor_id.len()
-            + r.payload.0.len()
-            + 5 * 9,
-    );
     out.extend_from_slice(&r.id);
     put_bytes(r.event_type.as_bytes(), out);
     put_bytes(r.tenant_id.as_bytes(), out);
@@ -285,6 +301,7 @@ mod tests {
             let mut out = vec![9, 9];
             put_record(&record, &mut out);
             assert_eq!(&out[..2], &[9, 9], "appends, never overwrites");
+            assert_eq!(out.len() - 2, record_len(&record), "record {i}: its length");
             assert_eq!(
                 out[2..],
                 bincode_of(&record)[..],
@@ -301,6 +318,7 @@ mod tests {
             .with_payload_value("reason", "oom");
         let mut buf = Vec::new();
         encode(&e, 42, &e.payload_json(), &mut buf);
+        assert_eq!(buf.capacity(), buf.len(), "one allocation, of its length");
         assert_eq!(append_ns(&buf).unwrap(), 42);
         let (t, r) = decode_ref(&buf).unwrap();
         assert_eq!(t, 42);

@@ -224,23 +224,27 @@ fn prepare(shared: &Shared, events: Vec<Event>) -> Result<(Vec<Prepared>, usize)
     }
     let mut items = Vec::with_capacity(events.len());
     let mut bytes = 0usize;
+    // The payloads' JSON, one after the other, in a buffer this thread
+    // keeps: each record then costs one allocation of its exact size.
+    let mut payload = PAYLOAD_JSON.take();
     for event in events {
         event.validate_but_size()?;
-        let payload = if event.payload.is_empty() {
-            Vec::new()
-        } else {
-            let p = event.payload_json();
-            if p.len() > shared.opts.max_payload_bytes {
+        payload.clear();
+        if !event.payload.is_empty() {
+            crate::compact_json::write_object(&event.payload, &mut payload);
+            if payload.len() > shared.opts.max_payload_bytes {
                 return Err(PublishError::Invalid(crate::EventError::PayloadTooLarge {
                     limit: shared.opts.max_payload_bytes,
                 }));
             }
-            p
-        };
-        let mut record = Vec::with_capacity(64 + payload.len() + event.tenant_id.len());
+        }
+        let mut record = Vec::new();
         codec::encode(&event, 0, &payload, &mut record);
         bytes += record.len() + 4;
         items.push(Prepared { event, record });
+    }
+    if payload.capacity() <= MAX_KEPT_PAYLOAD_JSON {
+        PAYLOAD_JSON.set(payload);
     }
     if bytes > shared.opts.max_batch_bytes {
         return Err(PublishError::BatchTooLarge {
@@ -250,6 +254,15 @@ fn prepare(shared: &Shared, events: Vec<Event>) -> Result<(Vec<Prepared>, usize)
     }
     Ok((items, bytes))
 }
+
+thread_local! {
+    /// `prepare`'s payload JSON buffer, kept between publishes.
+    static PAYLOAD_JSON: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The largest payload JSON buffer a thread keeps (a 1 MiB payload once
+/// should not hold a megabyte per thread forever).
+const MAX_KEPT_PAYLOAD_JSON: usize = 64 << 10;
 
 /// Queues a request. A blocking publisher may lead its own commit, so the
 /// writer thread waits `LINGER` for it; nobody leads an async one, so the
