@@ -97,13 +97,16 @@ fn crash_child() {
         .parse()
         .unwrap();
     let drain = std::env::var("CTRLBUS_CRASH_MODE").as_deref() == Ok("drain");
-    let mut b = builder();
     #[cfg(feature = "fuzzing")]
-    if round % 2 == 1 {
-        b = b
+    let b = if round % 2 == 1 {
+        builder()
             .wal_restart_after(16 << 10)
-            .apply_interval(Duration::from_millis(2));
-    }
+            .apply_interval(Duration::from_millis(2))
+    } else {
+        builder()
+    };
+    #[cfg(not(feature = "fuzzing"))]
+    let b = builder();
     let bus = b.open(dir.join("log.redb")).unwrap();
     let acks = Arc::new(Mutex::new(open_append(&dir.join("acks"))));
     let handled = Arc::new(Mutex::new(open_append(

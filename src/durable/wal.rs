@@ -185,8 +185,11 @@ pub(crate) struct Wal {
     direct: Option<DirectFrames>,
     /// The previous generation's frames this one carries, until applied.
     carry: Option<Carry>,
-    /// Each frame of this generation not known to be applied: the `seq`
-    /// after its last record, and where it starts. What a restart carries.
+    /// Each frame of this generation appended since it began and not known
+    /// to be applied: the `seq` after its last record, and where it
+    /// starts. What a restart carries. (Frames recovered at an open are
+    /// not here: the open replays them and starts a new generation before
+    /// any append.)
     frames: VecDeque<(u64, u64)>,
 }
 
