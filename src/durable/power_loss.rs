@@ -36,7 +36,7 @@ use redb::{BackendError, StorageBackend};
 use super::wal::{WalIo, WalIoWrap};
 use super::{DurableBus, DurableBusBuilder};
 use crate::bus::Bus;
-use crate::error::HandlerError;
+use crate::error::{HandlerError, PublishError, StorageError};
 use crate::event::{Event, Type};
 use crate::filter::Filter;
 use crate::id::EventId;
@@ -135,6 +135,8 @@ impl SimFile {
 struct DiskState {
     files: HashMap<PathBuf, SimFile>,
     off: bool,
+    /// A write of the WAL's header fails (a disk error, the power on).
+    header_writes_fail: bool,
 }
 
 #[derive(Clone, Default)]
@@ -274,6 +276,9 @@ impl WalIo for SimWal {
         self.file.read_at(pos, buf)
     }
     fn write_at(&mut self, pos: u64, data: &[u8]) -> io::Result<()> {
+        if pos == 0 && self.disk.0.lock().unwrap().header_writes_fail {
+            return Err(io::Error::other("simulated write error"));
+        }
         let file = &mut self.file;
         self.disk.op(
             &self.path,
@@ -504,6 +509,55 @@ fn power_loss_keeps_every_acknowledged_event_across_carrying_restarts() {
         restart_bytes: 4 << 10,
         apply_interval: Duration::from_millis(2),
     });
+}
+
+/// A WAL restart whose header write fails poisons the log, and the group
+/// that asked for the restart fails with it: acknowledged, its frame
+/// would be of a generation the header on disk does not name, and gone
+/// after a power cut.
+#[test]
+fn a_failed_wal_restart_fails_its_group_rather_than_acknowledging_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.redb");
+    let disk = Disk::default();
+    // Restarts every 4 KiB, nothing applied meanwhile.
+    let bus = open_on(
+        &disk,
+        &path,
+        Config {
+            restart_bytes: 4 << 10,
+            apply_interval: Duration::from_secs(3600),
+        },
+    );
+    disk.0.lock().unwrap().header_writes_fail = true;
+    let mut expect = Expect::default();
+    let mut failed = None;
+    for i in 0..1_000u64 {
+        match bus.publish(Event::new(Type::DEPLOY_STARTED, "acme").with_payload_value("i", i)) {
+            Ok(r) => {
+                expect.acked.insert(r.seq, r.id);
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let failed = failed.expect("a restart was due within 1,000 events");
+    assert!(
+        matches!(
+            failed,
+            PublishError::Storage(StorageError::Poisoned | StorageError::CommitFailed { .. })
+        ),
+        "{failed}"
+    );
+    let images = disk.cut(&mut Rng(0x5eed));
+    drop(bus);
+    for (file, content) in images {
+        std::fs::write(&file, content).unwrap();
+    }
+    let bus = DurableBus::open(&path).unwrap();
+    verify(&bus, &expect, 0x5eed);
 }
 
 fn rounds(config: Config) {

@@ -502,9 +502,13 @@ impl Core {
     /// Ends the WAL's carry once what it carries is applied, and restarts
     /// the WAL once it holds `wal_restart_bytes`: a plain new generation
     /// when everything is applied, else one carrying the unapplied frames
-    /// (never a wait for the applier here).
-    fn maybe_restart_wal(&mut self) {
-        let Some(wal) = &mut self.wal else { return };
+    /// (never a wait for the applier here). False when that failed: the
+    /// bus is poisoned, and the group must fail too (its frame would be of
+    /// a generation the header on disk may not name).
+    fn maybe_restart_wal(&mut self) -> bool {
+        let Some(wal) = &mut self.wal else {
+            return true;
+        };
         let shared = &self.shared;
         // `applied` first: it is at most `last`, so "all applied" holds.
         let applied = shared.applied_seq.load(Ordering::Acquire);
@@ -524,7 +528,9 @@ impl Core {
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot restart the write-ahead log");
             shared.poisoned.store(true, Ordering::Release);
+            return false;
         }
+        true
     }
 
     /// Before a frame of `len` bytes that would reach the frames the WAL
@@ -567,7 +573,10 @@ impl Core {
         if shared.unapplied_bytes.load(Ordering::Acquire) >= MAX_UNAPPLIED_BYTES {
             self.wait_for_applier();
         }
-        self.maybe_restart_wal();
+        if !self.maybe_restart_wal() {
+            fail_all(publishes, Vec::new(), || StorageError::Poisoned);
+            return;
+        }
         let start_seq = shared.last_seq.load(Ordering::Acquire) + 1;
         let append_ns = now_ns().max(self.last_append);
         // Idempotency: ids already applied (redb) or waiting (in memory).
