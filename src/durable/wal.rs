@@ -63,6 +63,9 @@ const VERSION_CARRY: u32 = 2;
 const HEADER_LEN: u64 = 4096;
 /// Bytes of the header that hold data (the rest is zero): 40 in version 1.
 const HEADER_USED: usize = 48;
+/// Where the header's CRC sits (it covers the bytes before it), by version.
+const CRC_AT: usize = 36;
+const CRC_AT_CARRY: usize = 44;
 const FRAME_MAGIC: u32 = 0xC7B0_5E01;
 const FRAME_HEAD: usize = 4 + 8 + 4 + 4;
 /// Bytes preallocated at a time.
@@ -389,29 +392,26 @@ impl Wal {
         Ok(())
     }
 
-    /// Starts a new generation although records above `applied` are not in
-    /// redb yet: it carries their frames (see the module docs). Without
-    /// such frames, the same as [`Wal::reset`]. Refused while carrying.
-    pub(crate) fn restart_carrying(&mut self, applied: u64) -> io::Result<()> {
+    /// Starts a new generation although records above `applied` may not
+    /// be in redb yet: it carries their frames (see the module docs), and
+    /// says whether there were any (without, the same as [`Wal::reset`]).
+    /// Refused while carrying.
+    pub(crate) fn restart_carrying(&mut self, applied: u64) -> io::Result<bool> {
         if self.carry.is_some() {
             return Err(io::Error::other(
                 "the write-ahead log restarts while it still carries frames",
             ));
         }
         self.release_carry(applied)?;
-        let (Some(&(_, from)), Some(&(end, _))) = (self.frames.front(), self.frames.back()) else {
-            return self.reset();
+        let carry = match (self.frames.front(), self.frames.back()) {
+            (Some(&(_, from)), Some(&(end, _))) => Some(Carry {
+                from,
+                last_seq: end - 1,
+            }),
+            _ => None,
         };
-        let carry = Carry {
-            from,
-            last_seq: end - 1,
-        };
-        self.generation += 1;
-        self.write_header(Some(carry.from))?;
-        self.carry = Some(carry);
-        self.frames.clear();
-        self.pos = HEADER_LEN;
-        Ok(())
+        self.start_generation(carry)?;
+        Ok(carry.is_some())
     }
 
     fn write_at_end(&mut self, frame: &[u8]) -> io::Result<()> {
@@ -419,9 +419,7 @@ impl Wal {
         // What must be zero-filled before the write: a direct write covers
         // the frame's last page whole (else it would grow the file).
         let room = self.written_up_to(frame.len());
-        if let Some(c) = self.carry
-            && room > c.from
-        {
+        if self.carry_blocks(frame.len()) {
             // The committer waits for the applier first (`carry_blocks`);
             // this only happens if that apply failed.
             return Err(io::Error::new(
@@ -550,9 +548,15 @@ impl Wal {
 
     /// Starts a new generation: every frame so far is durable in redb.
     pub(crate) fn reset(&mut self) -> io::Result<()> {
+        self.start_generation(None)
+    }
+
+    /// A new generation from the file's start, carrying `carry`: its
+    /// header first (synced, with sync on), then no frame of its own yet.
+    fn start_generation(&mut self, carry: Option<Carry>) -> io::Result<()> {
         self.generation += 1;
-        self.write_header(None)?;
-        self.carry = None;
+        self.write_header(carry.map(|c| c.from))?;
+        self.carry = carry;
         self.frames.clear();
         self.pos = HEADER_LEN;
         Ok(())
@@ -568,12 +572,12 @@ impl Wal {
         let used = match carry_from {
             None => {
                 h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-                36
+                CRC_AT
             }
             Some(from) => {
                 h[8..12].copy_from_slice(&VERSION_CARRY.to_le_bytes());
-                h[36..44].copy_from_slice(&from.to_le_bytes());
-                44
+                h[CRC_AT..CRC_AT_CARRY].copy_from_slice(&from.to_le_bytes());
+                CRC_AT_CARRY
             }
         };
         let crc = crc32fast::hash(&h[0..used]);
@@ -755,8 +759,8 @@ fn parse_header(h: &[u8; HEADER_USED]) -> Option<Header> {
         return None;
     }
     let used = match u32::from_le_bytes(h[8..12].try_into().ok()?) {
-        VERSION => 36,
-        VERSION_CARRY => 44,
+        VERSION => CRC_AT,
+        VERSION_CARRY => CRC_AT_CARRY,
         _ => return None,
     };
     let crc = u32::from_le_bytes(h[used..used + 4].try_into().ok()?);
@@ -764,8 +768,8 @@ fn parse_header(h: &[u8; HEADER_USED]) -> Option<Header> {
         return None;
     }
     let generation = u64::from_le_bytes(h[12..20].try_into().ok()?);
-    let carry_from = if used == 44 {
-        let from = u64::from_le_bytes(h[36..44].try_into().ok()?);
+    let carry_from = if used == CRC_AT_CARRY {
+        let from = u64::from_le_bytes(h[CRC_AT..CRC_AT_CARRY].try_into().ok()?);
         // A carry is of the generation before, from past the header.
         if generation == 0 || from < HEADER_LEN {
             return None;

@@ -510,20 +510,17 @@ impl Core {
             return true;
         };
         let shared = &self.shared;
-        // `applied` first: it is at most `last`, so "all applied" holds.
         let applied = shared.applied_seq.load(Ordering::Acquire);
         let result = (|| -> std::io::Result<()> {
             wal.release_carry(applied)?;
             if wal.used() < shared.opts.wal_restart_bytes || wal.carrying() {
                 return Ok(());
             }
-            if applied >= shared.last_seq.load(Ordering::Acquire) {
-                wal.reset()?;
+            if !wal.restart_carrying(applied)? {
+                // Everything was applied: no id waits in memory either.
                 self.unapplied_ids.clear();
-                Ok(())
-            } else {
-                wal.restart_carrying(applied)
             }
+            Ok(())
         })();
         if let Err(e) = result {
             tracing::error!(error = %e, "cannot restart the write-ahead log");
@@ -533,11 +530,15 @@ impl Core {
         true
     }
 
-    /// Before a frame of `len` bytes that would reach the frames the WAL
+    /// Before the frame of `records` if it would reach the frames the WAL
     /// carries: waits for the applier, then ends the carry. If the apply
-    /// failed the carry stays, and the WAL refuses the frame.
-    fn make_room_in_wal(&mut self, len: usize) {
-        if !self.wal.as_ref().is_some_and(|w| w.carry_blocks(len)) {
+    /// failed the carry stays, and the WAL refuses the frame. (The frame's
+    /// length is worked out only while carrying.)
+    fn make_room_in_wal(&mut self, records: &[Vec<u8>]) {
+        let blocked = self.wal.as_ref().is_some_and(|w| {
+            w.carrying() && w.carry_blocks(Wal::frame_len(records.iter().map(Vec::len)))
+        });
+        if !blocked {
             return;
         }
         self.wait_for_applier();
@@ -657,7 +658,7 @@ impl Core {
             return;
         };
         let durable_since = Instant::now();
-        self.make_room_in_wal(Wal::frame_len(records.iter().map(Vec::len)));
+        self.make_room_in_wal(&records);
         if let Some(wal) = &mut self.wal
             && let Err(e) = wal.append(start_seq, records.iter().map(|r| r.as_slice()))
         {
