@@ -2,7 +2,9 @@
 //! with frames the file does not hold yet is recovered whatever the options
 //! of the next open, a missing or stale WAL is refused unless its loss is
 //! accepted, an out-of-sequence frame ends the log with a warning, and
-//! `check` reports frames waiting in the WAL.
+//! `check` reports frames waiting in the WAL. The WAL restarts at exactly
+//! its restart size, and a WAL cut inside the frames a restart carried
+//! keeps what precedes the cut.
 
 mod common;
 
@@ -18,24 +20,39 @@ const CHILD: &str = "CTRLBUS_WAL_CHILD";
 
 /// The child: publishes `n` events with applies held off for an hour,
 /// prints their ids, then waits to be killed: the WAL holds them, the redb
-/// file does not.
+/// file does not. With a third part, `carry`, it publishes
+/// `carry_scenario`'s events instead, leaving a WAL that carries frames.
 #[test]
 fn wal_child() {
     let Ok(spec) = std::env::var(CHILD) else {
         return;
     };
-    let (path, n) = spec.split_once('|').unwrap();
-    let bus = DurableBus::builder()
-        .apply_interval(Duration::from_secs(3600))
-        .open(path)
-        .unwrap();
+    let mut spec = spec.split('|');
+    let (path, n) = (spec.next().unwrap(), spec.next().unwrap());
+    let builder = DurableBus::builder().apply_interval(Duration::from_secs(3600));
     let mut out = std::io::stdout().lock();
-    for _ in 0..n.parse::<usize>().unwrap() {
-        let r = bus
-            .publish(Event::new(Type::DEPLOY_STARTED, "acme"))
-            .unwrap();
-        writeln!(out, "{} {}", r.seq, r.id).unwrap();
-    }
+    // The bus stays open until the kill.
+    let _bus = match spec.next() {
+        None => {
+            let bus = builder.open(path).unwrap();
+            for _ in 0..n.parse::<usize>().unwrap() {
+                let r = bus
+                    .publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+                    .unwrap();
+                writeln!(out, "{} {}", r.seq, r.id).unwrap();
+            }
+            bus
+        }
+        #[cfg(feature = "fuzzing")]
+        Some("carry") => {
+            let bus = builder.wal_restart_after(16 << 10).open(path).unwrap();
+            for r in carry_scenario(&bus) {
+                writeln!(out, "{} {}", r.seq, r.id).unwrap();
+            }
+            bus
+        }
+        Some(other) => panic!("unknown child scenario {other}"),
+    };
     writeln!(out, "ready").unwrap();
     out.flush().unwrap();
     std::thread::sleep(Duration::from_secs(600));
@@ -444,5 +461,166 @@ fn restarts_that_carry_frames_lose_nothing_with_sync_on_and_off_and_a_webhook() 
             largest <= 4096 + (1 << 20),
             "sync {sync}, webhook {webhook}: the WAL grew to {largest} bytes"
         );
+    }
+}
+
+/// The header of a WAL: (version, generation, where carried frames start).
+fn wal_header(wal: &[u8]) -> (u32, u64, Option<u64>) {
+    let word = |at: usize| u64::from_le_bytes(wal[at..at + 8].try_into().unwrap());
+    let version = u32::from_le_bytes(wal[8..12].try_into().unwrap());
+    (version, word(12), (version == 2).then(|| word(36)))
+}
+
+/// The first seq of the frame at `at` (see `frame_offsets`), and where it ends.
+fn frame_at(wal: &[u8], at: usize) -> (u64, usize) {
+    assert_eq!(
+        wal[at..at + 4],
+        0xC7B0_5E01u32.to_le_bytes(),
+        "no frame at {at}"
+    );
+    let len = u32::from_le_bytes(wal[at + 12..at + 16].try_into().unwrap()) as usize;
+    let seq = u64::from_le_bytes(wal[at + 20..at + 28].try_into().unwrap());
+    (seq, at + 20 + len)
+}
+
+/// With the WAL restarting at 16 KiB and applies held off: seqs 1-3 of
+/// ~3 KB each, applied (a read waits for the applier); 4-6 of ~3 KB, which
+/// take the WAL past 16 KiB; then 7 and 8, small, written by a new
+/// generation below the carried frames of 4-6.
+#[cfg(feature = "fuzzing")]
+fn carry_scenario(bus: &DurableBus) -> Vec<ctrlbus::Receipt> {
+    let big = || Event::new(Type::DEPLOY_STARTED, "acme").with_payload_value("p", "x".repeat(3000));
+    let mut acked = Vec::new();
+    for _ in 0..3 {
+        acked.push(bus.publish(big()).unwrap());
+    }
+    assert_eq!(contents(bus).len(), 3);
+    for _ in 0..3 {
+        acked.push(bus.publish(big()).unwrap());
+    }
+    for _ in 0..2 {
+        acked.push(
+            bus.publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+                .unwrap(),
+        );
+    }
+    acked
+}
+
+/// A WAL cut inside the frames it carries (damage: those frames were
+/// acknowledged and synced before the restart) keeps what comes before
+/// the cut: the carried frames up to it are replayed, and the new
+/// generation's frames, now out of sequence, end the log with a warning,
+/// as any out-of-sequence frame does. The log is sound and goes on from
+/// the last event kept. Cut at the carry's start, nothing carried is kept.
+#[cfg(feature = "fuzzing")]
+#[test]
+fn a_wal_cut_inside_its_carried_frames_keeps_what_precedes_the_cut() {
+    for cut_inside_the_second in [true, false] {
+        let (_dir, path) = scratch();
+        let mut child =
+            common::spawn_self("wal_child", (CHILD, format!("{}|8|carry", path.display())));
+        let acked = common::receipts_until_ready(&mut child);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert_eq!(acked.len(), 8);
+        let wal_path = wal_of(&path);
+        let wal = std::fs::read(&wal_path).unwrap();
+        // The scenario happened: a carry of seqs 4-6, frames 7 and 8
+        // below it.
+        let (version, _, carry) = wal_header(&wal);
+        assert_eq!(version, 2, "the WAL is not carrying");
+        let carry = carry.unwrap() as usize;
+        let (first, end) = frame_at(&wal, carry);
+        assert_eq!(first, 4, "the carry starts at seq 4");
+        assert_eq!(frame_at(&wal, end).0, 5);
+        let own: Vec<u64> = frame_offsets(&wal)
+            .iter()
+            .map(|&at| frame_at(&wal, at).0)
+            .collect();
+        assert_eq!(own, vec![7, 8], "the new generation's frames");
+
+        let (cut, kept) = if cut_inside_the_second {
+            (end + 100, 4)
+        } else {
+            (carry, 3)
+        };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&wal_path)
+            .unwrap()
+            .set_len(cut as u64)
+            .unwrap();
+        let bus = DurableBus::open(&path).unwrap();
+        assert_eq!(contents(&bus), acked[..kept].to_vec(), "cut at {cut}");
+        assert!(bus.check(&mut |_, _| {}).unwrap().is_sound());
+        let next = bus
+            .publish(Event::new(Type::DEPLOY_STARTED, "acme"))
+            .unwrap();
+        assert_eq!(next.seq, kept as u64 + 1);
+        drop(bus);
+        let bus = DurableBus::open(&path).unwrap();
+        assert_eq!(contents(&bus).len(), kept + 1, "nothing replayed twice");
+    }
+}
+
+/// The WAL restarts before the group that finds it holding at least its
+/// restart size: at exactly the size (the first frame's length) the second
+/// publish starts a new generation at the WAL's start; one byte more and it
+/// follows the first frame. Both with sync on and off, and both read back.
+#[cfg(feature = "fuzzing")]
+#[test]
+fn the_wal_restarts_at_its_restart_size_and_not_one_byte_before() {
+    let open = |path: &Path, sync: bool, restart: u64| {
+        DurableBus::builder()
+            .sync(sync)
+            .wal_restart_after(restart)
+            .apply_interval(Duration::from_secs(3600))
+            .open(path)
+            .unwrap()
+    };
+    let event =
+        || Event::new(Type::DEPLOY_STARTED, "acme").with_payload_value("p", "x".repeat(500));
+    // The first frame's length, from a probe.
+    let frame = {
+        let (_dir, path) = scratch();
+        let bus = open(&path, true, 16 << 20);
+        bus.publish(event()).unwrap();
+        let wal = std::fs::read(wal_of(&path)).unwrap();
+        let (seq, end) = frame_at(&wal, 4096);
+        assert_eq!(seq, 1);
+        (end - 4096) as u64
+    };
+    for sync in [true, false] {
+        for (restart, restarts) in [(frame, true), (frame + 1, false)] {
+            let (_dir, path) = scratch();
+            let bus = open(&path, sync, restart);
+            let first = bus.publish(event()).unwrap();
+            let wal = std::fs::read(wal_of(&path)).unwrap();
+            let (_, generation, _) = wal_header(&wal);
+            assert_eq!(
+                frame_at(&wal, 4096),
+                (1, 4096 + frame as usize),
+                "sync {sync}"
+            );
+            let second = bus.publish(event()).unwrap();
+            let wal = std::fs::read(wal_of(&path)).unwrap();
+            let (_, now, _) = wal_header(&wal);
+            let what = format!("sync {sync}, restart at {restart} bytes, a frame of {frame}");
+            if restarts {
+                assert_eq!(now, generation + 1, "{what}: no restart");
+                assert_eq!(frame_at(&wal, 4096).0, 2, "{what}");
+            } else {
+                assert_eq!(now, generation, "{what}: restarted");
+                assert_eq!(frame_at(&wal, 4096 + frame as usize).0, 2, "{what}");
+            }
+            drop(bus);
+            let bus = open(&path, sync, restart);
+            assert_eq!(
+                contents(&bus),
+                vec![(1, first.id), (2, second.id)],
+                "{what}"
+            );
+        }
     }
 }
