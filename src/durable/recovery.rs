@@ -156,6 +156,7 @@ pub(crate) fn open_wal(
         shared.opts.wal_io.as_ref(),
     )
     .map_err(io)?;
+    w.limit_fill(shared.opts.wal_restart_bytes);
     if lost.is_some() {
         // The loss was accepted: what this WAL holds (an older copy's
         // frames, say) is not what the file lacks, and is not replayed.

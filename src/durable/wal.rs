@@ -194,7 +194,13 @@ pub(crate) struct Wal {
     /// not here: the open replays them and starts a new generation before
     /// any append.)
     frames: VecDeque<(u64, u64)>,
+    /// The fill thread is not asked for zeros past here (`limit_fill`).
+    fill_limit: u64,
 }
+
+/// Zeros the fill thread keeps past a restarting WAL's restart size: the
+/// last frame before a restart ends past it (by one group).
+const FILL_PAST_RESTART: u64 = 1 << 20;
 
 impl Wal {
     /// Opens (or creates) the WAL and returns the frames of its current
@@ -290,6 +296,7 @@ impl Wal {
             direct,
             carry: None,
             frames: VecDeque::new(),
+            fill_limit: u64::MAX,
         };
         if foreign {
             // A new generation under our id: the old frames no longer count.
@@ -472,12 +479,28 @@ impl Wal {
         if let Some(ahead) = &mut self.ahead {
             // Keep as many zeros ahead as the frames use, up to GROW: a
             // one-shot publish writes no more zeros than the first growth.
-            let upto = end + end.min(GROW);
+            // Not past the fill limit: frames restart before it.
+            let upto = (end + end.min(GROW)).min(self.fill_limit);
             if upto > self.allocated {
                 ahead.ask(upto.next_multiple_of(super::wal_ahead::CHUNK));
             }
         }
         Ok(())
+    }
+
+    /// Tells the WAL it restarts once it holds `restart_bytes` of frames
+    /// (`maybe_restart_wal`): the fill thread then stops asking for zeros
+    /// one restart size plus `FILL_PAST_RESTART` into the file. Before, it
+    /// kept up to 8 MiB of zeros past frames that never reached them, so a
+    /// busy log's WAL peaked at 24 MiB for a 16 MiB restart size. A frame
+    /// past the limit (a group larger than the margin) is still written:
+    /// the committer fills for it.
+    pub(crate) fn limit_fill(&mut self, restart_bytes: u64) {
+        self.fill_limit = HEADER_LEN
+            .saturating_add(restart_bytes)
+            .saturating_add(FILL_PAST_RESTART)
+            .checked_next_multiple_of(super::wal_ahead::CHUNK)
+            .unwrap_or(u64::MAX);
     }
 
     /// Where the write of a `len`-byte frame at `pos` ends in the file.
@@ -1187,6 +1210,36 @@ mod tests {
         }
         let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
         assert_eq!(records_of(&frames), vec![(1, vec![a]), (2, vec![c])]);
+    }
+
+    /// With a restart size, the fill thread is asked for zeros up to one
+    /// restart size and `FILL_PAST_RESTART` in, never further (without it,
+    /// as far again as the frames reach); a frame past that is still
+    /// written, the committer filling for it, and comes back.
+    #[test]
+    fn the_fill_stops_one_margin_past_the_restart_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.wal");
+        let restart = 1 << 20;
+        let limit = (HEADER_LEN + restart + FILL_PAST_RESTART)
+            .next_multiple_of(super::super::wal_ahead::CHUNK);
+        let (mut wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
+        wal.limit_fill(restart);
+        // 1.5 MiB of frames: unlimited, the thread would be asked for 3 MiB.
+        append_each(&mut wal, 1, &[50_000; 32]);
+        let asked = wal.ahead.as_ref().unwrap().asked();
+        assert_eq!(asked, limit, "asked for {asked} bytes");
+        // Past the limit: written all the same.
+        append_each(&mut wal, 33, &[400_000; 2]);
+        assert!(wal.used() + HEADER_LEN > limit);
+        assert_eq!(wal.ahead.as_ref().unwrap().asked(), limit);
+        drop(wal);
+        let (_, frames) = Wal::open(&path, ID, true, None, None).unwrap();
+        assert_eq!(seqs_of(&frames), (1..=34).collect::<Vec<_>>());
+        // A restart size near u64::MAX sets no limit, and no overflow.
+        let (mut wal, _) = Wal::open(&path, ID, true, None, None).unwrap();
+        wal.limit_fill(u64::MAX - 1);
+        assert_eq!(wal.fill_limit, u64::MAX);
     }
 
     #[test]

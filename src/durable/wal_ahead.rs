@@ -112,6 +112,12 @@ impl Ahead {
         self.state.allocated.load(Ordering::Acquire)
     }
 
+    /// The most the thread was asked to fill to.
+    #[cfg(test)]
+    pub(crate) fn asked(&self) -> u64 {
+        self.asked
+    }
+
     /// Asks for the file to be zero-filled up to `upto` bytes.
     pub(crate) fn ask(&mut self, upto: u64) {
         if upto <= self.asked {
