@@ -465,6 +465,7 @@ fn restarts_that_carry_frames_lose_nothing_with_sync_on_and_off_and_a_webhook() 
 }
 
 /// The header of a WAL: (version, generation, where carried frames start).
+#[cfg(feature = "fuzzing")]
 fn wal_header(wal: &[u8]) -> (u32, u64, Option<u64>) {
     let word = |at: usize| u64::from_le_bytes(wal[at..at + 8].try_into().unwrap());
     let version = u32::from_le_bytes(wal[8..12].try_into().unwrap());
@@ -472,6 +473,7 @@ fn wal_header(wal: &[u8]) -> (u32, u64, Option<u64>) {
 }
 
 /// The first seq of the frame at `at` (see `frame_offsets`), and where it ends.
+#[cfg(feature = "fuzzing")]
 fn frame_at(wal: &[u8], at: usize) -> (u64, usize) {
     assert_eq!(
         wal[at..at + 4],
