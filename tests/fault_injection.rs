@@ -408,8 +408,8 @@ fn fault_during_open() {
 }
 
 /// One run under the WAL: the applier's redb commits reach the faulty
-/// backend, whose countdown starts at `k`; every publish is followed by a
-/// read, which makes the applier commit (read-your-writes). Returns whether
+/// backend, whose countdown starts at `k`; every publish is followed by
+/// `stats`, which makes the applier commit, and a read. Returns whether
 /// the fault fired and how many publishes failed.
 fn run_wal_point(target: Target, k: u64) -> (bool, usize) {
     let dir = tempfile::tempdir().unwrap();
@@ -436,6 +436,8 @@ fn run_wal_point(target: Target, k: u64) -> (bool, usize) {
             Err(ctrlbus::PublishError::Storage(_)) => failed += 1,
             Err(e) => panic!("{ctx}: unexpected error {e}"),
         }
+        // The apply (failing once the fault fires).
+        let _ = bus.stats();
         // Whatever the bus still reads is an acknowledged event, whole.
         if let Ok(reader) = bus.read(Position::Beginning, &Filter::all()) {
             for entry in reader {

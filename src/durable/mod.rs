@@ -49,6 +49,7 @@ mod open;
 #[cfg(test)]
 mod power_loss;
 mod read;
+mod read_tail;
 mod recent_ids;
 mod recovery;
 mod subscription;
@@ -430,6 +431,9 @@ pub(crate) struct Shared {
     /// Bytes of records acknowledged through the WAL and not yet applied
     /// (added by the committer, taken off by the applier once applied).
     pub(crate) unapplied_bytes: AtomicU64,
+    /// The acknowledged groups the file may not hold yet, for reads
+    /// (`read_tail`).
+    pub(crate) tail: Mutex<read_tail::Tail>,
     /// Plain (non-durable) live subscribers.
     pub(crate) live: Arc<Subscribers>,
     /// Fan-out order and the live durable subscribers (see `commit`).
@@ -572,6 +576,7 @@ impl DurableBus {
             last_seq: AtomicU64::new(last),
             applied_seq: AtomicU64::new(last),
             unapplied_bytes: AtomicU64::new(0),
+            tail: Mutex::new(read_tail::Tail::default()),
             live: Arc::new(Subscribers::new()),
             fan: Mutex::new(commit::FanState::new(last + 1)),
             durable: Mutex::new(HashMap::new()),
@@ -692,9 +697,26 @@ impl DurableBus {
             return Err(ReadError::Closed);
         }
         // A read must see every event acknowledged before it (G1 … G4):
-        // when they can't be applied, say so rather than read less.
-        self.sync_reads()?;
-        LogReader::new(&shared.db, from, filter)
+        // those the file does not hold yet are read from memory
+        // (`read_tail`), without waiting for the applier.
+        let (txn, snap) = self.read_snapshot()?;
+        LogReader::in_snapshot(&txn, snap, from, filter)
+    }
+
+    /// A snapshot of the acknowledged records the file may not hold yet,
+    /// and a read transaction begun after it (see `read_tail`). A bus
+    /// poisoned by a failed apply still reads them: they are what a reopen
+    /// recovers from the WAL.
+    ///
+    /// # Errors
+    /// [`StorageError`] when redb can't begin a read.
+    pub(crate) fn read_snapshot(
+        &self,
+    ) -> Result<(redb::ReadTransaction, read_tail::Snapshot), StorageError> {
+        let shared = &self.handle.shared;
+        let snap = read_tail::Snapshot::take(shared);
+        let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
+        Ok((txn, snap))
     }
 
     /// Subscribes a durable, named subscription.
@@ -876,8 +898,11 @@ impl Bus for DurableBus {
     }
 
     fn recent_events(&self, limit: usize, filter: &Filter) -> Result<Vec<Event>, ReadError> {
-        self.sync_reads()?;
-        upkeep::recent(&self.handle.shared, limit, filter)
+        if self.handle.shared.closed.load(Ordering::Acquire) {
+            return Err(ReadError::Closed);
+        }
+        let (txn, snap) = self.read_snapshot()?;
+        upkeep::recent(&txn, &snap, limit, filter)
     }
 
     fn close(&self) {

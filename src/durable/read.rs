@@ -13,6 +13,7 @@ use jiff::Timestamp;
 use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
 
 use super::codec::{self, RecordRef};
+use super::read_tail::Snapshot;
 use super::tables::{EVENTS, META, META_RETAINED, id_key};
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
@@ -109,28 +110,64 @@ pub(crate) fn retained_through(txn: &redb::ReadTransaction) -> Result<u64, Stora
 
 /// The first `seq` at or after `position` (which may be one past the last).
 pub(crate) fn resolve(txn: &redb::ReadTransaction, position: Position) -> Result<u64, ReadError> {
+    resolve_in(txn, &Snapshot::file_only(), position)
+}
+
+/// [`resolve`] over the file through `snap.applied` and the records of
+/// `snap` after it.
+pub(crate) fn resolve_in(
+    txn: &redb::ReadTransaction,
+    snap: &Snapshot,
+    position: Position,
+) -> Result<u64, ReadError> {
     let events = txn.open_table(EVENTS).map_err(storage)?;
-    let last = last_assigned(txn)?;
-    let Some((first, newest)) = bounds(&events).map_err(storage)? else {
+    let last = last_assigned(txn)?.max(snap.last().unwrap_or(0));
+    // The file's part: through `applied` only (a commit after the
+    // snapshot may hold more).
+    let in_file = bounds(&events)
+        .map_err(storage)?
+        .map(|(first, newest)| (first, newest.min(snap.applied)))
+        .filter(|(first, newest)| first <= newest);
+    let Some(first) = in_file.map(|b| b.0).or(snap.first()) else {
         return match position {
             Position::Id(id) => Err(ReadError::UnknownEvent(id)),
             _ => Ok(last + 1),
         };
+    };
+    let in_memory = |r: Result<Option<u64>, (u64, String)>| {
+        r.map_err(|(seq, reason)| ReadError::Storage(corrupted(seq, reason)))
     };
     Ok(match position {
         Position::Beginning => first,
         Position::End => last + 1,
         Position::Seq(s) => s.max(first),
         Position::Id(id) => {
-            match super::id_index::find_in(txn, id_key(id.to_bytes()))
-                .map_err(ReadError::Storage)?
-            {
+            let key = id_key(id.to_bytes());
+            let found = super::id_index::find_in(txn, key).map_err(ReadError::Storage)?;
+            match found {
                 Some(seq) => seq,
-                None => return Err(ReadError::UnknownEvent(id)),
+                None => in_memory(snap.find_id(key))?.ok_or(ReadError::UnknownEvent(id))?,
             }
         }
-        Position::Time(t) => seek_time(&events, first, newest, t.as_nanosecond())?,
+        Position::Time(t) => {
+            let target = t.as_nanosecond();
+            let in_file = match in_file {
+                Some((first, newest)) => {
+                    Some(seek_time(&events, first, newest, target)?).filter(|&s| s <= newest)
+                }
+                None => None,
+            };
+            match in_file {
+                Some(seq) => seq,
+                None => in_memory(snap.seek_time(clamp_ns(target)))?.unwrap_or(last + 1),
+            }
+        }
     })
+}
+
+/// Nanoseconds as the records store them.
+fn clamp_ns(t: i128) -> i64 {
+    t.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
 
 /// The first `seq` in `[lo, hi]` whose append time is `>= target`, or
@@ -141,7 +178,7 @@ fn seek_time(
     hi: u64,
     target: i128,
 ) -> Result<u64, ReadError> {
-    let target = target.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    let target = clamp_ns(target);
     let (mut lo, mut hi) = (lo, hi + 1); // answer in [lo, hi]
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
@@ -171,11 +208,23 @@ fn seek_time(
 /// a time. It sees the log as it was when created.
 pub struct LogReader {
     range: redb::Range<'static, u64, &'static [u8]>,
+    /// The records after the file's part (see `read_tail`), and the next
+    /// one to read: (group, record).
+    tail: Vec<super::read_tail::TailGroup>,
+    tail_at: (usize, usize),
     filter: Filter,
     until_ns: Option<i64>,
     done: bool,
     /// The next `seq` this reader would return (for `tail --follow`).
     next_seq: u64,
+}
+
+/// What `LogReader` does with one record.
+enum Step<'a> {
+    Skip,
+    End,
+    Fail(ReadError),
+    Take(i64, RecordRef<'a>),
 }
 
 impl LogReader {
@@ -185,11 +234,42 @@ impl LogReader {
         filter: &Filter,
     ) -> Result<LogReader, ReadError> {
         let txn = db.begin_read().map_err(storage)?;
-        let start = resolve(&txn, from)?;
+        LogReader::in_snapshot(&txn, Snapshot::file_only(), from, filter)
+    }
+
+    /// A reader of the file through `snap.applied` (in `txn`, begun after
+    /// the snapshot was taken), then of `snap`'s records.
+    pub(crate) fn in_snapshot(
+        txn: &redb::ReadTransaction,
+        snap: Snapshot,
+        from: Position,
+        filter: &Filter,
+    ) -> Result<LogReader, ReadError> {
+        let start = resolve_in(txn, &snap, from)?;
         let events = txn.open_table(EVENTS).map_err(storage)?;
-        let range = events.range(start..).map_err(storage)?;
+        let range = if start <= snap.applied {
+            events.range(start..=snap.applied)
+        } else {
+            events.range(start..start)
+        }
+        .map_err(storage)?;
+        // The first record in memory at or after `start`.
+        let mut tail_at = (0, 0);
+        for (i, g) in snap.groups.iter().enumerate() {
+            let from = start.max(snap.applied.saturating_add(1));
+            if g.first + g.records.len() as u64 > from {
+                tail_at = (
+                    i,
+                    usize::try_from(from.saturating_sub(g.first)).unwrap_or(0),
+                );
+                break;
+            }
+            tail_at = (i + 1, 0);
+        }
         Ok(LogReader {
             range,
+            tail: snap.groups,
+            tail_at,
             filter: filter.clone(),
             until_ns: None,
             done: false,
@@ -221,38 +301,77 @@ impl LogReader {
             return None;
         }
         loop {
-            let (k, v) = match self.range.next()? {
-                Ok(kv) => kv,
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(storage(e)));
+            if let Some(kv) = self.range.next() {
+                let (k, v) = match kv {
+                    Ok(kv) => kv,
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(storage(e)));
+                    }
+                };
+                let seq = k.value();
+                match self.step(seq, v.value()) {
+                    Step::Skip => {}
+                    Step::End => return None,
+                    Step::Fail(e) => return Some(Err(e)),
+                    Step::Take(append, rec) => return Some(self.take(seq, append, &rec, f)),
                 }
-            };
-            let seq = k.value();
-            let bytes = v.value();
-            let (append, rec) = match codec::decode_ref(bytes) {
-                Ok(r) => r,
-                Err(reason) => {
-                    self.done = true;
-                    return Some(Err(ReadError::Storage(corrupted(seq, reason))));
-                }
-            };
-            if self.until_ns.is_some_and(|u| append > u) {
-                self.done = true;
-                return None;
+                continue;
             }
-            self.next_seq = seq + 1;
-            if self
-                .filter
-                .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
-            {
-                let r = f(seq, append, &rec);
-                if r.is_err() {
-                    self.done = true;
-                }
-                return Some(r.map_err(|reason| ReadError::Storage(corrupted(seq, reason))));
+            // Then the records the file does not hold yet.
+            let (gi, ri) = self.tail_at;
+            let (first, records) = self.tail.get(gi).map(|g| (g.first, g.records.clone()))?;
+            let Some(record) = records.get(ri) else {
+                self.tail_at = (gi + 1, 0);
+                continue;
+            };
+            self.tail_at = (gi, ri + 1);
+            let seq = first + ri as u64;
+            match self.step(seq, record) {
+                Step::Skip => {}
+                Step::End => return None,
+                Step::Fail(e) => return Some(Err(e)),
+                Step::Take(append, rec) => return Some(self.take(seq, append, &rec, f)),
             }
         }
+    }
+
+    /// Decodes one record and says whether the read takes it.
+    fn step<'a>(&mut self, seq: u64, bytes: &'a [u8]) -> Step<'a> {
+        let (append, rec) = match codec::decode_ref(bytes) {
+            Ok(r) => r,
+            Err(reason) => {
+                self.done = true;
+                return Step::Fail(ReadError::Storage(corrupted(seq, reason)));
+            }
+        };
+        if self.until_ns.is_some_and(|u| append > u) {
+            self.done = true;
+            return Step::End;
+        }
+        self.next_seq = seq + 1;
+        if self
+            .filter
+            .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
+        {
+            Step::Take(append, rec)
+        } else {
+            Step::Skip
+        }
+    }
+
+    fn take<R>(
+        &mut self,
+        seq: u64,
+        append: i64,
+        rec: &RecordRef<'_>,
+        f: impl FnOnce(u64, i64, &RecordRef<'_>) -> Result<R, String>,
+    ) -> Result<R, ReadError> {
+        let r = f(seq, append, rec);
+        if r.is_err() {
+            self.done = true;
+        }
+        r.map_err(|reason| ReadError::Storage(corrupted(seq, reason)))
     }
 
     /// Writes the next matching event as one JSON line (envelope plus

@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::Shared;
 use super::codec;
 use super::read;
+use super::read_tail::Snapshot;
 use super::tables::{
     BY_ID, CURSORS, CursorRecord, EVENTS, META, META_RETAINED, from_bytes, id_key, to_bytes,
 };
@@ -505,28 +506,42 @@ pub(crate) fn compact(path: &Path) -> Result<(u64, u64), OpenError> {
 }
 
 /// The newest `limit` matching events, oldest first, read backwards from the
-/// end of the log.
+/// end of the log: `snap`'s records, then the file through `snap.applied`
+/// (`txn` begun after the snapshot).
 pub(crate) fn recent(
-    shared: &Shared,
+    txn: &redb::ReadTransaction,
+    snap: &Snapshot,
     limit: usize,
     filter: &Filter,
 ) -> Result<Vec<Event>, ReadError> {
-    if shared.closed.load(std::sync::atomic::Ordering::Acquire) {
-        return Err(ReadError::Closed);
-    }
-    let txn = shared.db.begin_read().map_err(StorageError::from)?;
-    let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
     let mut out = Vec::new();
     if limit == 0 {
         return Ok(out);
     }
-    for kv in events.iter().map_err(StorageError::from)?.rev() {
-        let (k, v) = kv.map_err(StorageError::from)?;
-        let seq = k.value();
-        let (_, rec) = codec::decode_ref(v.value()).map_err(|r| read::corrupted(seq, r))?;
+    // Adds the record if it matches; true once `limit` are in.
+    let keep = |out: &mut Vec<Event>, seq: u64, bytes: &[u8]| -> Result<bool, ReadError> {
+        let (_, rec) = codec::decode_ref(bytes).map_err(|r| read::corrupted(seq, r))?;
         if filter.matches_parts(rec.event_type, rec.tenant_id, rec.instance()) {
             out.push(rec.to_event().map_err(|r| read::corrupted(seq, r))?);
-            if out.len() == limit {
+        }
+        Ok(out.len() == limit)
+    };
+    let mut full = false;
+    for (seq, bytes) in snap.records_from(0).rev() {
+        full = keep(&mut out, seq, bytes)?;
+        if full {
+            break;
+        }
+    }
+    if !full {
+        let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
+        for kv in events
+            .range(..=snap.applied)
+            .map_err(StorageError::from)?
+            .rev()
+        {
+            let (k, v) = kv.map_err(StorageError::from)?;
+            if keep(&mut out, k.value(), v.value())? {
                 break;
             }
         }

@@ -28,7 +28,9 @@
 //! With a WAL, the applier thread later moves acknowledged groups into the
 //! redb file in one durable commit per `apply_interval`, with the webhook
 //! delivery records they create (`AppendHook`) and the subscriptions'
-//! positions; reads in this process wait for it (`ensure_applied`).
+//! positions. `read` and `recent_events` read the groups it has not
+//! applied yet from memory (`read_tail`); the other reads in this process
+//! (catch-up, cursors, stats, check) wait for it (`ensure_applied`).
 //!
 //! Fan-out invariants (`FanState`):
 //! - A group enters `pending` only after it is durable (G1).
@@ -689,7 +691,7 @@ impl Core {
                 .any(|h| h.may_want_events())
                 .then(|| group.clone()),
             bytes: records.iter().map(|r| r.len() as u64).sum(),
-            records,
+            records: Arc::new(records),
             append_ns,
             acked_at: Instant::now(),
         };
@@ -710,6 +712,11 @@ impl Core {
                 for (seq, id) in (unapplied.first..).zip(&unapplied.ids) {
                     self.unapplied_ids.insert(*id, seq);
                 }
+                // For reads, before the applier has it (`read_tail`).
+                shared
+                    .tail
+                    .lock()
+                    .push(unapplied.first, unapplied.records.clone());
                 let bytes = unapplied.bytes;
                 let before = shared.unapplied_bytes.fetch_add(bytes, Ordering::AcqRel);
                 queue.lock().push(unapplied);
@@ -912,8 +919,9 @@ fn fail_all(publishes: Vec<PublishReq>, others: Vec<WriteReq>, err: impl Fn() ->
 }
 
 /// Waits until every event up to `seq` is in the redb file (so that a read
-/// transaction sees it): read-your-writes for `read`, `recent_events` and
-/// catch-up.
+/// transaction sees it): read-your-writes for catch-up, cursors, stats,
+/// `check` and retention (`read` and `recent_events` read the unapplied
+/// groups from memory instead, `read_tail`).
 pub(crate) fn ensure_applied(shared: &Shared, seq: u64) -> Result<(), String> {
     if shared.applied_seq.load(Ordering::Acquire) >= seq {
         return Ok(());
