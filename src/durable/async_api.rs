@@ -62,7 +62,6 @@ impl DurableBus {
         filter: Filter,
         start: Position,
     ) -> Result<DurableStream, SubscribeError> {
-        self.sync_reads()?;
         stream::open_durable(|pull| {
             subscription::subscribe(
                 &self.handle.shared,

@@ -740,8 +740,8 @@ impl DurableBus {
         start: Position,
         handler: H,
     ) -> Result<DurableSubscription, SubscribeError> {
-        // The start position may name events acknowledged through the WAL.
-        self.sync_reads()?;
+        // The start position may name events acknowledged through the WAL:
+        // `subscribe` resolves it over the file and memory (`read_tail`).
         subscription::subscribe(
             &self.handle.shared,
             name,

@@ -321,6 +321,52 @@ mod tests {
         (first, Arc::new((0..n).map(|i| vec![i as u8]).collect()))
     }
 
+    /// A durable subscription started at events only the WAL holds (by
+    /// id, time or seq) catches up on them from memory, without making the
+    /// applier commit.
+    #[test]
+    fn a_durable_subscription_catches_up_from_memory_without_an_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = DurableBus::builder()
+            .apply_interval(std::time::Duration::from_secs(3600))
+            .open(dir.path().join("log.redb"))
+            .unwrap();
+        let ids: Vec<EventId> = (0..6)
+            .map(|i| {
+                let e = Event::new(Type::DEPLOY_STARTED, "t").with_payload_value("i", i);
+                bus.publish(e).unwrap().id
+            })
+            .collect();
+        let times: Vec<_> = entries(&bus, Position::Beginning, &Filter::all())
+            .iter()
+            .map(|e| e.appended_at)
+            .collect();
+        assert_eq!(applied(&bus), 0);
+        // All four kept running: dropping one stores its position durably,
+        // which applies.
+        let mut subs = Vec::new();
+        for (name, start, want) in [
+            ("beginning", Position::Beginning, &ids[..]),
+            ("by-id", Position::Id(ids[2]), &ids[2..]),
+            ("by-time", Position::Time(times[4]), &ids[4..]),
+            ("by-seq", Position::Seq(6), &ids[5..]),
+        ] {
+            let seen = Arc::new(crate::sync::Mutex::new(Vec::new()));
+            let keep = seen.clone();
+            let sub = bus
+                .subscribe_durable(name, Filter::all(), start, move |e: &Event| {
+                    keep.lock().push(e.id);
+                    Ok(())
+                })
+                .unwrap();
+            assert!(sub.wait_live(std::time::Duration::from_secs(10)), "{name}");
+            assert_eq!(seen.lock().as_slice(), want, "{name}");
+            subs.push(sub);
+        }
+        assert_eq!(applied(&bus), 0, "catching up made the applier commit");
+        drop(subs);
+    }
+
     #[test]
     fn release_forgets_whole_groups_at_or_below_applied() {
         let mut tail = Tail::default();

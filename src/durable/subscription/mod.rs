@@ -37,7 +37,7 @@ use serde::Serialize;
 use super::Shared;
 use super::codec;
 use super::commit::{self, WriteReq};
-use super::read::{self, Position, resolve};
+use super::read::{self, Position, resolve, resolve_in};
 use super::tables::{
     CURSORS, CursorRecord, DEAD_LETTERS, DeadLetterRecord, EVENTS, from_bytes, to_bytes,
 };
@@ -366,22 +366,34 @@ impl DurableSub {
         if from > target {
             return Ok(false);
         }
-        // Events acknowledged through the WAL may not be in the file yet.
-        commit::ensure_applied(shared, target).map_err(|_| ReadError::Closed)?;
         // Read a chunk into memory, so no read transaction is held while
         // handlers run (a long-held one would pin old pages of the file).
+        // Events acknowledged through the WAL and not in the file yet come
+        // from memory (`read_tail`): catching up never waits for, or
+        // forces, an apply (it used to, once per chunk).
         let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(CHUNK);
         {
+            let snap = crate::durable::read_tail::Snapshot::take(shared);
             let txn = shared.db.begin_read().map_err(StorageError::from)?;
             let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
-            for kv in events
-                .range(from..=target)
-                .map_err(StorageError::from)?
-                .take(CHUNK)
-            {
-                let (k, v) = kv.map_err(StorageError::from)?;
-                batch.push((k.value(), v.value().to_vec()));
+            let in_file = target.min(snap.applied);
+            if from <= in_file {
+                for kv in events
+                    .range(from..=in_file)
+                    .map_err(StorageError::from)?
+                    .take(CHUNK)
+                {
+                    let (k, v) = kv.map_err(StorageError::from)?;
+                    batch.push((k.value(), v.value().to_vec()));
+                }
             }
+            let room = CHUNK - batch.len();
+            batch.extend(
+                snap.records_from(from)
+                    .take_while(|(seq, _)| *seq <= target)
+                    .take(room)
+                    .map(|(seq, r)| (seq, r.to_vec())),
+            );
         }
         let mut expected = from;
         for (seq, bytes) in batch {
@@ -706,6 +718,9 @@ pub(crate) fn subscribe(
     }
     let filter_json = serde_json::to_string(&filter).unwrap_or_else(|_| "{}".into());
     let now = now_ns();
+    // The start may name events acknowledged through the WAL and not in
+    // the file yet: resolved over the file and memory (`read_tail`).
+    let snap = crate::durable::read_tail::Snapshot::take(shared);
     let txn = shared.db.begin_read().map_err(StorageError::from)?;
     let existing: Option<CursorRecord> = {
         let cursors = txn.open_table(CURSORS).map_err(StorageError::from)?;
@@ -717,7 +732,7 @@ pub(crate) fn subscribe(
     let mut record = if let Some(rec) = existing {
         rec
     } else {
-        let first = resolve(&txn, start).map_err(|e| match e {
+        let first = resolve_in(&txn, &snap, start).map_err(|e| match e {
             ReadError::UnknownEvent(id) => SubscribeError::UnknownPosition(id.to_string()),
             ReadError::Storage(s) => SubscribeError::Storage(s),
             ReadError::Closed => SubscribeError::Closed,
