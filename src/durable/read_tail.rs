@@ -1,5 +1,6 @@
 //! The acknowledged events the redb file does not hold yet, for reads in
-//! this process. A read used to make the applier commit first
+//! this process (`read`, `recent_events`, a durable subscription's start
+//! and catch-up). A read used to make the applier commit first
 //! (`ensure_applied`): a durable redb commit, 5–30 ms under load, and
 //! longer behind a retention chunk. Now it takes a [`Snapshot`]: the `seq`
 //! the file holds through, and the groups above it, whose records the

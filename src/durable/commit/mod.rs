@@ -28,9 +28,10 @@
 //! With a WAL, the applier thread later moves acknowledged groups into the
 //! redb file in one durable commit per `apply_interval`, with the webhook
 //! delivery records they create (`AppendHook`) and the subscriptions'
-//! positions. `read` and `recent_events` read the groups it has not
-//! applied yet from memory (`read_tail`); the other reads in this process
-//! (catch-up, cursors, stats, check) wait for it (`ensure_applied`).
+//! positions. `read`, `recent_events` and durable subscriptions' catch-up
+//! read the groups it has not applied yet from memory (`read_tail`); the
+//! other reads in this process (cursors, stats, check) wait for it
+//! (`ensure_applied`).
 //!
 //! Fan-out invariants (`FanState`):
 //! - A group enters `pending` only after it is durable (G1).
@@ -919,8 +920,8 @@ fn fail_all(publishes: Vec<PublishReq>, others: Vec<WriteReq>, err: impl Fn() ->
 }
 
 /// Waits until every event up to `seq` is in the redb file (so that a read
-/// transaction sees it): read-your-writes for catch-up, cursors, stats,
-/// `check` and retention (`read` and `recent_events` read the unapplied
+/// transaction sees it): read-your-writes for cursors, stats, `check` and
+/// retention (`read`, `recent_events` and catch-up read the unapplied
 /// groups from memory instead, `read_tail`).
 pub(crate) fn ensure_applied(shared: &Shared, seq: u64) -> Result<(), String> {
     if shared.applied_seq.load(Ordering::Acquire) >= seq {
