@@ -328,8 +328,12 @@ mod tests {
     #[test]
     fn a_durable_subscription_catches_up_from_memory_without_an_apply() {
         let dir = tempfile::tempdir().unwrap();
+        // No timed apply, and no timed flush of the subscriptions'
+        // positions (which applies too: under CI's load the default 100 ms
+        // passed mid-test and made this fail for that reason).
         let bus = DurableBus::builder()
             .apply_interval(std::time::Duration::from_secs(3600))
+            .ack_flush_interval(std::time::Duration::from_secs(3600))
             .open(dir.path().join("log.redb"))
             .unwrap();
         let ids: Vec<EventId> = (0..6)
