@@ -569,14 +569,7 @@ fn reads_beside_publishers_and_applies_see_every_acknowledged_event_in_order() {
             while !done.load(Ordering::Acquire) {
                 let floor = newest.load(Ordering::Acquire);
                 let want = acked.lock().unwrap().clone();
-                let got: Vec<(u64, EventId)> = bus
-                    .read(Position::Beginning, &Filter::all())
-                    .unwrap()
-                    .map(|e| {
-                        let e = e.unwrap();
-                        (e.seq, e.event.id)
-                    })
-                    .collect();
+                let got = common::seq_ids(&bus);
                 let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
                 assert_eq!(
                     seqs,
@@ -634,10 +627,6 @@ fn reads_beside_publishers_and_applies_see_every_acknowledged_event_in_order() {
     assert!(reads >= 5, "only {reads} reads ran beside the publishers");
     let published = acked.lock().unwrap().len() as u64;
     assert!(published >= 1600);
-    let all: Vec<u64> = bus
-        .read(Position::Beginning, &Filter::all())
-        .unwrap()
-        .map(|e| e.unwrap().seq)
-        .collect();
+    let all: Vec<u64> = common::seq_ids(&bus).iter().map(|e| e.0).collect();
     assert_eq!(all, (1..=published).collect::<Vec<_>>());
 }

@@ -53,6 +53,13 @@ fn run(countdown: u64) {
             *seen, acked_ids,
             "subscribers saw exactly the acknowledged events"
         );
+        // So do reads in this process, which take what the file lacks from
+        // memory (G1): a frame whose write or fsync failed is not there.
+        assert_eq!(
+            common::seq_ids(&bus),
+            acked,
+            "countdown {countdown}: reads before the reopen"
+        );
     }
     let bus = DurableBus::open(&path).unwrap();
     let log: Vec<(u64, EventId)> = bus

@@ -12,9 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ctrlbus::{
-    Bus, DurableBus, Event, EventId, Filter, OpenError, Position, PublishError, ReadOnlyLog, Type,
-};
+use ctrlbus::{Bus, DurableBus, Event, EventId, OpenError, PublishError, ReadOnlyLog, Type};
 
 const CHILD: &str = "CTRLBUS_WAL_CHILD";
 
@@ -94,13 +92,7 @@ fn wal_of(path: &Path) -> PathBuf {
 
 /// Every `(seq, id)` in the log, in order.
 fn contents(bus: &DurableBus) -> Vec<(u64, EventId)> {
-    bus.read(Position::Beginning, &Filter::all())
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (e.seq, e.event.id)
-        })
-        .collect()
+    common::seq_ids(bus)
 }
 
 #[test]

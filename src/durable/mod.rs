@@ -699,24 +699,8 @@ impl DurableBus {
         // A read must see every event acknowledged before it (G1 … G4):
         // those the file does not hold yet are read from memory
         // (`read_tail`), without waiting for the applier.
-        let (txn, snap) = self.read_snapshot()?;
+        let (txn, snap) = read_tail::Snapshot::begin(shared)?;
         LogReader::in_snapshot(&txn, snap, from, filter)
-    }
-
-    /// A snapshot of the acknowledged records the file may not hold yet,
-    /// and a read transaction begun after it (see `read_tail`). A bus
-    /// poisoned by a failed apply still reads them: they are what a reopen
-    /// recovers from the WAL.
-    ///
-    /// # Errors
-    /// [`StorageError`] when redb can't begin a read.
-    pub(crate) fn read_snapshot(
-        &self,
-    ) -> Result<(redb::ReadTransaction, read_tail::Snapshot), StorageError> {
-        let shared = &self.handle.shared;
-        let snap = read_tail::Snapshot::take(shared);
-        let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
-        Ok((txn, snap))
     }
 
     /// Subscribes a durable, named subscription.
@@ -901,7 +885,7 @@ impl Bus for DurableBus {
         if self.handle.shared.closed.load(Ordering::Acquire) {
             return Err(ReadError::Closed);
         }
-        let (txn, snap) = self.read_snapshot()?;
+        let (txn, snap) = read_tail::Snapshot::begin(&self.handle.shared)?;
         upkeep::recent(&txn, &snap, limit, filter)
     }
 

@@ -208,9 +208,10 @@ fn seek_time(
 /// a time. It sees the log as it was when created.
 pub struct LogReader {
     range: redb::Range<'static, u64, &'static [u8]>,
-    /// The records after the file's part (see `read_tail`), and the next
-    /// one to read: (group, record).
+    /// The records after the file's part (see `read_tail`), read from
+    /// `seq` `tail_from` on; the next one to look at: (group, record).
     tail: Vec<super::read_tail::TailGroup>,
+    tail_from: u64,
     tail_at: (usize, usize),
     filter: Filter,
     until_ns: Option<i64>,
@@ -253,23 +254,11 @@ impl LogReader {
             events.range(start..start)
         }
         .map_err(storage)?;
-        // The first record in memory at or after `start`.
-        let mut tail_at = (0, 0);
-        for (i, g) in snap.groups.iter().enumerate() {
-            let from = start.max(snap.applied.saturating_add(1));
-            if g.first + g.records.len() as u64 > from {
-                tail_at = (
-                    i,
-                    usize::try_from(from.saturating_sub(g.first)).unwrap_or(0),
-                );
-                break;
-            }
-            tail_at = (i + 1, 0);
-        }
         Ok(LogReader {
             range,
+            tail_from: start.max(snap.applied.saturating_add(1)),
             tail: snap.groups,
-            tail_at,
+            tail_at: (0, 0),
             filter: filter.clone(),
             until_ns: None,
             done: false,
@@ -327,6 +316,9 @@ impl LogReader {
             };
             self.tail_at = (gi, ri + 1);
             let seq = first + ri as u64;
+            if seq < self.tail_from {
+                continue; // in the file's part, or before the start
+            }
             match self.step(seq, record) {
                 Step::Skip => {}
                 Step::End => return None,

@@ -25,6 +25,7 @@ use std::sync::atomic::Ordering;
 
 use super::Shared;
 use super::codec;
+use crate::error::StorageError;
 
 /// One acknowledged group's records: `records[i]` has `seq` `first + i`.
 #[derive(Clone)]
@@ -86,8 +87,23 @@ impl Snapshot {
         }
     }
 
-    /// Takes the snapshot; begin the read transaction after this.
-    pub(crate) fn take(shared: &Shared) -> Snapshot {
+    /// The snapshot, and a read transaction begun after it (so it holds
+    /// every record through `applied`): what every read in this process
+    /// starts from. A bus poisoned by a failed apply still reads the
+    /// acknowledged records: they are what a reopen recovers from the WAL.
+    ///
+    /// # Errors
+    /// [`StorageError`] when redb can't begin a read.
+    pub(crate) fn begin(
+        shared: &Shared,
+    ) -> Result<(redb::ReadTransaction, Snapshot), StorageError> {
+        let snap = Snapshot::take(shared);
+        let txn = redb::ReadableDatabase::begin_read(&shared.db)?;
+        Ok((txn, snap))
+    }
+
+    /// Takes the snapshot (see [`Snapshot::begin`]).
+    fn take(shared: &Shared) -> Snapshot {
         let tail = shared.tail.lock();
         let applied = shared.applied_seq.load(Ordering::Acquire);
         let groups = tail

@@ -116,3 +116,14 @@ pub fn receipts_until_ready(child: &mut std::process::Child) -> Vec<(u64, EventI
     }
     out
 }
+
+/// `(seq, id)` of every event in the log, in `seq` order.
+pub fn seq_ids(bus: &ctrlbus::DurableBus) -> Vec<(u64, EventId)> {
+    bus.read(ctrlbus::Position::Beginning, &ctrlbus::Filter::all())
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.seq, e.event.id)
+        })
+        .collect()
+}

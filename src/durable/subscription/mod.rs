@@ -38,6 +38,7 @@ use super::Shared;
 use super::codec;
 use super::commit::{self, WriteReq};
 use super::read::{self, Position, resolve, resolve_in};
+use super::read_tail::Snapshot;
 use super::tables::{
     CURSORS, CursorRecord, DEAD_LETTERS, DeadLetterRecord, EVENTS, from_bytes, to_bytes,
 };
@@ -373,8 +374,7 @@ impl DurableSub {
         // forces, an apply (it used to, once per chunk).
         let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(CHUNK);
         {
-            let snap = crate::durable::read_tail::Snapshot::take(shared);
-            let txn = shared.db.begin_read().map_err(StorageError::from)?;
+            let (txn, snap) = Snapshot::begin(shared)?;
             let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
             let in_file = target.min(snap.applied);
             if from <= in_file {
@@ -720,8 +720,7 @@ pub(crate) fn subscribe(
     let now = now_ns();
     // The start may name events acknowledged through the WAL and not in
     // the file yet: resolved over the file and memory (`read_tail`).
-    let snap = crate::durable::read_tail::Snapshot::take(shared);
-    let txn = shared.db.begin_read().map_err(StorageError::from)?;
+    let (txn, snap) = Snapshot::begin(shared)?;
     let existing: Option<CursorRecord> = {
         let cursors = txn.open_table(CURSORS).map_err(StorageError::from)?;
         match cursors.get(name).map_err(StorageError::from)? {
