@@ -185,8 +185,10 @@ fn replay(c: &mut Criterion) {
         });
     });
     g.bench_function("raw_redb_scan", |b| {
-        // The floor: the same records read with plain redb, no decoding.
-        const EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
+        // The floor: the same blocks of records read with plain redb, no
+        // decoding.
+        const EVENTS: redb::TableDefinition<u64, &[u8]> =
+            redb::TableDefinition::new("event_blocks");
         b.iter(|| {
             use redb::{ReadableDatabase, ReadableTable};
             let txn = raw.begin_read().unwrap();

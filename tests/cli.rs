@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod cli_support;
+mod common;
 use cli_support::{BIN, Scratch, kill, lines, one_line_error, receiver, seqs, wait_for};
 
 const INSTANCE: &str = "inst_01jddv1r7v0mzg0e3a8m0q0w4j";
@@ -1030,19 +1031,7 @@ fn check_exits_1_with_a_report_when_a_record_is_unsound() {
     let s = seeded();
     s.ok(&["check"]);
     // Damage one record behind ctrlbus's back, through redb itself.
-    {
-        const EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
-        let db = redb::Database::builder()
-            .set_concurrency_mode(redb::ConcurrencyMode::SingleWriter)
-            .open(&s.db)
-            .unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(EVENTS)
-            .unwrap()
-            .insert(3u64, b"\x01garbage".as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    common::stored::replace_record(&s.db, 3, b"\x01garbage");
     let out = s.run(&["check"]);
     assert_eq!(out.status.code(), Some(1));
     let report = &lines(&String::from_utf8(out.stdout).unwrap())[0];

@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use ctrlbus::{
     Bus, DeliveryOptions, DeliveryQuery, DeliveryStatus, DeliveryWorker, DurableBus, Event, Filter,
-    NewWebhook, Position, ReadOnlyLog, Type,
+    NewWebhook, Position, ReadError, ReadOnlyLog, StorageError, Type,
 };
 
-const EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
 const WEBHOOKS: redb::TableDefinition<[u8; 16], &[u8]> = redb::TableDefinition::new("webhooks");
 
 fn redb_file(path: &Path) -> redb::Database {
@@ -26,13 +25,7 @@ fn redb_file(path: &Path) -> redb::Database {
 
 /// Overwrites the record of `seq` with bytes no decoder accepts.
 fn damage_event(path: &Path, seq: u64) {
-    let db = redb_file(path);
-    let txn = db.begin_write().unwrap();
-    txn.open_table(EVENTS)
-        .unwrap()
-        .insert(seq, b"\x01garbage".as_slice())
-        .unwrap();
-    txn.commit().unwrap();
+    common::stored::replace_record(path, seq, b"\x01garbage");
 }
 
 /// Replaces `from` by `to` (same length) in every stored webhook record.
@@ -135,6 +128,139 @@ fn a_durable_subscription_dead_letters_an_undecodable_record_and_goes_on() {
     );
     drop(sub);
     assert_eq!(bus.cursor("audit").unwrap().delivered_seq, 3);
+}
+
+/// A log of three blocks, seqs 1–5, 6–10 and 11–15 (one apply each); the
+/// ids in order.
+fn three_blocks(path: &Path) -> Vec<ctrlbus::EventId> {
+    let bus = DurableBus::open(path).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let batch: Vec<Event> = (0..5)
+            .map(|_| Event::new(Type::DEPLOY_STARTED, "acme"))
+            .collect();
+        ids.extend(batch.iter().map(|e| e.id));
+        bus.publish_batch(batch).unwrap();
+        bus.stats().unwrap(); // applies: the next batch is a block of its own
+    }
+    drop(bus);
+    assert_eq!(common::stored::block_starts(path), vec![1, 6, 11]);
+    ids
+}
+
+#[test]
+fn a_damaged_block_is_an_error_for_each_of_its_seqs_and_the_rest_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.redb");
+    // Each way a block's layout can be damaged.
+    for (what, damage) in [
+        (
+            "truncated",
+            (|b: &mut Vec<u8>| b.truncate(b.len() - 1)) as fn(&mut Vec<u8>),
+        ),
+        ("no records", |b: &mut Vec<u8>| {
+            *b = 0u32.to_le_bytes().to_vec();
+        }),
+        ("a count past its bytes", |b: &mut Vec<u8>| {
+            b[..4].copy_from_slice(&1000u32.to_le_bytes());
+        }),
+        ("shorter than a count", |b: &mut Vec<u8>| b.truncate(2)),
+    ] {
+        let _ = std::fs::remove_file(&path);
+        let ids = three_blocks(&path);
+        common::stored::edit_block(&path, 6, |_, b| damage(b));
+        let bus = DurableBus::open(&path).unwrap();
+        let mut reader = bus.read(Position::Beginning, &Filter::all()).unwrap();
+        for id in &ids[..5] {
+            assert_eq!(reader.next().unwrap().unwrap().event.id, *id, "{what}");
+        }
+        match reader.next() {
+            Some(Err(ReadError::Storage(StorageError::Corrupted { table, key, .. }))) => {
+                assert_eq!((table, key.as_str()), ("event_blocks", "seq 6"), "{what}");
+            }
+            other => panic!("{what}: expected the damaged block, got {other:?}"),
+        }
+        assert!(
+            reader.next().is_none(),
+            "{what}: the reader stops after an error"
+        );
+        let rest: Vec<_> = bus
+            .read(Position::Seq(11), &Filter::all())
+            .unwrap()
+            .map(|r| r.unwrap().event.id)
+            .collect();
+        assert_eq!(rest, ids[10..], "{what}");
+        assert!(
+            bus.recent_events(10, &Filter::all()).is_err(),
+            "{what}: the newest 10 reach the damaged block"
+        );
+        assert_eq!(
+            bus.recent_events(5, &Filter::all()).unwrap().len(),
+            5,
+            "{what}"
+        );
+
+        let report = bus.check(&mut |_, _| {}).unwrap();
+        assert_eq!(report.events_checked, 15, "{what}");
+        let named: Vec<&String> = report
+            .problems
+            .iter()
+            .filter(|p| p.contains("damaged block"))
+            .collect();
+        assert_eq!(
+            named.len(),
+            5,
+            "{what}: one per seq 6-10: {:?}",
+            report.problems
+        );
+        for seq in 6..=10 {
+            assert!(
+                named.iter().any(|p| p.starts_with(&format!("seq {seq}:"))),
+                "{what}: seq {seq} in {:?}",
+                report.problems
+            );
+        }
+        assert!(
+            !report.problems.iter().any(|p| p.contains("gap")),
+            "{what}: the damaged seqs are not a gap: {:?}",
+            report.problems
+        );
+
+        // A durable subscription dead-letters each, with the reason, and
+        // goes on; none counts as removed by retention.
+        let log = common::Log::default();
+        let sub = bus
+            .subscribe_durable(
+                "audit",
+                Filter::all(),
+                Position::Beginning,
+                common::recorder(&log),
+            )
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while log.lock().unwrap().len() < 10 {
+            assert!(std::time::Instant::now() < deadline, "{what}: stuck");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let want: Vec<_> = ids[..5].iter().chain(&ids[10..]).copied().collect();
+        assert_eq!(*log.lock().unwrap(), want, "{what}");
+        let letters = bus.dead_letters("audit").unwrap();
+        assert_eq!(
+            letters.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            (6..=10).collect::<Vec<_>>(),
+            "{what}"
+        );
+        assert!(
+            letters.iter().all(|l| l.error.contains("damaged block")),
+            "{what}: {letters:?}"
+        );
+        drop(sub);
+        let cursor = bus.cursor("audit").unwrap();
+        assert_eq!((cursor.delivered_seq, cursor.missed), (15, 0), "{what}");
+        drop(bus);
+        let log = ReadOnlyLog::open(&path).unwrap();
+        assert_eq!(log.check().unwrap().events_checked, 15, "{what}");
+    }
 }
 
 #[test]

@@ -269,15 +269,7 @@ fn assert_corrupted_seq_3<T: std::fmt::Debug>(got: Option<Result<T, ReadError>>,
 
 /// Writes `bytes` as the record of `seq` with plain redb.
 fn overwrite_record(path: &Path, seq: u64, bytes: &[u8]) {
-    let db = redb::Database::create(path).unwrap();
-    let txn = db.begin_write().unwrap();
-    {
-        let mut t = txn
-            .open_table(redb::TableDefinition::<u64, &[u8]>::new("events"))
-            .unwrap();
-        t.insert(seq, bytes).unwrap();
-    }
-    txn.commit().unwrap();
+    common::stored::replace_record(path, seq, bytes);
 }
 
 #[test]
@@ -372,12 +364,11 @@ fn corrupted_record_is_an_error_naming_its_seq() {
         bus.delete_cursor("reader").unwrap();
         drop(bus);
         // Reading did not change the record.
-        let db = redb::Database::create(&path).unwrap();
-        let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
-        let t = txn
-            .open_table(redb::TableDefinition::<u64, &[u8]>::new("events"))
-            .unwrap();
-        assert_eq!(t.get(3).unwrap().unwrap().value(), bad.as_slice(), "{what}");
+        assert_eq!(
+            common::stored::record_of(&path, 3).as_deref(),
+            Some(bad.as_slice()),
+            "{what}"
+        );
     }
 }
 

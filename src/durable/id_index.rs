@@ -33,7 +33,8 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::codec;
-use super::tables::{BY_ID, EVENTS, META, from_bytes, to_bytes};
+use super::event_blocks::EventTables;
+use super::tables::{BY_ID, META, from_bytes, to_bytes};
 use crate::error::StorageError;
 
 /// In-order event id (as `u128`) → `seq`, for the marks.
@@ -95,8 +96,7 @@ pub(crate) fn prepare(txn: &redb::WriteTransaction) -> Result<(), StorageError> 
     if IndexState::load(&meta)?.is_some() {
         return Ok(());
     }
-    let events = txn.open_table(EVENTS)?;
-    let last_event = events.last()?.map_or(0, |(k, _)| k.value());
+    let last_event = EventTables::write(txn)?.bounds()?.map_or(0, |(_, l)| l);
     let retained = match meta.get(super::tables::META_RETAINED)? {
         Some(v) => v.value().try_into().map_or(0, u64::from_be_bytes),
         None => 0,
@@ -189,7 +189,7 @@ impl<'t> Indexer<'t> {
 pub(crate) fn find<B, M, E>(
     by_id: &B,
     marks: &M,
-    events: &E,
+    events: &EventTables<E>,
     key: u128,
 ) -> Result<Option<u64>, StorageError>
 where
@@ -226,14 +226,18 @@ where
                 reason,
             })
     };
-    for row in events.range(mark_seq + 1..end)? {
-        let (k, v) = row?;
-        let found = id(k.value(), v.value())?;
+    if end <= mark_seq + 1 {
+        return Ok(None);
+    }
+    let mut rows = events.rows(mark_seq + 1, end - 1, false)?;
+    while let Some(row) = rows.next() {
+        let (seq, bytes) = row?;
+        let found = id(seq, bytes)?;
         if found < mark_id {
             return Ok(None); // an out-of-order stretch: `key` isn't in it
         }
         if found == key {
-            return Ok(Some(k.value()));
+            return Ok(Some(seq));
         }
         if found > key {
             return Ok(None);
@@ -256,10 +260,13 @@ pub(crate) fn forget(
         by_id.remove(key)?;
         marks.remove(key)?;
     }
-    let events = txn.open_table(EVENTS)?;
-    if let Some((k, v)) = events.first()? {
-        let seq = k.value();
-        let key = u128::from_be_bytes(codec::id_of(v.value()).map_err(|reason| {
+    let events = EventTables::write(txn)?;
+    let oldest = match events.bounds()? {
+        Some((seq, _)) => events.get(seq)?.map(|r| (seq, r)),
+        None => None,
+    };
+    if let Some((seq, record)) = oldest {
+        let key = u128::from_be_bytes(codec::id_of(record.bytes()).map_err(|reason| {
             StorageError::Corrupted {
                 table: "events",
                 key: seq.to_string(),
@@ -280,7 +287,7 @@ pub(crate) fn forget(
 pub(crate) fn find_in(txn: &redb::ReadTransaction, key: u128) -> Result<Option<u64>, StorageError> {
     let by_id = txn.open_table(BY_ID)?;
     match txn.open_table(ID_MARKS) {
-        Ok(marks) => find(&by_id, &marks, &txn.open_table(EVENTS)?, key),
+        Ok(marks) => find(&by_id, &marks, &EventTables::read(txn)?, key),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(by_id.get(key)?.map(|v| v.value())),
         Err(e) => Err(e.into()),
     }
@@ -300,6 +307,7 @@ pub(crate) fn max_id(txn: &redb::ReadTransaction) -> Result<u128, StorageError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::durable::tables::EVENTS;
     use crate::event::{Event, Type};
     use redb::{ReadableDatabase, ReadableTableMetadata};
 
@@ -334,14 +342,17 @@ mod tests {
         for (c, part) in ids.chunks(chunk).enumerate() {
             let txn = db.begin_write().unwrap();
             {
-                let mut events = txn.open_table(EVENTS).unwrap();
+                let mut events = EventTables::write(&txn).unwrap();
                 let mut ix = Indexer::open(&txn).unwrap();
+                let start = first_seq + (c * chunk) as u64;
+                let records: Vec<Vec<u8>> = part.iter().map(|id| record(*id)).collect();
                 for (i, id) in part.iter().enumerate() {
-                    let seq = first_seq + (c * chunk + i) as u64;
-                    events.insert(seq, record(*id).as_slice()).unwrap();
-                    ix.add(*id, seq).unwrap();
+                    ix.add(*id, start + i as u64).unwrap();
                 }
                 ix.finish().unwrap();
+                events
+                    .append(start, records.iter().map(Vec::as_slice))
+                    .unwrap();
             }
             txn.commit().unwrap();
         }
@@ -451,7 +462,7 @@ mod tests {
             .map(|v| v.value().to_vec());
         assert_eq!(
             format,
-            Some(vec![2]),
+            Some(vec![super::super::tables::FORMAT_VERSION]),
             "upgraded: a version-1 build refuses it"
         );
         let new: Vec<u128> = (1..=200).map(|i| 5000 + i).chain([15, 25]).collect();
@@ -478,14 +489,12 @@ mod tests {
         for cut in [1usize, 30, 31, 200, 500] {
             let txn = db.begin_write().unwrap();
             let removed: Vec<(u64, [u8; 16])> = {
-                let mut events = txn.open_table(EVENTS).unwrap();
-                let first = events.first().unwrap().map(|(k, _)| k.value()).unwrap();
+                let mut events = EventTables::write(&txn).unwrap();
+                let first = events.bounds().unwrap().unwrap().0;
                 let out: Vec<_> = (first..=cut as u64)
                     .map(|s| (s, ids[s as usize - 1].to_be_bytes()))
                     .collect();
-                for (s, _) in &out {
-                    events.remove(*s).unwrap();
-                }
+                events.remove_through(cut as u64).unwrap();
                 out
             };
             forget(&txn, &removed).unwrap();

@@ -43,6 +43,7 @@ mod async_api;
 mod background_panics;
 mod codec;
 mod commit;
+mod event_blocks;
 mod hooks;
 mod id_index;
 mod open;

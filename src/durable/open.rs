@@ -7,7 +7,8 @@ use std::path::Path;
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::tables::{
-    BY_ID, CURSORS, DEAD_LETTERS, EVENTS, FORMAT_VERSION, META, META_FORMAT, META_LOG_ID,
+    BY_ID, CURSORS, DEAD_LETTERS, EVENT_BLOCKS, EVENTS, FORMAT_VERSION, META, META_FORMAT,
+    META_LOG_ID,
 };
 use crate::error::{OpenError, StorageError};
 
@@ -148,7 +149,13 @@ pub(crate) fn prepare(
     {
         let st = |e: redb::TableError| OpenError::Storage(e.into());
         let mut meta = txn.open_table(META).map_err(st)?;
-        if fresh {
+        let stored = meta
+            .get(META_FORMAT)
+            .map_err(|e| OpenError::Storage(e.into()))?
+            .and_then(|v| v.value().first().copied());
+        // A new log, or an upgrade (`check_format` refused newer ones): from
+        // this commit on, an older build refuses the file.
+        if fresh || stored.is_some_and(|v| v < FORMAT_VERSION) {
             meta.insert(META_FORMAT, [FORMAT_VERSION].as_slice())
                 .map_err(|e| OpenError::Storage(e.into()))?;
         }
@@ -168,6 +175,7 @@ pub(crate) fn prepare(
             id
         };
         txn.open_table(EVENTS).map_err(st)?;
+        txn.open_table(EVENT_BLOCKS).map_err(st)?;
         txn.open_table(BY_ID).map_err(st)?;
         txn.open_table(CURSORS).map_err(st)?;
         txn.open_table(DEAD_LETTERS).map_err(st)?;

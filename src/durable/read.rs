@@ -10,11 +10,12 @@ use std::io::Write;
 use std::path::Path;
 
 use jiff::Timestamp;
-use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable};
 
 use super::codec::{self, RecordRef};
+use super::event_blocks::{EventTables, Rows};
 use super::read_tail::Snapshot;
-use super::tables::{EVENTS, META, META_RETAINED, id_key};
+use super::tables::{META, META_RETAINED, id_key};
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
 use crate::filter::Filter;
@@ -69,23 +70,9 @@ pub(crate) fn corrupted(seq: u64, reason: String) -> StorageError {
     }
 }
 
-/// Oldest and newest `seq` present, or `None` for an empty log.
-pub(crate) fn bounds<T: ReadableTable<u64, &'static [u8]>>(
-    events: &T,
-) -> Result<Option<(u64, u64)>, redb::StorageError> {
-    let first = events.first()?.map(|(k, _)| k.value());
-    let last = events.last()?.map(|(k, _)| k.value());
-    Ok(first.zip(last))
-}
-
 /// The largest `seq` ever assigned (present or removed by retention).
 pub(crate) fn last_assigned(txn: &redb::ReadTransaction) -> Result<u64, StorageError> {
-    let events = match txn.open_table(EVENTS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-        Err(e) => return Err(e.into()),
-    };
-    let last = events.last()?.map_or(0, |(k, _)| k.value());
+    let last = EventTables::read(txn)?.bounds()?.map_or(0, |(_, l)| l);
     Ok(last.max(retained_through(txn)?))
 }
 
@@ -120,12 +107,13 @@ pub(crate) fn resolve_in(
     snap: &Snapshot,
     position: Position,
 ) -> Result<u64, ReadError> {
-    let events = txn.open_table(EVENTS).map_err(storage)?;
+    let events = EventTables::read(txn).map_err(ReadError::Storage)?;
     let last = last_assigned(txn)?.max(snap.last().unwrap_or(0));
     // The file's part: through `applied` only (a commit after the
     // snapshot may hold more).
-    let in_file = bounds(&events)
-        .map_err(storage)?
+    let in_file = events
+        .bounds()
+        .map_err(ReadError::Storage)?
         .map(|(first, newest)| (first, newest.min(snap.applied)))
         .filter(|(first, newest)| first <= newest);
     let Some(first) = in_file.map(|b| b.0).or(snap.first()) else {
@@ -172,8 +160,8 @@ fn clamp_ns(t: i128) -> i64 {
 
 /// The first `seq` in `[lo, hi]` whose append time is `>= target`, or
 /// `hi + 1`. Binary search: append times never decrease along `seq`.
-fn seek_time(
-    events: &ReadOnlyTable<u64, &'static [u8]>,
+fn seek_time<T: ReadableTable<u64, &'static [u8]>>(
+    events: &EventTables<T>,
     lo: u64,
     hi: u64,
     target: i128,
@@ -182,9 +170,9 @@ fn seek_time(
     let (mut lo, mut hi) = (lo, hi + 1); // answer in [lo, hi]
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let t = match events.get(mid).map_err(storage)? {
-            Some(v) => {
-                codec::append_ns(v.value()).map_err(|r| ReadError::Storage(corrupted(mid, r)))?
+        let t = match events.get(mid).map_err(ReadError::Storage)? {
+            Some(r) => {
+                codec::append_ns(r.bytes()).map_err(|r| ReadError::Storage(corrupted(mid, r)))?
             }
             // Keys are contiguous; a hole means the file is damaged.
             None => {
@@ -204,15 +192,21 @@ fn seek_time(
 }
 
 /// A streaming reader over the log, in `seq` order. Memory stays constant
-/// whatever the log's size: it holds one read transaction and one record at
-/// a time. It sees the log as it was when created.
+/// whatever the log's size: it holds one read transaction and one block of
+/// records at a time. It sees the log as it was when created.
 pub struct LogReader {
-    range: redb::Range<'static, u64, &'static [u8]>,
+    rows: Rows<'static>,
     /// The records after the file's part (see `read_tail`), read from
     /// `seq` `tail_from` on; the next one to look at: (group, record).
     tail: Vec<super::read_tail::TailGroup>,
     tail_from: u64,
     tail_at: (usize, usize),
+    state: ReadState,
+}
+
+/// What a [`LogReader`] keeps beside its rows (apart from them, since each
+/// record it reads borrows them).
+struct ReadState {
     filter: Filter,
     until_ns: Option<i64>,
     done: bool,
@@ -247,35 +241,33 @@ impl LogReader {
         filter: &Filter,
     ) -> Result<LogReader, ReadError> {
         let start = resolve_in(txn, &snap, from)?;
-        let events = txn.open_table(EVENTS).map_err(storage)?;
-        let range = if start <= snap.applied {
-            events.range(start..=snap.applied)
-        } else {
-            events.range(start..start)
-        }
-        .map_err(storage)?;
+        let rows = EventTables::read(txn)
+            .and_then(|events| events.rows_owned(start, snap.applied))
+            .map_err(ReadError::Storage)?;
         Ok(LogReader {
-            range,
+            rows,
             tail_from: start.max(snap.applied.saturating_add(1)),
             tail: snap.groups,
             tail_at: (0, 0),
-            filter: filter.clone(),
-            until_ns: None,
-            done: false,
-            next_seq: start,
+            state: ReadState {
+                filter: filter.clone(),
+                until_ns: None,
+                done: false,
+                next_seq: start,
+            },
         })
     }
 
     /// Stops before the first event appended after `t`.
     pub fn until(mut self, t: Timestamp) -> LogReader {
-        self.until_ns = Some(crate::time::ns(t));
+        self.state.until_ns = Some(crate::time::ns(t));
         self
     }
 
     /// The `seq` after the last record this reader has passed (matching or
     /// not): where a follow-up reader should start.
     pub fn next_seq(&self) -> u64 {
-        self.next_seq
+        self.state.next_seq
     }
 
     /// Advances to the next matching record and hands it, undecoded, to `f`
@@ -286,24 +278,23 @@ impl LogReader {
         &mut self,
         f: impl FnOnce(u64, i64, &RecordRef<'_>) -> Result<R, String>,
     ) -> Option<Result<R, ReadError>> {
-        if self.done {
+        if self.state.done {
             return None;
         }
         loop {
-            if let Some(kv) = self.range.next() {
-                let (k, v) = match kv {
-                    Ok(kv) => kv,
+            if let Some(row) = self.rows.next() {
+                let (seq, bytes) = match row {
+                    Ok(row) => row,
                     Err(e) => {
-                        self.done = true;
-                        return Some(Err(storage(e)));
+                        self.state.done = true;
+                        return Some(Err(ReadError::Storage(e)));
                     }
                 };
-                let seq = k.value();
-                match self.step(seq, v.value()) {
+                match self.state.step(seq, bytes) {
                     Step::Skip => {}
                     Step::End => return None,
                     Step::Fail(e) => return Some(Err(e)),
-                    Step::Take(append, rec) => return Some(self.take(seq, append, &rec, f)),
+                    Step::Take(append, rec) => return Some(self.state.take(seq, append, &rec, f)),
                 }
                 continue;
             }
@@ -319,15 +310,28 @@ impl LogReader {
             if seq < self.tail_from {
                 continue; // in the file's part, or before the start
             }
-            match self.step(seq, record) {
+            match self.state.step(seq, record) {
                 Step::Skip => {}
                 Step::End => return None,
                 Step::Fail(e) => return Some(Err(e)),
-                Step::Take(append, rec) => return Some(self.take(seq, append, &rec, f)),
+                Step::Take(append, rec) => return Some(self.state.take(seq, append, &rec, f)),
             }
         }
     }
 
+    /// Writes the next matching event as one JSON line (envelope plus
+    /// `"seq"`) without building an [`Event`]: the payload bytes are copied
+    /// as stored. Returns `None` at the end.
+    ///
+    /// # Errors
+    /// [`ReadError::Storage`] for a storage failure or a corrupted record
+    /// (the error names its `seq`).
+    pub fn write_next_json(&mut self, out: &mut Vec<u8>) -> Option<Result<u64, ReadError>> {
+        self.next_raw(|seq, _, rec| write_json_line(seq, rec, out).map(|()| seq))
+    }
+}
+
+impl ReadState {
     /// Decodes one record and says whether the read takes it.
     fn step<'a>(&mut self, seq: u64, bytes: &'a [u8]) -> Step<'a> {
         let (append, rec) = match codec::decode_ref(bytes) {
@@ -364,17 +368,6 @@ impl LogReader {
             self.done = true;
         }
         r.map_err(|reason| ReadError::Storage(corrupted(seq, reason)))
-    }
-
-    /// Writes the next matching event as one JSON line (envelope plus
-    /// `"seq"`) without building an [`Event`]: the payload bytes are copied
-    /// as stored. Returns `None` at the end.
-    ///
-    /// # Errors
-    /// [`ReadError::Storage`] for a storage failure or a corrupted record
-    /// (the error names its `seq`).
-    pub fn write_next_json(&mut self, out: &mut Vec<u8>) -> Option<Result<u64, ReadError>> {
-        self.next_raw(|seq, _, rec| write_json_line(seq, rec, out).map(|()| seq))
     }
 }
 

@@ -2,9 +2,10 @@
 //! events.
 //!
 //! Invariants:
-//! - `events` keys are contiguous: from the oldest retained `seq` to the
-//!   newest, with no gap (retention removes a prefix only).
-//! - every row of `events` is found by its id through `events_by_id` (out
+//! - the stored `seq`s (`event_blocks`, and `events` in older files) are
+//!   contiguous: from the oldest retained `seq` to the newest, with no gap
+//!   (retention removes a prefix only).
+//! - every stored event is found by its id through `events_by_id` (out
 //!   of order ids, and every id before the sparse start) and
 //!   `events_by_id_marks` (see `id_index`).
 //! - Append times (record header) never decrease along `seq`.
@@ -19,8 +20,8 @@ use crate::error::StorageError;
 
 /// Format facts and counters: `format` → version byte, `retained_through` → u64 BE.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("ctrlbus_meta");
-/// `seq` → record (see `codec`).
-pub(crate) const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+// The events themselves: `event_blocks` (and `events` in older files).
+pub(crate) use super::event_blocks::{EVENT_BLOCKS, EVENTS};
 /// Event id (16 bytes) → `seq`, for the ids `id_index` indexes one by one.
 pub(crate) const BY_ID: TableDefinition<u128, u64> = TableDefinition::new("events_by_id");
 
@@ -40,7 +41,10 @@ pub(crate) const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> =
 /// refused, untouched. 2: the sparse id index (`id_index`), which a build
 /// of version 1 would misread (it would not find in-order ids, and accept
 /// them again); a version-1 file is upgraded at its first writable open.
-pub(crate) const FORMAT_VERSION: u8 = 2;
+/// 3: events in blocks (`event_blocks`), which a build of version 2 would
+/// not see; a version-2 file is upgraded at its first writable open (its
+/// rows in `events` stay, and are read as they are).
+pub(crate) const FORMAT_VERSION: u8 = 3;
 pub(crate) const META_FORMAT: &str = "format";
 pub(crate) const META_RETAINED: &str = "retained_through";
 /// 16 random bytes naming this log; its WAL carries them, so a WAL left

@@ -9,10 +9,11 @@ use serde::Serialize;
 
 use super::Shared;
 use super::codec;
+use super::event_blocks::EventTables;
 use super::read;
 use super::read_tail::Snapshot;
 use super::tables::{
-    BY_ID, CURSORS, CursorRecord, EVENTS, META, META_RETAINED, from_bytes, id_key, to_bytes,
+    BY_ID, CURSORS, CursorRecord, META, META_RETAINED, from_bytes, id_key, to_bytes,
 };
 use crate::error::{OpenError, ReadError, StorageError};
 use crate::event::Event;
@@ -53,12 +54,12 @@ pub(crate) fn stats<D: ReadableDatabase>(
     path: Option<&Path>,
 ) -> Result<Stats, StorageError> {
     let txn = db.begin_read()?;
-    let events = txn.open_table(EVENTS)?;
-    let bounds = read::bounds(&events)?;
+    let events = EventTables::read(&txn)?;
+    let bounds = events.bounds()?;
     let time_of = |seq: u64| -> Result<Option<Timestamp>, StorageError> {
         Ok(match events.get(seq)? {
-            Some(v) => Some(ts(
-                codec::append_ns(v.value()).map_err(|r| read::corrupted(seq, r))?
+            Some(r) => Some(ts(
+                codec::append_ns(r.bytes()).map_err(|r| read::corrupted(seq, r))?
             )),
             None => None,
         })
@@ -76,7 +77,7 @@ pub(crate) fn stats<D: ReadableDatabase>(
         subscription_lag.insert(k.value().to_owned(), last_seq.saturating_sub(rec.delivered));
     }
     Ok(Stats {
-        events: events.len()?,
+        events: events.count()?,
         first_seq: bounds.map_or(0, |b| b.0),
         last_seq,
         first_appended_at,
@@ -178,13 +179,19 @@ enum Named {
 /// Reads only the record's id (`codec::id_of`): the records themselves
 /// are decoded once, by `check`'s pass over `events`.
 fn entry_names(
-    events: &redb::ReadOnlyTable<u64, &[u8]>,
+    events: &EventTables<redb::ReadOnlyTable<u64, &'static [u8]>>,
     seq: u64,
     key: u128,
 ) -> Result<Named, StorageError> {
-    Ok(match events.get(seq)? {
+    let found = match events.get(seq) {
+        Ok(found) => found,
+        // A damaged block is reported where records are checked.
+        Err(StorageError::Corrupted { .. }) => return Ok(Named::Unreadable),
+        Err(e) => return Err(e),
+    };
+    Ok(match found {
         None => Named::Nothing,
-        Some(rec) => match codec::id_of(rec.value()) {
+        Some(rec) => match codec::id_of(rec.bytes()) {
             Ok(id) if id_key(id) == key => Named::It,
             Ok(_) => Named::Another,
             Err(_) => Named::Unreadable,
@@ -204,7 +211,7 @@ pub(crate) fn check<D: ReadableDatabase>(
     const MAX_PROBLEMS: usize = 1000;
     let mut report = CheckReport::default();
     let txn = db.begin_read()?;
-    let events = txn.open_table(EVENTS)?;
+    let events = EventTables::read(&txn)?;
     let by_id = txn.open_table(BY_ID)?;
     let marks = match txn.open_table(super::id_index::ID_MARKS) {
         Ok(t) => Some(t),
@@ -218,21 +225,36 @@ pub(crate) fn check<D: ReadableDatabase>(
         Err(_) => u64::MAX,
     };
     let mut ids = IdCheck::default();
-    let total = events.len()?;
+    // (For progress only: a damaged newest block is reported below.)
+    let total = events.count().unwrap_or(0);
     let problem = |report: &mut CheckReport, p: String| {
         if report.problems.len() < MAX_PROBLEMS {
             report.problems.push(p);
         }
     };
     let mut prev: Option<(u64, i64)> = None;
-    for kv in events.iter()? {
-        let (k, v) = kv?;
-        let seq = k.value();
+    let mut rows = events.rows(0, u64::MAX, false)?;
+    while let Some(row) = rows.next() {
+        let (seq, bytes) = match row {
+            Ok(row) => row,
+            Err(e) => {
+                let Some(seq) = super::event_blocks::damaged_seq(&e) else {
+                    return Err(e);
+                };
+                report.events_checked += 1;
+                if let StorageError::Corrupted { reason, .. } = &e {
+                    problem(&mut report, format!("seq {seq}: {reason}"));
+                }
+                // The `seq` is there, unreadable: not a gap.
+                prev = Some((seq, prev.map_or(i64::MIN, |p| p.1)));
+                continue;
+            }
+        };
         report.events_checked += 1;
         if report.events_checked % 4096 == 0 {
             progress(report.events_checked, total);
         }
-        match codec::decode_ref(v.value()) {
+        match codec::decode_ref(bytes) {
             Err(r) => problem(&mut report, format!("seq {seq}: undecodable record: {r}")),
             Ok((append, rec)) => {
                 if let Err(r) = rec.to_event() {
@@ -402,8 +424,8 @@ pub(crate) fn retain_chunk(
         let removed_now;
         let removed_ids;
         {
-            let mut events = txn.open_table(EVENTS)?;
-            let count = events.len()?;
+            let mut events = EventTables::write(&txn)?;
+            let count = events.count()?;
             let over_count = policy.max_events.map_or(0, |m| count.saturating_sub(m));
             let mut over_bytes = match policy.max_bytes {
                 Some(max) => {
@@ -413,13 +435,12 @@ pub(crate) fn retain_chunk(
                 None => 0,
             };
             let mut to_remove = Vec::new();
-            for kv in events.iter()? {
+            let mut rows = events.rows(0, u64::MAX, false)?;
+            while let Some(row) = rows.next() {
                 if to_remove.len() as u64 >= BATCH {
                     break;
                 }
-                let (k, v) = kv?;
-                let seq = k.value();
-                let bytes = v.value();
+                let (seq, bytes) = row?;
                 let by_count = (to_remove.len() as u64) < over_count;
                 let by_age = match cutoff_ns {
                     Some(c) => codec::append_ns(bytes).map_err(|r| read::corrupted(seq, r))? < c,
@@ -433,12 +454,11 @@ pub(crate) fn retain_chunk(
                 let (_, rec) = codec::decode_ref(bytes).map_err(|r| read::corrupted(seq, r))?;
                 to_remove.push((seq, rec.id));
             }
+            drop(rows);
             removed_now = to_remove.len() as u64;
             let floor = to_remove.last().map(|&(seq, _)| seq);
             if let Some(&(last_removed, _)) = to_remove.last() {
-                for (seq, _) in &to_remove {
-                    events.remove(*seq)?;
-                }
+                events.remove_through(last_removed)?;
                 let mut meta = txn.open_table(META)?;
                 let prev = match meta.get(META_RETAINED)? {
                     Some(v) => v.value().try_into().map_or(0, u64::from_be_bytes),
@@ -449,7 +469,7 @@ pub(crate) fn retain_chunk(
                     last_removed.max(prev).to_be_bytes().as_slice(),
                 )?;
             }
-            report.first_seq = events.first()?.map_or(0, |(k, _)| k.value());
+            report.first_seq = events.bounds()?.map_or(0, |b| b.0);
             if let Some(floor) = floor {
                 // Idle cursors now behind the oldest event skip to it and
                 // count what they missed (running ones do so as they read).
@@ -534,14 +554,11 @@ pub(crate) fn recent(
         }
     }
     if !full {
-        let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
-        for kv in events
-            .range(..=snap.applied)
-            .map_err(StorageError::from)?
-            .rev()
-        {
-            let (k, v) = kv.map_err(StorageError::from)?;
-            if keep(&mut out, k.value(), v.value())? {
+        let events = EventTables::read(txn)?;
+        let mut rows = events.rows(0, snap.applied, true)?;
+        while let Some(row) = rows.next() {
+            let (seq, bytes) = row?;
+            if keep(&mut out, seq, bytes)? {
                 break;
             }
         }

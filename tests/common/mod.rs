@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 pub mod backend;
 pub mod nats;
 pub mod receiver;
+pub mod stored;
 
 use ctrlbus::{Event, EventId, HandlerError};
 

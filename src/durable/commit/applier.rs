@@ -262,15 +262,29 @@ impl Applier {
             // failed apply must still answer `others`.
             let txn = crate::durable::txn::begin(&shared)?;
             {
-                let mut events = txn.open_table(EVENTS)?;
+                let mut events = EventTables::write(&txn)?;
                 let mut index = crate::durable::id_index::Indexer::open(&txn)?;
                 for u in &self.unapplied {
-                    for ((seq, id), record) in (u.first..).zip(&u.ids).zip(u.records.iter()) {
-                        events.insert(seq, record.as_slice())?;
+                    for (seq, id) in (u.first..).zip(&u.ids) {
                         index.add(*id, seq)?;
                     }
                 }
                 index.finish()?;
+                // Consecutive groups (all of them, but for a gap no commit
+                // makes) go into the same blocks.
+                let groups = &self.unapplied;
+                let mut i = 0;
+                while i < groups.len() {
+                    let mut j = i + 1;
+                    while j < groups.len() && groups[j].first == groups[j - 1].last + 1 {
+                        j += 1;
+                    }
+                    let records = groups[i..j]
+                        .iter()
+                        .flat_map(|u| u.records.iter().map(Vec::as_slice));
+                    events.append(groups[i].first, records)?;
+                    i = j;
+                }
             }
             self.run_hooks(&txn)?;
             {

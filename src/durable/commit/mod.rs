@@ -51,12 +51,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use redb::ReadableTable;
 
 use super::codec;
+use super::event_blocks::EventTables;
 use super::recent_ids::RecentIds;
 use super::subscription::DurableSub;
-use super::tables::{CURSORS, DEAD_LETTERS, EVENTS, id_key, to_bytes};
+use super::tables::{CURSORS, DEAD_LETTERS, id_key, to_bytes};
 use super::wal::Wal;
 use super::{Shared, upkeep};
 use crate::bus::{HandlerFailure, Receipt};
@@ -247,13 +247,7 @@ struct Outcome {
 
 /// The newest append time in the log, or `i64::MIN` for an empty log.
 pub(crate) fn last_append_ns(txn: &redb::ReadTransaction) -> Result<i64, StorageError> {
-    let events = txn.open_table(EVENTS)?;
-    match events.last()? {
-        Some((k, v)) => {
-            codec::append_ns(v.value()).map_err(|r| super::read::corrupted(k.value(), r))
-        }
-        None => Ok(i64::MIN),
-    }
+    super::event_blocks::last_append_ns(&EventTables::read(txn)?)
 }
 
 /// Where acknowledged groups go to reach the redb file.

@@ -15,10 +15,12 @@ pub(crate) fn recover(
     let mut replayed = 0u64;
     let txn = crate::durable::txn::begin(shared)?;
     {
-        let mut events = txn.open_table(EVENTS)?;
+        let mut events = crate::durable::event_blocks::EventTables::write(&txn)?;
+        let first = next;
+        let mut records: Vec<&[u8]> = Vec::new();
         let mut index = crate::durable::id_index::Indexer::open(&txn)?;
         let mut appended: Vec<(u64, Event, i64)> = Vec::new();
-        'frames: for frame in frames {
+        'frames: for frame in &frames {
             for (i, record) in frame.records.iter().enumerate() {
                 let seq = frame.first_seq + i as u64;
                 if seq < next {
@@ -39,7 +41,7 @@ pub(crate) fn recover(
                 let event = rec
                     .to_event()
                     .map_err(|r| crate::durable::read::corrupted(seq, r))?;
-                events.insert(seq, record.as_slice())?;
+                records.push(record.as_slice());
                 index.add(id_key(rec.id), seq)?;
                 appended.push((seq, event, append));
                 next += 1;
@@ -47,6 +49,7 @@ pub(crate) fn recover(
             }
         }
         index.finish()?;
+        events.append(first, records)?;
         for hook in shared.hooks.read().iter() {
             // Hooks see each replayed group with its own append time.
             let mut i = 0;

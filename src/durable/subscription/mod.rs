@@ -37,11 +37,10 @@ use serde::Serialize;
 use super::Shared;
 use super::codec;
 use super::commit::{self, WriteReq};
+use super::event_blocks::EventTables;
 use super::read::{self, Position, resolve, resolve_in};
 use super::read_tail::Snapshot;
-use super::tables::{
-    CURSORS, CursorRecord, DEAD_LETTERS, DeadLetterRecord, EVENTS, from_bytes, to_bytes,
-};
+use super::tables::{CURSORS, CursorRecord, DEAD_LETTERS, DeadLetterRecord, from_bytes, to_bytes};
 use crate::bus::{Handler, HandlerFailure, SubscriptionId};
 use crate::error::{CursorError, ReadError, StorageError, SubscribeError};
 use crate::event::Event;
@@ -372,19 +371,24 @@ impl DurableSub {
         // Events acknowledged through the WAL and not in the file yet come
         // from memory (`read_tail`): catching up never waits for, or
         // forces, an apply (it used to, once per chunk).
-        let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(CHUNK);
+        // A record, or why its block can't be read.
+        let mut batch: Vec<(u64, Result<Vec<u8>, String>)> = Vec::with_capacity(CHUNK);
         {
             let (txn, snap) = Snapshot::begin(shared)?;
-            let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
+            let events = EventTables::read(&txn)?;
             let in_file = target.min(snap.applied);
             if from <= in_file {
-                for kv in events
-                    .range(from..=in_file)
-                    .map_err(StorageError::from)?
-                    .take(CHUNK)
+                let mut rows = events.rows(from, in_file, false)?;
+                while batch.len() < CHUNK
+                    && let Some(row) = rows.next()
                 {
-                    let (k, v) = kv.map_err(StorageError::from)?;
-                    batch.push((k.value(), v.value().to_vec()));
+                    match row {
+                        Ok((seq, bytes)) => batch.push((seq, Ok(bytes.to_vec()))),
+                        Err(e) => match crate::durable::event_blocks::damaged_seq(&e) {
+                            Some(seq) => batch.push((seq, Err(e.to_string()))),
+                            None => return Err(e.into()),
+                        },
+                    }
                 }
             }
             let room = CHUNK - batch.len();
@@ -392,7 +396,7 @@ impl DurableSub {
                 snap.records_from(from)
                     .take_while(|(seq, _)| *seq <= target)
                     .take(room)
-                    .map(|(seq, r)| (seq, r.to_vec())),
+                    .map(|(seq, r)| (seq, Ok(r.to_vec()))),
             );
         }
         let mut expected = from;
@@ -409,15 +413,17 @@ impl DurableSub {
             // A record that can't be decoded (disk corruption) is
             // dead-lettered with its reason, never retried forever (G11);
             // one whose filter fields decode is judged by them first.
-            let decoded = codec::decode_ref(&bytes).and_then(|(_, rec)| {
-                if self
-                    .filter
-                    .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
-                {
-                    rec.to_event().map(Some)
-                } else {
-                    Ok(None)
-                }
+            let decoded = bytes.and_then(|bytes| {
+                codec::decode_ref(&bytes).and_then(|(_, rec)| {
+                    if self
+                        .filter
+                        .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
+                    {
+                        rec.to_event().map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
             });
             let delivered = match decoded {
                 Ok(None) => true,
@@ -611,12 +617,11 @@ impl DurableSubscription {
         for letter in letters {
             let event = {
                 let txn = shared.db.begin_read().map_err(StorageError::from)?;
-                let events = txn.open_table(EVENTS).map_err(StorageError::from)?;
-                let bytes = events.get(letter.seq).map_err(StorageError::from)?;
-                match bytes {
+                let events = EventTables::read(&txn)?;
+                match events.get(letter.seq)? {
                     None => None,
                     Some(b) => {
-                        let (_, rec) = codec::decode_ref(b.value())
+                        let (_, rec) = codec::decode_ref(b.bytes())
                             .map_err(|r| read::corrupted(letter.seq, r))?;
                         Some(rec.to_event().map_err(|r| read::corrupted(letter.seq, r))?)
                     }
