@@ -41,7 +41,7 @@ pub(crate) const EVENT_BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::ne
 /// its redb leaf header fit a 32 KiB page: at exactly 32 KiB of records,
 /// every block took a 64 KiB page and the file grew 1.7× (73 MB instead of
 /// 42 MB for 100k events; 37.5 MB with this bound). Against 16 and 8 KiB,
-/// the least CPU per event (BENCHMARKS.md, "Event blocks").
+/// the least CPU per event (BENCHMARKS.md, "Twelfth session").
 pub(crate) const BLOCK_BYTES: usize = (32 << 10) - 64;
 
 type Row<'a> = AccessGuard<'a, &'static [u8]>;
