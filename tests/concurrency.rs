@@ -563,8 +563,10 @@ fn reads_beside_publishers_and_applies_see_every_acknowledged_event_in_order() {
     // Publishers keep going until the reader has read 5 times, however
     // slow the machine.
     let reads_done = AtomicU64::new(0);
+    let reader_gone = AtomicBool::new(false);
     let reads = std::thread::scope(|s| {
         let reader = s.spawn(|| {
+            let _gone = Gone(&reader_gone);
             let mut reads = 0;
             while !done.load(Ordering::Acquire) {
                 let floor = newest.load(Ordering::Acquire);
@@ -604,10 +606,13 @@ fn reads_beside_publishers_and_applies_see_every_acknowledged_event_in_order() {
         });
         std::thread::scope(|p| {
             for t in 0..4u64 {
-                let (bus, acked, newest, reads_done) = (&bus, &acked, &newest, &reads_done);
+                let (bus, acked, newest, reads_done, gone) =
+                    (&bus, &acked, &newest, &reads_done, &reader_gone);
                 p.spawn(move || {
                     let mut i = 0u64;
-                    while i < 400 || reads_done.load(Ordering::Acquire) < 5 {
+                    while !gone.load(Ordering::Acquire)
+                        && (i < 400 || reads_done.load(Ordering::Acquire) < 5)
+                    {
                         let r = bus
                             .publish(
                                 Event::new(TYPES[(i % 5) as usize].clone(), "acme")
@@ -629,4 +634,129 @@ fn reads_beside_publishers_and_applies_see_every_acknowledged_event_in_order() {
     assert!(published >= 1600);
     let all: Vec<u64> = common::seq_ids(&bus).iter().map(|e| e.0).collect();
     assert_eq!(all, (1..=published).collect::<Vec<_>>());
+}
+
+/// Sets its flag when dropped: when a reader thread ends, by a failed
+/// assertion too, so the publishers waiting on its reads stop and the
+/// test fails instead of hanging.
+struct Gone<'a>(&'a AtomicBool);
+
+impl Drop for Gone<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Background retention beside readers and publishers (issue 15): it
+/// removes the oldest events in chunks, cutting through the blocks the
+/// events are stored in, while reads run on snapshots of file and memory.
+/// Every read must be one gapless run of the acknowledged events, from an
+/// oldest `seq` that only moves forward to at least the newest
+/// acknowledged before it began.
+#[test]
+fn reads_beside_background_retention_see_a_gapless_suffix_of_the_log() {
+    const KEEP: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::builder()
+        .apply_interval(Duration::from_millis(2))
+        .retention(
+            ctrlbus::Retention {
+                max_events: Some(KEEP),
+                ..ctrlbus::Retention::default()
+            },
+            Duration::from_millis(3),
+        )
+        .open(dir.path().join("log.redb"))
+        .unwrap();
+    let acked: Mutex<HashMap<u64, EventId>> = Mutex::default();
+    let newest = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    // Reads that found retention at work (an oldest seq above 1, moved
+    // since the read before); publishers go on until there are five.
+    let moved_reads = AtomicU64::new(0);
+    // Set when the reader ends, by a failed assertion too: the publishers
+    // stop then, so a failure fails the test instead of hanging it.
+    let reader_gone = AtomicBool::new(false);
+    let reads = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let _gone = Gone(&reader_gone);
+            let (mut reads, mut oldest) = (0u64, 1u64);
+            while !done.load(Ordering::Acquire) {
+                let floor = newest.load(Ordering::Acquire);
+                let want = acked.lock().unwrap().clone();
+                let got = common::seq_ids(&bus);
+                let Some(&(first, _)) = got.first() else {
+                    assert_eq!(floor, 0, "an empty read after seq {floor} was acknowledged");
+                    continue;
+                };
+                let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
+                assert_eq!(
+                    seqs,
+                    (first..first + got.len() as u64).collect::<Vec<_>>(),
+                    "a gap or a repeat"
+                );
+                assert!(
+                    first >= oldest,
+                    "the oldest seq went back: {first} after {oldest}"
+                );
+                assert!(
+                    first + got.len() as u64 > floor,
+                    "read through {}, seq {floor} was acknowledged before",
+                    first + got.len() as u64 - 1
+                );
+                for (seq, id) in &got {
+                    if let Some(want) = want.get(seq) {
+                        assert_eq!(id, want, "seq {seq}");
+                    }
+                }
+                if floor > 0 {
+                    let first_read = bus
+                        .read(Position::Seq(floor), &Filter::all())
+                        .unwrap()
+                        .next()
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(first_read.seq, floor, "the newest acknowledged, by seq");
+                }
+                if first > oldest {
+                    moved_reads.fetch_add(1, Ordering::AcqRel);
+                }
+                oldest = first;
+                reads += 1;
+            }
+            reads
+        });
+        std::thread::scope(|p| {
+            for t in 0..4u64 {
+                let (bus, acked, newest, moved_reads, gone) =
+                    (&bus, &acked, &newest, &moved_reads, &reader_gone);
+                p.spawn(move || {
+                    let mut i = 0u64;
+                    while !gone.load(Ordering::Acquire)
+                        && (i < 400 || moved_reads.load(Ordering::Acquire) < 5)
+                    {
+                        let r = bus
+                            .publish(
+                                Event::new(TYPES[(i % 5) as usize].clone(), "acme")
+                                    .with_payload_value("t", t),
+                            )
+                            .unwrap();
+                        acked.lock().unwrap().insert(r.seq, r.id);
+                        newest.fetch_max(r.seq, Ordering::AcqRel);
+                        i += 1;
+                    }
+                });
+            }
+        });
+        done.store(true, Ordering::Release);
+        reader.join().unwrap()
+    });
+    assert!(moved_reads.load(Ordering::Acquire) >= 5);
+    assert!(reads >= 5);
+    let published = acked.lock().unwrap().len() as u64;
+    let report = bus.check(&mut |_, _| {}).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let all: Vec<u64> = common::seq_ids(&bus).iter().map(|e| e.0).collect();
+    assert_eq!(all.last(), Some(&published));
+    assert!(all.len() as u64 <= published && all.first() > Some(&1));
 }
