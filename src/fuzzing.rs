@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::durable::{codec_decode_to_event, codec_encode};
+use crate::durable::{block_encode, block_records, codec_decode_to_event, codec_encode};
 use crate::webhook::{Secret, signature_header, verify_at};
 use crate::{Bus, DurableBus, Event, Filter, Pattern, Type, parse_duration, parse_time_at};
 
@@ -25,6 +25,21 @@ pub fn record(data: &[u8]) {
         let (a2, e2) = codec_decode_to_event(&again).expect("re-encoded record decodes");
         assert_eq!((a2, &e2), (append, &event));
     }
+}
+
+/// Block layout: bytes from the `event_blocks` table. An accepted block
+/// gives back at least one record, and its records encode to the same
+/// bytes.
+pub fn block(data: &[u8]) {
+    if let Ok(records) = block_records(data) {
+        assert!(!records.is_empty(), "an accepted block holds a record");
+        assert_eq!(block_encode(&records), data, "re-encoded block");
+    }
+}
+
+/// A stored block of `records` (seed corpora).
+pub fn encoded_block(records: &[&[u8]]) -> Vec<u8> {
+    block_encode(records)
 }
 
 /// Event JSON parsing: a webhook body or a `publish --file` line.

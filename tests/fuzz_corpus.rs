@@ -43,6 +43,11 @@ fn record() {
 }
 
 #[test]
+fn block() {
+    replay("block", __fuzz::block);
+}
+
+#[test]
 fn event_json() {
     replay("event_json", __fuzz::event_json);
 }
@@ -90,6 +95,20 @@ fn write_seeds() {
     );
     put("record", "bare", &ctrlbus::__fuzz::encoded_record(&bare, 0));
     put("record", "empty", b"");
+    let (r1, r2) = (
+        ctrlbus::__fuzz::encoded_record(&full, 1),
+        ctrlbus::__fuzz::encoded_record(&bare, 2),
+    );
+    let two = ctrlbus::__fuzz::encoded_block(&[&r1, &r2]);
+    put("block", "two", &two);
+    put(
+        "block",
+        "one_empty",
+        &ctrlbus::__fuzz::encoded_block(&[b""]),
+    );
+    put("block", "truncated", &two[..two.len() - 1]);
+    put("block", "no_records", &0u32.to_le_bytes());
+    put("block", "count_past_end", &u32::MAX.to_le_bytes());
     put("record", "bad_version", &[2, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
     put("event_json", "full", full.to_json().as_bytes());
     put("event_json", "bare", bare.to_json().as_bytes());

@@ -143,6 +143,13 @@ impl Layout {
     }
 }
 
+/// The records of a block, or why its layout is refused.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn records(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let layout = Layout::of(bytes)?;
+    Ok((0..layout.count).map(|i| layout.record(bytes, i)).collect())
+}
+
 /// One stored record and the row that holds it.
 pub(crate) struct Record<'a> {
     row: Row<'a>,

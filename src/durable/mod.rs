@@ -90,6 +90,19 @@ pub(crate) fn codec_decode_to_event(bytes: &[u8]) -> Result<(i64, Event), String
     Ok((append, rec.to_event()?))
 }
 
+/// The records of a stored block, or why its layout is refused (for
+/// fuzzing).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn block_records(bytes: &[u8]) -> Result<Vec<&[u8]>, String> {
+    event_blocks::records(bytes)
+}
+
+/// A stored block of `records` (for fuzzing).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn block_encode(records: &[&[u8]]) -> Vec<u8> {
+    event_blocks::encode(records)
+}
+
 /// Encodes an event as a stored record (for fuzzing).
 #[cfg(feature = "fuzzing")]
 pub(crate) fn codec_encode(event: &Event, append_ns: i64) -> Vec<u8> {
