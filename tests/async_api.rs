@@ -530,3 +530,36 @@ async fn a_live_stream_holds_exactly_its_capacity_and_lags_one_past_it() {
     assert_eq!(zero.next().await.unwrap(), Err(Lagged { missed: 4 }));
     assert_eq!(index(&zero.next().await.unwrap().unwrap()), 4);
 }
+
+/// A durable stream reads what the fan-out has passed, from memory while
+/// the file does not hold it: with no apply at all (no timed apply, no
+/// timed flush of positions), events published before and after it
+/// started all arrive, in order. It used to read only applied events, so
+/// here it received nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_stream_gets_events_the_file_does_not_hold_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::builder()
+        .apply_interval(Duration::from_secs(3600))
+        .ack_flush_interval(Duration::from_secs(3600))
+        .open(dir.path().join("log.redb"))
+        .unwrap();
+    for i in 0..5 {
+        bus.publish_async(event(i)).await.unwrap();
+    }
+    let mut stream = bus
+        .durable_stream("s", Filter::all(), Position::Beginning)
+        .unwrap();
+    for seq in 1..=5 {
+        let d = next(&mut stream).await;
+        assert_eq!((d.seq(), index(d.event())), (seq, seq - 1));
+        d.ack().await.unwrap();
+    }
+    // Published once the stream waits: the fan-out wakes it.
+    for i in 5..10 {
+        bus.publish_async(event(i)).await.unwrap();
+        let d = next(&mut stream).await; // woken by the fan-out
+        assert_eq!((d.seq(), index(d.event())), (i + 1, i));
+        d.ack().await.unwrap();
+    }
+}

@@ -537,7 +537,11 @@ impl Handle {
         #[cfg(feature = "tokio")]
         shared.completions.stop();
         shared.live.clear();
-        shared.fan.lock().live_durable.clear();
+        {
+            let mut fan = shared.fan.lock();
+            fan.live_durable.clear();
+            fan.pull_wakers.clear();
+        }
     }
 }
 

@@ -355,10 +355,6 @@ impl Applier {
                 for hook in shared.hooks.read().iter() {
                     hook.after_commit();
                 }
-                // Pull subscriptions read only what is applied.
-                for sub in &subs {
-                    sub.applied();
-                }
             }
             let last = shared.last_seq.load(Ordering::Acquire);
             crate::telemetry::apply_lag(

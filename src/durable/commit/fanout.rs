@@ -4,6 +4,7 @@
 //! events in `seq` order (G3, G4, G5).
 
 use super::*;
+use crate::bus::SubscriptionId;
 
 /// Events committed together, waiting for or undergoing fan-out.
 pub(crate) struct Group {
@@ -30,6 +31,10 @@ pub(crate) struct FanState {
     pub(crate) busy: bool,
     /// Durable subscriptions in live mode.
     pub(crate) live_durable: Vec<Arc<DurableSub>>,
+    /// What wakes each pull subscription (`durable_stream`) when a group
+    /// has been fanned out: they read it from the log (from memory until
+    /// it is applied), never live.
+    pub(crate) pull_wakers: Vec<(SubscriptionId, Sender<()>)>,
 }
 
 impl FanState {
@@ -39,6 +44,7 @@ impl FanState {
             pending: BTreeMap::new(),
             busy: false,
             live_durable: Vec::new(),
+            pull_wakers: Vec::new(),
         }
     }
 }
@@ -73,6 +79,9 @@ pub(super) fn fan_out(shared: &Shared) {
         *group.done.lock() = true;
         group.done_cv.notify_all();
         st = shared.fan.lock();
+        for (_, wake) in &st.pull_wakers {
+            let _ = wake.try_send(());
+        }
     }
     st.busy = false;
     DISPATCHING.set(false);

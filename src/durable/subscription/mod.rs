@@ -236,14 +236,6 @@ impl DurableSub {
         let _ = self.wake_tx.try_send(());
     }
 
-    /// Events were applied to the file: wakes a pull subscription waiting
-    /// for them.
-    pub(crate) fn applied(&self) {
-        if matches!(self.consumer, Consumer::Pull(_)) {
-            let _ = self.wake_tx.try_send(());
-        }
-    }
-
     /// Every event up to this `seq` has been handled.
     pub(crate) fn position(&self) -> u64 {
         self.delivered.load(Ordering::Acquire)
@@ -320,7 +312,9 @@ impl DurableSub {
             match self.catch_up(&shared) {
                 Ok(true) => {}
                 Ok(false) if matches!(self.consumer, Consumer::Pull(_)) => {
-                    // Woken by the next apply; the timeout is a safety net.
+                    // Woken by the next group's fan-out (the wake waits in
+                    // the channel if it came first); the timeout is a
+                    // safety net.
                     let _ = self.wake_rx.recv_timeout(Duration::from_millis(500));
                 }
                 Ok(false) => {
@@ -356,12 +350,10 @@ impl DurableSub {
     /// may follow, `Ok(false)` if caught up with the fan-out position.
     fn catch_up(&self, shared: &Shared) -> Result<bool, ReadError> {
         const CHUNK: usize = 512;
-        let mut target = shared.fan.lock().next_seq - 1;
-        if matches!(self.consumer, Consumer::Pull(_)) {
-            // What is applied, so reading never forces an apply (a redb
-            // commit) per event; the applier wakes it for more.
-            target = target.min(shared.applied_seq.load(Ordering::Acquire));
-        }
+        // Through what has been fanned out (pull subscriptions too: the
+        // fan-out wakes them per group, and what the file does not hold
+        // yet is read from memory).
+        let target = shared.fan.lock().next_seq - 1;
         let from = self.delivered.load(Ordering::Acquire) + 1;
         if from > target {
             return Ok(false);
@@ -674,11 +666,11 @@ impl Drop for DurableSubscription {
     fn drop(&mut self) {
         self.sub.stop();
         if let Some(shared) = self.shared.upgrade() {
-            shared
-                .fan
-                .lock()
-                .live_durable
-                .retain(|s| s.id != self.sub.id);
+            {
+                let mut fan = shared.fan.lock();
+                fan.live_durable.retain(|s| s.id != self.sub.id);
+                fan.pull_wakers.retain(|(id, _)| *id != self.sub.id);
+            }
             self.sub.join();
             let mut map = shared.durable.lock();
             if map
@@ -788,6 +780,13 @@ pub(crate) fn subscribe(
         .spawn(move || worker_sub.run(worker_shared))
         .map_err(|e| SubscribeError::Storage(StorageError::Redb(redb::Error::Io(e))))?;
     *sub.worker.lock() = Some(worker);
+    if matches!(sub.consumer, Consumer::Pull(_)) {
+        shared
+            .fan
+            .lock()
+            .pull_wakers
+            .push((sub.id, sub.wake_tx.clone()));
+    }
     map.insert(name.to_owned(), sub.clone());
     Ok(DurableSubscription {
         sub,
