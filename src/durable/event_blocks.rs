@@ -194,20 +194,8 @@ impl EventTables<redb::ReadOnlyTable<u64, &'static [u8]>> {
     /// [`EventTables::rows`], not borrowing the tables (for a reader that
     /// outlives them; the rows keep the transaction alive).
     pub(crate) fn rows_owned(&self, from: u64, to: u64) -> Result<Rows<'static>, StorageError> {
-        let start = self.block_start(from)?;
-        Ok(Rows::new(
-            match &self.legacy {
-                Some(t) if from <= to => Some(t.range(from..=to)?),
-                _ => None,
-            },
-            match &self.blocks {
-                Some(t) if start <= to => Some(t.range(start..=to)?),
-                _ => None,
-            },
-            from,
-            to,
-            false,
-        ))
+        // redb's own `ReadOnlyTable::range`: its range is `'static`.
+        self.walk(from, to, false, |t, r| t.range(r))
     }
 }
 
@@ -293,14 +281,25 @@ impl<T: ReadableTable<u64, &'static [u8]>> EventTables<T> {
     /// # Errors
     /// A redb error.
     pub(crate) fn rows(&self, from: u64, to: u64, rev: bool) -> Result<Rows<'_>, StorageError> {
+        self.walk(from, to, rev, |t, r| ReadableTable::range(t, r))
+    }
+
+    /// A walk over `from..=to`, with `range` opening each table's part.
+    fn walk<'s, 'a>(
+        &'s self,
+        from: u64,
+        to: u64,
+        rev: bool,
+        range: impl Fn(&'s T, std::ops::RangeInclusive<u64>) -> Result<Rng<'a>, redb::StorageError>,
+    ) -> Result<Rows<'a>, StorageError> {
         let start = self.block_start(from)?;
         Ok(Rows::new(
             match &self.legacy {
-                Some(t) if from <= to => Some(t.range(from..=to)?),
+                Some(t) if from <= to => Some(range(t, from..=to)?),
                 _ => None,
             },
             match &self.blocks {
-                Some(t) if start <= to => Some(t.range(start..=to)?),
+                Some(t) if start <= to => Some(range(t, start..=to)?),
                 _ => None,
             },
             from,
