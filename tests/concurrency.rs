@@ -626,28 +626,7 @@ fn reads_beside_publishers_and_applies_see_every_acknowledged_event_in_order() {
             }
             reads
         });
-        std::thread::scope(|p| {
-            for t in 0..4u64 {
-                let (bus, acked, newest, reads_done, gone) =
-                    (&bus, &acked, &newest, &reads_done, &reader_gone);
-                p.spawn(move || {
-                    let mut i = 0u64;
-                    while !gone.load(Ordering::Acquire)
-                        && (i < 400 || reads_done.load(Ordering::Acquire) < 5)
-                    {
-                        let r = bus
-                            .publish(
-                                Event::new(TYPES[(i % 5) as usize].clone(), "acme")
-                                    .with_payload_value("t", t),
-                            )
-                            .unwrap();
-                        acked.lock().unwrap().insert(r.seq, r.id);
-                        newest.fetch_max(r.seq, Ordering::AcqRel);
-                        i += 1;
-                    }
-                });
-            }
-        });
+        publish_beside_a_reader(&bus, &acked, &newest, &reads_done, &reader_gone);
         done.store(true, Ordering::Release);
         reader.join().unwrap()
     });
@@ -656,6 +635,38 @@ fn reads_beside_publishers_and_applies_see_every_acknowledged_event_in_order() {
     assert!(published >= 1600);
     let all: Vec<u64> = common::seq_ids(&bus).iter().map(|e| e.0).collect();
     assert_eq!(all, (1..=published).collect::<Vec<_>>());
+}
+
+/// Four publishers, each publishing at least 400 events and on until
+/// `reads` reaches 5 (or the reader is `gone`), recording every receipt in
+/// `acked` and the newest `seq` in `newest`.
+fn publish_beside_a_reader(
+    bus: &DurableBus,
+    acked: &Mutex<HashMap<u64, EventId>>,
+    newest: &AtomicU64,
+    reads: &AtomicU64,
+    gone: &AtomicBool,
+) {
+    std::thread::scope(|p| {
+        for t in 0..4u64 {
+            p.spawn(move || {
+                let mut i = 0u64;
+                while !gone.load(Ordering::Acquire)
+                    && (i < 400 || reads.load(Ordering::Acquire) < 5)
+                {
+                    let r = bus
+                        .publish(
+                            Event::new(TYPES[(i % 5) as usize].clone(), "acme")
+                                .with_payload_value("t", t),
+                        )
+                        .unwrap();
+                    acked.lock().unwrap().insert(r.seq, r.id);
+                    newest.fetch_max(r.seq, Ordering::AcqRel);
+                    i += 1;
+                }
+            });
+        }
+    });
 }
 
 /// Sets its flag when dropped: when a reader thread ends, by a failed
@@ -748,28 +759,7 @@ fn reads_beside_background_retention_see_a_gapless_suffix_of_the_log() {
             }
             reads
         });
-        std::thread::scope(|p| {
-            for t in 0..4u64 {
-                let (bus, acked, newest, moved_reads, gone) =
-                    (&bus, &acked, &newest, &moved_reads, &reader_gone);
-                p.spawn(move || {
-                    let mut i = 0u64;
-                    while !gone.load(Ordering::Acquire)
-                        && (i < 400 || moved_reads.load(Ordering::Acquire) < 5)
-                    {
-                        let r = bus
-                            .publish(
-                                Event::new(TYPES[(i % 5) as usize].clone(), "acme")
-                                    .with_payload_value("t", t),
-                            )
-                            .unwrap();
-                        acked.lock().unwrap().insert(r.seq, r.id);
-                        newest.fetch_max(r.seq, Ordering::AcqRel);
-                        i += 1;
-                    }
-                });
-            }
-        });
+        publish_beside_a_reader(&bus, &acked, &newest, &moved_reads, &reader_gone);
         done.store(true, Ordering::Release);
         reader.join().unwrap()
     });

@@ -55,16 +55,28 @@ fn damaged(seq: u64, reason: impl Into<String>) -> StorageError {
     }
 }
 
-/// The `seq` a [`Rows`] error names, when it is a damaged block's (not a
-/// storage failure).
-pub(crate) fn damaged_seq(e: &StorageError) -> Option<u64> {
-    match e {
-        StorageError::Corrupted {
-            table: "event_blocks",
-            key,
-            ..
-        } => key.strip_prefix("seq ")?.parse().ok(),
-        _ => None,
+/// Why [`Rows::next`] gave no record.
+#[derive(Debug)]
+pub(crate) enum RowError {
+    /// The block holding `seq` is damaged: its layout can't be read. The
+    /// walk goes on after it.
+    Damaged { seq: u64, reason: String },
+    /// redb failed.
+    Storage(StorageError),
+}
+
+impl From<RowError> for StorageError {
+    fn from(e: RowError) -> StorageError {
+        match e {
+            RowError::Damaged { seq, reason } => damaged(seq, format!("damaged block: {reason}")),
+            RowError::Storage(e) => e,
+        }
+    }
+}
+
+impl From<RowError> for crate::error::ReadError {
+    fn from(e: RowError) -> crate::error::ReadError {
+        crate::error::ReadError::Storage(e.into())
     }
 }
 
@@ -415,10 +427,10 @@ impl<'a> Rows<'a> {
         None
     }
 
-    fn next_row(&mut self) -> Option<Result<Current<'a>, StorageError>> {
+    fn next_row(&mut self) -> Option<Result<Current<'a>, RowError>> {
         let raw = match self.raw_row()? {
             Ok(raw) => raw,
-            Err(e) => return Some(Err(e)),
+            Err(e) => return Some(Err(RowError::Storage(e))),
         };
         let before = self.before.replace(raw.first);
         let (kind, count) = if raw.is_block {
@@ -436,7 +448,7 @@ impl<'a> Rows<'a> {
                                 self.ahead = Some(next);
                                 Some(f)
                             }
-                            Some(Err(e)) => return Some(Err(e)),
+                            Some(Err(e)) => return Some(Err(RowError::Storage(e))),
                             None => None,
                         }
                     };
@@ -459,7 +471,7 @@ impl<'a> Rows<'a> {
     /// The next record in the range: its `seq` and bytes. An error is a
     /// storage failure, or a damaged block (one for each of its `seq`s);
     /// the walk goes on after it (for `check`).
-    pub(crate) fn next(&mut self) -> Option<Result<(u64, &[u8]), StorageError>> {
+    pub(crate) fn next(&mut self) -> Option<Result<(u64, &[u8]), RowError>> {
         loop {
             if let Some(c) = &mut self.cur {
                 let mut hit = None;
@@ -482,7 +494,10 @@ impl<'a> Rows<'a> {
                         Kind::Row => c.row.value(),
                         Kind::Block(layout) => layout.record(c.row.value(), i),
                         Kind::Damaged(reason) => {
-                            return Some(Err(damaged(seq, format!("damaged block: {reason}"))));
+                            return Some(Err(RowError::Damaged {
+                                seq,
+                                reason: reason.clone(),
+                            }));
                         }
                     };
                     return Some(Ok((seq, bytes)));
@@ -515,29 +530,33 @@ impl<'t> EventTables<redb::Table<'t, u64, &'static [u8]>> {
             .ok_or_else(|| damaged(0, "no event_blocks table"))
     }
 
-    /// Stores `records`, the first of them with `seq` `first`, as blocks
-    /// of at most [`BLOCK_BYTES`] each (after every stored `seq`).
+    /// Stores `records` (`seq`, record; in `seq` order, after every stored
+    /// `seq`) as blocks of at most [`BLOCK_BYTES`] each. A `seq` that does
+    /// not follow the one before starts a new block, so a block's records
+    /// are always consecutive.
     ///
     /// # Errors
     /// A redb error.
     pub(crate) fn append<'r>(
         &mut self,
-        first: u64,
-        records: impl IntoIterator<Item = &'r [u8]>,
+        records: impl IntoIterator<Item = (u64, &'r [u8])>,
     ) -> Result<(), StorageError> {
         let mut block: Vec<&[u8]> = Vec::new();
         let mut buf = Vec::new();
-        let (mut start, mut seq, mut bytes) = (first, first, 0usize);
-        for r in records {
+        let (mut start, mut bytes) = (0u64, 0usize);
+        for (seq, r) in records {
             // The block's size with `r`: count, offsets, records.
-            if !block.is_empty() && 4 + 4 * (block.len() + 1) + bytes + r.len() > BLOCK_BYTES {
+            let full = 4 + 4 * (block.len() + 1) + bytes + r.len() > BLOCK_BYTES;
+            let next = start + block.len() as u64;
+            if !block.is_empty() && (full || seq != next) {
                 self.put(start, &block, &mut buf)?;
                 block.clear();
+            }
+            if block.is_empty() {
                 (start, bytes) = (seq, 0);
             }
             block.push(r);
             bytes += r.len();
-            seq += 1;
         }
         if !block.is_empty() {
             self.put(start, &block, &mut buf)?;
@@ -642,7 +661,7 @@ mod tests {
             let txn = db.begin_write().unwrap();
             EventTables::write(&txn)
                 .unwrap()
-                .append(first, recs.iter().map(Vec::as_slice))
+                .append((first..).zip(recs.iter().map(Vec::as_slice)))
                 .unwrap();
             txn.commit().unwrap();
             all.extend(recs);
@@ -722,6 +741,38 @@ mod tests {
             .map(|r| r.unwrap().0.value())
             .collect();
         assert_eq!(keys, vec![1, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn a_seq_that_does_not_follow_starts_a_new_block() {
+        let db = db();
+        let recs: Vec<(u64, Vec<u8>)> = [1u64, 2, 3, 7, 8, 20]
+            .iter()
+            .map(|&s| (s, rec(s, 50)))
+            .collect();
+        let txn = db.begin_write().unwrap();
+        EventTables::write(&txn)
+            .unwrap()
+            .append(recs.iter().map(|(s, r)| (*s, r.as_slice())))
+            .unwrap();
+        txn.commit().unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = EventTables::read(&txn).unwrap();
+        let keys: Vec<u64> = txn
+            .open_table(EVENT_BLOCKS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap().0.value())
+            .collect();
+        assert_eq!(keys, vec![1, 7, 20]);
+        for (seq, r) in &recs {
+            assert_eq!(
+                t.get(*seq).unwrap().map(|g| g.bytes().to_vec()).as_ref(),
+                Some(r)
+            );
+        }
+        assert!(t.get(4).unwrap().is_none() && t.get(9).unwrap().is_none());
     }
 
     #[test]

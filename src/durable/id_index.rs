@@ -351,7 +351,7 @@ mod tests {
                 }
                 ix.finish().unwrap();
                 events
-                    .append(start, records.iter().map(Vec::as_slice))
+                    .append((start..).zip(records.iter().map(Vec::as_slice)))
                     .unwrap();
             }
             txn.commit().unwrap();

@@ -108,12 +108,15 @@ pub(crate) fn resolve_in(
     position: Position,
 ) -> Result<u64, ReadError> {
     let events = EventTables::read(txn).map_err(ReadError::Storage)?;
-    let last = last_assigned(txn)?.max(snap.last().unwrap_or(0));
+    let bounds = events.bounds().map_err(ReadError::Storage)?;
+    // As `last_assigned`, from the bounds just read.
+    let last = bounds
+        .map_or(0, |b| b.1)
+        .max(retained_through(txn)?)
+        .max(snap.last().unwrap_or(0));
     // The file's part: through `applied` only (a commit after the
     // snapshot may hold more).
-    let in_file = events
-        .bounds()
-        .map_err(ReadError::Storage)?
+    let in_file = bounds
         .map(|(first, newest)| (first, newest.min(snap.applied)))
         .filter(|(first, newest)| first <= newest);
     let Some(first) = in_file.map(|b| b.0).or(snap.first()) else {
@@ -287,7 +290,7 @@ impl LogReader {
                     Ok(row) => row,
                     Err(e) => {
                         self.state.done = true;
-                        return Some(Err(ReadError::Storage(e)));
+                        return Some(Err(e.into()));
                     }
                 };
                 match self.state.step(seq, bytes) {

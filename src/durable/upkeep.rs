@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Shared;
 use super::codec;
-use super::event_blocks::EventTables;
+use super::event_blocks::{EventTables, RowError};
 use super::read;
 use super::read_tail::Snapshot;
 use super::tables::{
@@ -237,18 +237,14 @@ pub(crate) fn check<D: ReadableDatabase>(
     while let Some(row) = rows.next() {
         let (seq, bytes) = match row {
             Ok(row) => row,
-            Err(e) => {
-                let Some(seq) = super::event_blocks::damaged_seq(&e) else {
-                    return Err(e);
-                };
+            Err(RowError::Damaged { seq, reason }) => {
                 report.events_checked += 1;
-                if let StorageError::Corrupted { reason, .. } = &e {
-                    problem(&mut report, format!("seq {seq}: {reason}"));
-                }
+                problem(&mut report, format!("seq {seq}: damaged block: {reason}"));
                 // The `seq` is there, unreadable: not a gap.
                 prev = Some((seq, prev.map_or(i64::MIN, |p| p.1)));
                 continue;
             }
+            Err(RowError::Storage(e)) => return Err(e),
         };
         report.events_checked += 1;
         if report.events_checked % 4096 == 0 {

@@ -270,21 +270,12 @@ impl Applier {
                     }
                 }
                 index.finish()?;
-                // Consecutive groups (all of them, but for a gap no commit
-                // makes) go into the same blocks.
-                let groups = &self.unapplied;
-                let mut i = 0;
-                while i < groups.len() {
-                    let mut j = i + 1;
-                    while j < groups.len() && groups[j].first == groups[j - 1].last + 1 {
-                        j += 1;
-                    }
-                    let records = groups[i..j]
+                // Consecutive groups share blocks.
+                events.append(
+                    self.unapplied
                         .iter()
-                        .flat_map(|u| u.records.iter().map(Vec::as_slice));
-                    events.append(groups[i].first, records)?;
-                    i = j;
-                }
+                        .flat_map(|u| (u.first..).zip(u.records.iter().map(Vec::as_slice))),
+                )?;
             }
             self.run_hooks(&txn)?;
             {

@@ -16,8 +16,7 @@ pub(crate) fn recover(
     let txn = crate::durable::txn::begin(shared)?;
     {
         let mut events = crate::durable::event_blocks::EventTables::write(&txn)?;
-        let first = next;
-        let mut records: Vec<&[u8]> = Vec::new();
+        let mut records: Vec<(u64, &[u8])> = Vec::new();
         let mut index = crate::durable::id_index::Indexer::open(&txn)?;
         let mut appended: Vec<(u64, Event, i64)> = Vec::new();
         'frames: for frame in &frames {
@@ -41,7 +40,7 @@ pub(crate) fn recover(
                 let event = rec
                     .to_event()
                     .map_err(|r| crate::durable::read::corrupted(seq, r))?;
-                records.push(record.as_slice());
+                records.push((seq, record.as_slice()));
                 index.add(id_key(rec.id), seq)?;
                 appended.push((seq, event, append));
                 next += 1;
@@ -49,7 +48,7 @@ pub(crate) fn recover(
             }
         }
         index.finish()?;
-        events.append(first, records)?;
+        events.append(records)?;
         for hook in shared.hooks.read().iter() {
             // Hooks see each replayed group with its own append time.
             let mut i = 0;

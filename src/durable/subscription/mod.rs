@@ -37,7 +37,7 @@ use serde::Serialize;
 use super::Shared;
 use super::codec;
 use super::commit::{self, WriteReq};
-use super::event_blocks::EventTables;
+use super::event_blocks::{EventTables, RowError};
 use super::read::{self, Position, resolve, resolve_in};
 use super::read_tail::Snapshot;
 use super::tables::{CURSORS, CursorRecord, DEAD_LETTERS, DeadLetterRecord, from_bytes, to_bytes};
@@ -376,10 +376,10 @@ impl DurableSub {
                 {
                     match row {
                         Ok((seq, bytes)) => batch.push((seq, Ok(bytes.to_vec()))),
-                        Err(e) => match crate::durable::event_blocks::damaged_seq(&e) {
-                            Some(seq) => batch.push((seq, Err(e.to_string()))),
-                            None => return Err(e.into()),
-                        },
+                        Err(e @ RowError::Damaged { seq, .. }) => {
+                            batch.push((seq, Err(StorageError::from(e).to_string())));
+                        }
+                        Err(RowError::Storage(e)) => return Err(e.into()),
                     }
                 }
             }
