@@ -44,8 +44,6 @@ mod background_panics;
 mod codec;
 mod commit;
 mod event_blocks;
-#[cfg(target_os = "linux")]
-mod file_direct;
 mod hooks;
 mod id_index;
 mod open;
@@ -385,18 +383,6 @@ impl DurableBusBuilder {
         // redb would create a missing file with the umask's mode (0644 as a
         // rule) and never fsync its directory: create it first.
         crate::files::ensure_exists(path).map_err(|e| OpenError::Io(path.to_path_buf(), e))?;
-        // Its pages go to the disk in runs, past the page cache
-        // (`file_direct`), so the WAL's fdatasync doesn't wait behind a
-        // whole commit's write-back.
-        #[cfg(target_os = "linux")]
-        let db = {
-            let backend = file_direct::DirectBackend::open(path)
-                .map_err(|e| OpenError::Io(path.to_path_buf(), e))?;
-            self.redb_builder()
-                .create_with_backend(backend)
-                .map_err(|e| open::map_open_error(path, e))?
-        };
-        #[cfg(not(target_os = "linux"))]
         let db = self
             .redb_builder()
             .create(path)
