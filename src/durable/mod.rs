@@ -183,11 +183,7 @@ impl Default for Options {
             slow_handler: Duration::from_millis(250),
             wal: true,
             accept_wal_loss: false,
-            // 10 ms, not 20: half the records per commit, and with
-            // `file_direct` a p99.9 at 16 publishers of 1.0-1.1 ms against
-            // 1.5-1.6 ms, at 64 publishers 0.1 us more CPU per event
-            // (BENCHMARKS.md, "Thirteenth session").
-            apply_interval: Duration::from_millis(10),
+            apply_interval: Duration::from_millis(20),
             wal_faults: None,
             wal_io: None,
             wal_restart_bytes: commit::WAL_RESTART_BYTES,
@@ -332,7 +328,7 @@ impl DurableBusBuilder {
     }
 
     /// How long events acknowledged through the WAL may wait before they are
-    /// applied to the redb file in one durable commit (default 10 ms).
+    /// applied to the redb file in one durable commit (default 20 ms).
     /// Readers in other processes see new events at these points; in this
     /// process, reads wait for the events published before them.
     pub fn apply_interval(mut self, d: Duration) -> Self {

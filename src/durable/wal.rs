@@ -7,7 +7,7 @@
 //! first appends its new records to `<log>.wal` and `fdatasync`s it (one
 //! fsync, the acknowledgement point of G2); the writer applies the
 //! accumulated groups to redb in one durable commit every `apply_interval`
-//! (10 ms), amortizing redb's commit over many groups. After a crash, the
+//! (20 ms), amortizing redb's commit over many groups. After a crash, the
 //! frames past the file's last `seq` are replayed. Once the WAL holds 16 MiB
 //! it starts over: a new generation from the file's start. If frames at its
 //! end are not applied yet (a busy log always has some), the new
