@@ -6,8 +6,9 @@
 //! slowest publish and read during it, beside the same measured without a
 //! retain running.
 //!
-//! Usage: `cargo run --release --example retain_under_load [EVENTS]`
-//! (default 1,000,000).
+//! Usage: `cargo run --release --example retain_under_load [EVENTS
+//! [PUBLISHERS]]` (defaults 1,000,000 and 4). Besides the slowest publish
+//! it prints the p99.9 of all of them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,23 +16,30 @@ use std::time::{Duration, Instant};
 
 use ctrlbus::{Bus, DurableBus, Event, Filter, Retention, Type};
 
-/// The slowest publish and read while `during` runs, 4 publishers and a
+/// What the publishers and the reader saw while `during` ran.
+struct Beside {
+    slowest_publish: Duration,
+    p999_publish: Duration,
+    slowest_read: Duration,
+    published: usize,
+}
+
+/// The publishes and reads while `during` runs, `publishers` threads and a
 /// reader beside it.
-fn slowest_beside(bus: &DurableBus, during: impl FnOnce()) -> (Duration, Duration, u64) {
+fn beside(bus: &DurableBus, publishers: usize, during: impl FnOnce()) -> Beside {
     let stop = Arc::new(AtomicBool::new(false));
-    let pubs: Vec<_> = (0..4)
+    let pubs: Vec<_> = (0..publishers)
         .map(|_| {
             let (bus, stop) = (bus.clone(), stop.clone());
             std::thread::spawn(move || {
-                let (mut worst, mut n) = (Duration::ZERO, 0u64);
+                let mut took = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     bus.publish(Event::new(Type::DEPLOY_STARTED, "t"))
                         .expect("publish");
-                    worst = worst.max(t.elapsed());
-                    n += 1;
+                    took.push(t.elapsed());
                 }
-                (worst, n)
+                took
             })
         })
         .collect();
@@ -50,20 +58,36 @@ fn slowest_beside(bus: &DurableBus, during: impl FnOnce()) -> (Duration, Duratio
     };
     during();
     stop.store(true, Ordering::Relaxed);
-    let mut worst_pub = Duration::ZERO;
-    let mut published = 0;
-    for p in pubs {
-        let (w, n) = p.join().expect("publisher");
-        worst_pub = worst_pub.max(w);
-        published += n;
+    let mut took: Vec<Duration> = pubs
+        .into_iter()
+        .flat_map(|p| p.join().expect("publisher"))
+        .collect();
+    took.sort_unstable();
+    let at = |q: f64| {
+        took.get(((took.len() as f64 * q) as usize).min(took.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Beside {
+        slowest_publish: took.last().copied().unwrap_or_default(),
+        p999_publish: at(0.999),
+        slowest_read: reader.join().expect("reader"),
+        published: took.len(),
     }
-    (worst_pub, reader.join().expect("reader"), published)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let events: u64 = match std::env::args().nth(1) {
         Some(n) => n.parse()?,
         None => 1_000_000,
+    };
+    let publishers: usize = match std::env::args().nth(2) {
+        Some(n) => n.parse()?,
+        None => 4,
     };
     let dir = tempfile::tempdir()?;
     let bus = DurableBus::open(dir.path().join("events.redb"))?;
@@ -78,15 +102,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bus.publish_batch(batch)?;
         left -= n;
     }
-    let (p0, r0, n0) = slowest_beside(&bus, || std::thread::sleep(Duration::from_secs(3)));
+    let quiet = beside(&bus, publishers, || std::thread::sleep(Duration::from_secs(3)));
     println!(
-        "without retain (3 s): slowest publish {:.1} ms, slowest read {:.1} ms, {n0} published",
-        p0.as_secs_f64() * 1e3,
-        r0.as_secs_f64() * 1e3
+        "without retain (3 s): publishes p99.9 {:.2} ms, slowest {:.1} ms; slowest read {:.1} ms; {} published",
+        ms(quiet.p999_publish),
+        ms(quiet.slowest_publish),
+        ms(quiet.slowest_read),
+        quiet.published
     );
     let mut took = Duration::ZERO;
     let mut removed = 0;
-    let (p1, r1, n1) = slowest_beside(&bus, || {
+    let busy = beside(&bus, publishers, || {
         let t = Instant::now();
         let report = bus
             .retain(&Retention {
@@ -98,10 +124,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         removed = report.removed;
     });
     println!(
-        "retain of {removed} events: {:.2} s; beside it: slowest publish {:.1} ms, slowest read {:.1} ms, {n1} published",
+        "retain of {removed} events: {:.2} s; beside it: publishes p99.9 {:.2} ms, slowest {:.1} ms; slowest read {:.1} ms; {} published",
         took.as_secs_f64(),
-        p1.as_secs_f64() * 1e3,
-        r1.as_secs_f64() * 1e3
+        ms(busy.p999_publish),
+        ms(busy.slowest_publish),
+        ms(busy.slowest_read),
+        busy.published
     );
     bus.close();
     Ok(())
