@@ -63,14 +63,15 @@ fn beside(bus: &DurableBus, publishers: usize, during: impl FnOnce()) -> Beside 
         .flat_map(|p| p.join().expect("publisher"))
         .collect();
     took.sort_unstable();
-    let at = |q: f64| {
-        took.get(((took.len() as f64 * q) as usize).min(took.len().saturating_sub(1)))
+    // The publish at the given thousandth of the sorted latencies.
+    let at = |permille: usize| {
+        took.get((took.len() * permille / 1000).min(took.len().saturating_sub(1)))
             .copied()
             .unwrap_or_default()
     };
     Beside {
         slowest_publish: took.last().copied().unwrap_or_default(),
-        p999_publish: at(0.999),
+        p999_publish: at(999),
         slowest_read: reader.join().expect("reader"),
         published: took.len(),
     }
@@ -102,7 +103,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bus.publish_batch(batch)?;
         left -= n;
     }
-    let quiet = beside(&bus, publishers, || std::thread::sleep(Duration::from_secs(3)));
+    let quiet = beside(&bus, publishers, || {
+        std::thread::sleep(Duration::from_secs(3));
+    });
     println!(
         "without retain (3 s): publishes p99.9 {:.2} ms, slowest {:.1} ms; slowest read {:.1} ms; {} published",
         ms(quiet.p999_publish),
