@@ -606,3 +606,104 @@ async fn a_durable_stream_beside_publishers_and_applies_gets_each_event_once_in_
     acked.sort_unstable();
     assert_eq!(got, acked);
 }
+
+/// An event of `tenant` with `i` in its payload.
+fn tenant_event(tenant: &str, i: u64) -> Event {
+    Event::new(Type::DEPLOY_STARTED, tenant).with_payload(payload(serde_json::json!({ "i": i })))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_streams_get_exactly_their_tenants_events_in_order_and_pass_the_others() {
+    // Streams filtered to a tenant skip what the fan-out judged unwanted
+    // without reading it (`PullWakers`): the events before a stream
+    // started were never judged for it and must be read; after, every
+    // event of its tenant must arrive once, in order, and its cursor must
+    // move past the other tenants' events, with publishers on 4 tasks.
+    const PER_TASK: u64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let bus = DurableBus::open(dir.path().join("log.redb")).unwrap();
+    let tenant_of = |i: u64| ["a", "b", "c"][(i % 3) as usize];
+    let mut want: HashMap<&str, Vec<u64>> = HashMap::new();
+    // Before any stream: 60 events over three tenants.
+    for i in 0..60 {
+        let r = bus.publish(tenant_event(tenant_of(i), i)).unwrap();
+        want.entry(tenant_of(i)).or_default().push(r.seq);
+    }
+    let mut a = bus
+        .durable_stream("a", Filter::all().tenant("a"), Position::Beginning)
+        .unwrap();
+    let mut b_deploys = bus
+        .durable_stream(
+            "b",
+            Filter::types(["deploy.*"]).unwrap().tenant("b"),
+            Position::Beginning,
+        )
+        .unwrap();
+    // Wants nothing that is published: its cursor must still move.
+    let _none = bus
+        .durable_stream("none", Filter::all().tenant("z"), Position::Beginning)
+        .unwrap();
+    let publishers: Vec<_> = (0..4)
+        .map(|t| {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for k in 0..PER_TASK {
+                    let i = 60 + t * PER_TASK + k;
+                    let tenant = ["a", "b", "c"][(i % 3) as usize];
+                    let r = bus.publish_async(tenant_event(tenant, i)).await.unwrap();
+                    seqs.push((tenant, r.seq));
+                }
+                seqs
+            })
+        })
+        .collect();
+    for p in publishers {
+        for (tenant, seq) in p.await.unwrap() {
+            want.entry(tenant).or_default().push(seq);
+        }
+    }
+    for seqs in want.values_mut() {
+        seqs.sort_unstable();
+    }
+    for (stream, tenant) in [(&mut a, "a"), (&mut b_deploys, "b")] {
+        let mut got = Vec::new();
+        for _ in 0..want[tenant].len() {
+            let d = next(stream).await;
+            assert_eq!(d.event().tenant_id, tenant);
+            got.push(d.seq());
+            d.ack().await.unwrap();
+        }
+        assert_eq!(
+            got, want[tenant],
+            "stream {tenant}: a gap, a repeat or out of order"
+        );
+    }
+    // Nothing more for either.
+    for stream in [&mut a, &mut b_deploys] {
+        let more = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+        assert!(
+            more.is_err(),
+            "a delivery past the tenant's events: {more:?}"
+        );
+    }
+    // Every cursor reaches the last seq (the unwanted events are passed).
+    let last = bus.last_seq();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let cursors = bus.cursors().unwrap();
+        let behind: Vec<_> = cursors
+            .iter()
+            .filter(|c| c.delivered_seq != last)
+            .map(|c| (c.name.clone(), c.delivered_seq))
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cursors behind {last}: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -3,8 +3,8 @@
 //! baton, one of the waiting publishers), so every live subscriber sees
 //! events in `seq` order (G3, G4, G5).
 
+pub(crate) use super::pull_wakers::PullWakers;
 use super::*;
-use crate::bus::SubscriptionId;
 
 /// Events committed together, waiting for or undergoing fan-out.
 pub(crate) struct Group {
@@ -32,9 +32,9 @@ pub(crate) struct FanState {
     /// Durable subscriptions in live mode.
     pub(crate) live_durable: Vec<Arc<DurableSub>>,
     /// What wakes each pull subscription (`durable_stream`) when a group
-    /// has been fanned out: they read it from the log (from memory until
-    /// it is applied), never live.
-    pub(crate) pull_wakers: Vec<(SubscriptionId, Sender<()>)>,
+    /// it wants has been fanned out: they read it from the log (from memory
+    /// until it is applied), never live.
+    pub(crate) pull_wakers: PullWakers,
 }
 
 impl FanState {
@@ -44,7 +44,7 @@ impl FanState {
             pending: BTreeMap::new(),
             busy: false,
             live_durable: Vec::new(),
-            pull_wakers: Vec::new(),
+            pull_wakers: PullWakers::new(next_seq - 1),
         }
     }
 }
@@ -79,9 +79,7 @@ pub(super) fn fan_out(shared: &Shared) {
         *group.done.lock() = true;
         group.done_cv.notify_all();
         st = shared.fan.lock();
-        for (_, wake) in &st.pull_wakers {
-            let _ = wake.try_send(());
-        }
+        st.pull_wakers.wake(&group.events, group.last);
     }
     st.busy = false;
     DISPATCHING.set(false);

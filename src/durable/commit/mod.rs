@@ -73,6 +73,7 @@ pub(crate) mod completion;
 mod fanout;
 mod gather;
 mod publish;
+mod pull_wakers;
 mod replay;
 
 use applier::{Applier, ApplyMsg, ApplyQueue, Unapplied};

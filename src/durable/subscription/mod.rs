@@ -127,6 +127,10 @@ impl<P: Pull + ?Sized> Pull for Arc<P> {
     }
 }
 
+/// A record read while catching up: one the filter may want (`Some`), one
+/// it doesn't (`None`, not copied), or why its block can't be read.
+type Fetched = Result<Option<Vec<u8>>, String>;
+
 /// One active durable subscription.
 pub(crate) struct DurableSub {
     pub(crate) name: String,
@@ -353,18 +357,50 @@ impl DurableSub {
         // Through what has been fanned out (pull subscriptions too: the
         // fan-out wakes them per group, and what the file does not hold
         // yet is read from memory).
-        let target = shared.fan.lock().next_seq - 1;
         let from = self.delivered.load(Ordering::Acquire) + 1;
+        let (target, clean) = {
+            let fan = shared.fan.lock();
+            let clean = match self.consumer {
+                Consumer::Pull(_) => {
+                    fan.pull_wakers
+                        .clean_through(self.id, self.filter.tenant_id.as_deref(), from)
+                }
+                Consumer::Handler(_) => None,
+            };
+            (fan.next_seq - 1, clean)
+        };
         if from > target {
             return Ok(false);
+        }
+        if let Some(through) = clean {
+            // The fan-out judged every event from `from` to `through`
+            // against the filter and none was wanted (`PullWakers`): pass
+            // them without reading.
+            self.delivered.store(through.min(target), Ordering::Release);
+            self.report_lag(shared);
+            return Ok(true);
         }
         // Read a chunk into memory, so no read transaction is held while
         // handlers run (a long-held one would pin old pages of the file).
         // Events acknowledged through the WAL and not in the file yet come
         // from memory (`read_tail`): catching up never waits for, or
         // forces, an apply (it used to, once per chunk).
-        // A record, or why its block can't be read.
-        let mut batch: Vec<(u64, Result<Vec<u8>, String>)> = Vec::with_capacity(CHUNK);
+        let mut batch: Vec<(u64, Fetched)> = Vec::with_capacity(CHUNK);
+        let wanted = |bytes: &[u8]| -> Option<Vec<u8>> {
+            match codec::decode_ref(bytes) {
+                Ok((_, rec))
+                    if !self.filter.matches_parts(
+                        rec.event_type,
+                        rec.tenant_id,
+                        rec.instance(),
+                    ) =>
+                {
+                    None
+                }
+                // Wanted, or not decodable: judged (or dead-lettered) below.
+                _ => Some(bytes.to_vec()),
+            }
+        };
         {
             let (txn, snap) = Snapshot::begin(shared)?;
             let events = EventTables::read(&txn)?;
@@ -375,7 +411,7 @@ impl DurableSub {
                     && let Some(row) = rows.next()
                 {
                     match row {
-                        Ok((seq, bytes)) => batch.push((seq, Ok(bytes.to_vec()))),
+                        Ok((seq, bytes)) => batch.push((seq, Ok(wanted(bytes)))),
                         Err(e @ RowError::Damaged { seq, .. }) => {
                             batch.push((seq, Err(StorageError::from(e).to_string())));
                         }
@@ -388,7 +424,7 @@ impl DurableSub {
                 snap.records_from(from)
                     .take_while(|(seq, _)| *seq <= target)
                     .take(room)
-                    .map(|(seq, r)| (seq, Ok(r.to_vec()))),
+                    .map(|(seq, r)| (seq, Ok(wanted(r)))),
             );
         }
         let mut expected = from;
@@ -406,6 +442,9 @@ impl DurableSub {
             // dead-lettered with its reason, never retried forever (G11);
             // one whose filter fields decode is judged by them first.
             let decoded = bytes.and_then(|bytes| {
+                let Some(bytes) = bytes else {
+                    return Ok(None);
+                };
                 codec::decode_ref(&bytes).and_then(|(_, rec)| {
                     if self
                         .filter
@@ -417,6 +456,10 @@ impl DurableSub {
                     }
                 })
             });
+            // An event the filter doesn't want was never handed over: no
+            // ack waits for it, and passing it is not worth a flush of the
+            // position by count (the applier's timed flush stores it).
+            let handed = !matches!(decoded, Ok(None));
             let delivered = match decoded {
                 Ok(None) => true,
                 Ok(Some(event)) => self.deliver_with_retry(shared, seq, &event),
@@ -431,6 +474,9 @@ impl DurableSub {
                 return Ok(true); // stopped
             }
             self.delivered.store(seq, Ordering::Release);
+            if !handed {
+                continue;
+            }
             if let Consumer::Pull(pull) = &self.consumer {
                 pull.recorded(seq);
             }
@@ -669,7 +715,7 @@ impl Drop for DurableSubscription {
             {
                 let mut fan = shared.fan.lock();
                 fan.live_durable.retain(|s| s.id != self.sub.id);
-                fan.pull_wakers.retain(|(id, _)| *id != self.sub.id);
+                fan.pull_wakers.remove(self.sub.id);
             }
             self.sub.join();
             let mut map = shared.durable.lock();
@@ -785,7 +831,7 @@ pub(crate) fn subscribe(
             .fan
             .lock()
             .pull_wakers
-            .push((sub.id, sub.wake_tx.clone()));
+            .add(sub.id, sub.filter.clone(), sub.wake_tx.clone());
     }
     map.insert(name.to_owned(), sub.clone());
     Ok(DurableSubscription {
