@@ -375,7 +375,8 @@ impl DurableSub {
         if let Some(through) = clean {
             // The fan-out judged every event from `from` to `through`
             // against the filter and none was wanted (`PullWakers`): pass
-            // them without reading.
+            // them without reading. (Retention may have removed some of
+            // them; unwanted, they don't count as `missed`.)
             self.delivered.store(through.min(target), Ordering::Release);
             self.report_lag(shared);
             return Ok(true);
