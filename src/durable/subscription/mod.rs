@@ -316,9 +316,10 @@ impl DurableSub {
             match self.catch_up(&shared) {
                 Ok(true) => {}
                 Ok(false) if matches!(self.consumer, Consumer::Pull(_)) => {
-                    // Woken by the next group's fan-out (the wake waits in
-                    // the channel if it came first); the timeout is a
-                    // safety net.
+                    // Woken by the fan-out of the next group it wants (the
+                    // wake waits in the channel if it came first); the
+                    // timeout is a safety net, and moves the position past
+                    // what it doesn't want (`PullWakers`).
                     let _ = self.wake_rx.recv_timeout(Duration::from_millis(500));
                 }
                 Ok(false) => {
@@ -355,8 +356,8 @@ impl DurableSub {
     fn catch_up(&self, shared: &Shared) -> Result<bool, ReadError> {
         const CHUNK: usize = 512;
         // Through what has been fanned out (pull subscriptions too: the
-        // fan-out wakes them per group, and what the file does not hold
-        // yet is read from memory).
+        // fan-out wakes them for each group they want, and what the file
+        // does not hold yet is read from memory).
         let from = self.delivered.load(Ordering::Acquire) + 1;
         let (target, clean) = {
             let fan = shared.fan.lock();
