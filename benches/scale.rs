@@ -42,6 +42,19 @@ fn publish_16(bus: &DurableBus, iters: u64, tenant: &str) -> Duration {
         .mul_f64(iters as f64 / (per * PUBLISHERS) as f64)
 }
 
+/// Benches the publish cost of `bus` as case `case` of `g`, events of
+/// `tenant`.
+fn bench_publish(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    case: impl std::fmt::Display,
+    bus: &DurableBus,
+    tenant: &str,
+) {
+    g.bench_function(BenchmarkId::from_parameter(case), |b| {
+        b.iter_custom(|iters| publish_16(bus, iters, tenant));
+    });
+}
+
 fn group<'a>(
     c: &'a mut Criterion,
     name: &str,
@@ -70,9 +83,7 @@ fn idle_cursors(c: &mut Criterion) {
             drop(sub);
         }
         assert_eq!(bus.cursors().unwrap().len(), cursors);
-        g.bench_with_input(BenchmarkId::from_parameter(cursors), &cursors, |b, _| {
-            b.iter_custom(|iters| publish_16(&bus, iters, "t"));
-        });
+        bench_publish(&mut g, cursors, &bus, "t");
         bus.close();
     }
     g.finish();
@@ -98,9 +109,7 @@ fn webhooks(c: &mut Criterion) {
                 })
                 .unwrap();
         }
-        g.bench_with_input(BenchmarkId::from_parameter(count), &count, |b, _| {
-            b.iter_custom(|iters| publish_16(&bus, iters, "tenant-0"));
-        });
+        bench_publish(&mut g, count, &bus, "tenant-0");
         let made = hooks
             .deliveries(&ctrlbus::DeliveryQuery::default())
             .unwrap()
@@ -136,9 +145,7 @@ fn log_size(c: &mut Criterion) {
         }
         let bus = DurableBus::open(&path).unwrap();
         assert_eq!(bus.last_seq(), events);
-        g.bench_with_input(BenchmarkId::from_parameter(events), &events, |b, _| {
-            b.iter_custom(|iters| publish_16(&bus, iters, "t"));
-        });
+        bench_publish(&mut g, events, &bus, "t");
         bus.close();
     }
     g.finish();
@@ -160,13 +167,7 @@ fn tenant_handlers(c: &mut Criterion) {
                 .unwrap()
             })
             .collect();
-        g.bench_with_input(
-            BenchmarkId::from_parameter(consumers),
-            &consumers,
-            |b, _| {
-                b.iter_custom(|iters| publish_16(&bus, iters, "hot"));
-            },
-        );
+        bench_publish(&mut g, consumers, &bus, "hot");
         drop(subs);
         bus.close();
     }
@@ -203,13 +204,7 @@ fn tenant_streams(c: &mut Criterion) {
                 })
             })
             .collect();
-        g.bench_with_input(
-            BenchmarkId::from_parameter(consumers),
-            &consumers,
-            |b, _| {
-                b.iter_custom(|iters| publish_16(&bus, iters, "hot"));
-            },
-        );
+        bench_publish(&mut g, consumers, &bus, "hot");
         for t in &tasks {
             t.abort();
         }

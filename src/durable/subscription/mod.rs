@@ -129,9 +129,9 @@ impl<P: Pull + ?Sized> Pull for Arc<P> {
     }
 }
 
-/// A record read while catching up: one the filter may want (`Some`), one
-/// it doesn't (`None`, not copied), or why its block can't be read.
-type Fetched = Result<Option<Vec<u8>>, String>;
+/// A record read while catching up: the event, if the filter wants it
+/// (`None` if not), or why its block or record can't be read.
+type Fetched = Result<Option<Event>, String>;
 
 /// One active durable subscription.
 pub(crate) struct DurableSub {
@@ -400,20 +400,21 @@ impl DurableSub {
         // from memory (`read_tail`): catching up never waits for, or
         // forces, an apply (it used to, once per chunk).
         let mut batch: Vec<(u64, Fetched)> = Vec::with_capacity(CHUNK);
-        let wanted = |bytes: &[u8]| -> Option<Vec<u8>> {
-            match codec::decode_ref(bytes) {
-                Ok((_, rec))
-                    if !self.filter.matches_parts(
-                        rec.event_type,
-                        rec.tenant_id,
-                        rec.instance(),
-                    ) =>
+        // A record that can't be decoded (disk corruption) is dead-lettered
+        // below with its reason, never retried forever (G11); one whose
+        // filter fields decode is judged by them first, and only what the
+        // filter wants is made an event.
+        let judge = |bytes: &[u8]| -> Fetched {
+            codec::decode_ref(bytes).and_then(|(_, rec)| {
+                if self
+                    .filter
+                    .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
                 {
-                    None
+                    rec.to_event().map(Some)
+                } else {
+                    Ok(None)
                 }
-                // Wanted, or not decodable: judged (or dead-lettered) below.
-                _ => Some(bytes.to_vec()),
-            }
+            })
         };
         {
             let (txn, snap) = Snapshot::begin(shared)?;
@@ -425,7 +426,7 @@ impl DurableSub {
                     && let Some(row) = rows.next()
                 {
                     match row {
-                        Ok((seq, bytes)) => batch.push((seq, Ok(wanted(bytes)))),
+                        Ok((seq, bytes)) => batch.push((seq, judge(bytes))),
                         Err(e @ RowError::Damaged { seq, .. }) => {
                             batch.push((seq, Err(StorageError::from(e).to_string())));
                         }
@@ -438,11 +439,11 @@ impl DurableSub {
                 snap.records_from(from)
                     .take_while(|(seq, _)| *seq <= target)
                     .take(room)
-                    .map(|(seq, r)| (seq, Ok(wanted(r)))),
+                    .map(|(seq, r)| (seq, judge(r))),
             );
         }
         let mut expected = from;
-        for (seq, bytes) in batch {
+        for (seq, decoded) in batch {
             if self.stopped() {
                 return Ok(true);
             }
@@ -452,24 +453,6 @@ impl DurableSub {
                 tracing::warn!(subscription = %self.name, missed = seq - expected, "events removed by retention were skipped");
             }
             expected = seq + 1;
-            // A record that can't be decoded (disk corruption) is
-            // dead-lettered with its reason, never retried forever (G11);
-            // one whose filter fields decode is judged by them first.
-            let decoded = bytes.and_then(|bytes| {
-                let Some(bytes) = bytes else {
-                    return Ok(None);
-                };
-                codec::decode_ref(&bytes).and_then(|(_, rec)| {
-                    if self
-                        .filter
-                        .matches_parts(rec.event_type, rec.tenant_id, rec.instance())
-                    {
-                        rec.to_event().map(Some)
-                    } else {
-                        Ok(None)
-                    }
-                })
-            });
             // An event the filter doesn't want was never handed over: no
             // ack waits for it, and passing it is not worth a flush of the
             // position by count (the applier's timed flush stores it).
