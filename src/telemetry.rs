@@ -180,6 +180,7 @@ impl LagGauge {
     }
 
     /// The subscription is `events` behind the newest event.
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
     pub(crate) fn set(&self, events: u64) {
         #[cfg(feature = "metrics")]
         self.gauge.set(events as f64);

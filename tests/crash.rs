@@ -9,6 +9,12 @@
 //! from inside the handler, one `write` per line. SIGKILL does not lose the
 //! page cache, so these files are exact.
 //!
+//! With the `tokio` feature the child also consumes a `durable_stream`
+//! filtered to one of its two tenants (`t2`), so the rounds cover the
+//! skip path of pull subscriptions (`PullWakers`): its cursor moves over
+//! the other tenant's events without reading them, and a kill must still
+//! leave it at or before its last acknowledged event.
+//!
 //! Rounds: 20 by default, `CTRLBUS_CRASH_ROUNDS` for more. The seed of the
 //! random kill delays is printed; `CTRLBUS_CRASH_SEED` replays one. With the
 //! `fuzzing` feature, odd rounds restart the WAL every 16 KiB and apply
@@ -45,14 +51,66 @@ const WINDOW: u64 = ACK_FLUSH_EVENTS + MAX_GROUP;
 /// What the child prints once it publishes and consumes.
 const READY: &str = "ctrlbus-crash-child-ready";
 
+/// The handler subscriptions, then (with `tokio`) the durable stream.
+#[cfg(not(feature = "tokio"))]
 const SUBS: [&str; 2] = ["all", "deploys"];
+#[cfg(feature = "tokio")]
+const SUBS: [&str; 3] = ["all", "deploys", STREAM];
+/// The durable stream's name (and its line prefix in the handled file).
+#[cfg(feature = "tokio")]
+const STREAM: &str = "t2-stream";
 
 fn sub_filter(name: &str) -> Filter {
     match name {
         "all" => Filter::all(),
         "deploys" => Filter::types(["deploy.*"]).unwrap(),
+        "t2-stream" => Filter::all().tenant("t2"),
         _ => unreachable!(),
     }
+}
+
+/// A publish's tenant: one in four goes to `t2`, so the stream passes
+/// runs of `t1` events it never reads.
+fn tenant(rng: &mut Rng) -> &'static str {
+    if rng.below(4) == 0 { "t2" } else { "t1" }
+}
+
+/// The child's durable stream, on a runtime of its own: records each
+/// delivery in the handled file before acknowledging it. In drain mode it
+/// returns once its position reaches `drain_to`; else it runs until killed.
+#[cfg(feature = "tokio")]
+fn run_stream(bus: &DurableBus, handled: &Arc<Mutex<File>>, drain_to: Option<u64>) {
+    use futures::StreamExt as _;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut stream = bus
+            .durable_stream(STREAM, sub_filter(STREAM), Position::Beginning)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(last) = drain_to {
+                if stream.position() >= last {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the stream's drain did not finish"
+                );
+            }
+            let Ok(next) = tokio::time::timeout(Duration::from_millis(20), stream.next()).await
+            else {
+                continue;
+            };
+            let d = next.expect("the bus closed").expect("a read error");
+            append_line(handled, format!("{STREAM} {}\n", d.event().id));
+            d.ack().await.unwrap();
+        }
+        // A clean close: the position of the last ack is stored.
+        drop(stream);
+    });
 }
 
 const TYPES: [Type; 6] = [
@@ -113,7 +171,7 @@ fn crash_child() {
         &dir.join(format!("handled.{round}")),
     )));
     let mut subs = Vec::new();
-    for name in SUBS {
+    for name in SUBS.into_iter().take(2) {
         let handled = handled.clone();
         let sub = bus
             .subscribe_durable(
@@ -128,6 +186,12 @@ fn crash_child() {
             .unwrap();
         subs.push(sub);
     }
+    #[cfg(feature = "tokio")]
+    let stream = {
+        let (bus, handled) = (bus.clone(), handled.clone());
+        let drain_to = drain.then(|| bus.last_seq());
+        std::thread::spawn(move || run_stream(&bus, &handled, drain_to))
+    };
     println!("{READY}");
     std::io::stdout().flush().unwrap();
     if drain {
@@ -137,6 +201,8 @@ fn crash_child() {
             assert!(Instant::now() < deadline, "drain did not finish");
             std::thread::sleep(Duration::from_millis(5));
         }
+        #[cfg(feature = "tokio")]
+        stream.join().unwrap();
         drop(subs);
         drop(bus);
         return;
@@ -152,8 +218,8 @@ fn crash_child() {
                 let n = 1 + rng.below(MAX_BATCH);
                 let events: Vec<Event> = (0..n)
                     .map(|_| {
-                        Event::new(TYPES[rng.below(TYPES.len() as u64) as usize].clone(), "t1")
-                            .with_payload_value("round", round)
+                        let t = TYPES[rng.below(TYPES.len() as u64) as usize].clone();
+                        Event::new(t, tenant(&mut rng)).with_payload_value("round", round)
                     })
                     .collect();
                 let receipts = if n == 1 {

@@ -22,5 +22,8 @@ pub use durable::{AckError, AckFuture, Delivery, DurableStream};
 pub use live::{DEFAULT_STREAM_CAPACITY, EventStream, Lagged};
 pub use publish::PublishFuture;
 
-pub(crate) use durable::{Running, open as open_durable};
+/// What a JetStream subscription implements to back a `DurableStream`.
+#[cfg(feature = "jetstream")]
+pub(crate) use durable::Running;
+pub(crate) use durable::open as open_durable;
 pub(crate) use live::open as open_live;

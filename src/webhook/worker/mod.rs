@@ -55,6 +55,8 @@ mod scheduler;
 use http::parse_retry_after;
 pub(crate) use http::{attempt, http_agent};
 use scheduler::*;
+/// The JetStream webhook deliveries share the schedule's rules.
+#[cfg(feature = "jetstream")]
 pub(crate) use scheduler::{humanize, jittered};
 
 /// How much of a response body is kept in the attempt log.
