@@ -130,20 +130,22 @@ impl Ahead {
     }
 
     /// Fills up to `target` with `fill_with` (the committer's own writes),
-    /// unless the thread already has; returns the bytes allocated.
+    /// unless the thread already has (waiting for the chunk it is
+    /// writing); returns the bytes allocated, and whether `fill_with` had
+    /// to write.
     pub(crate) fn fill_now(
         &self,
         target: u64,
         fill_with: impl FnOnce(u64, u64) -> io::Result<()>,
-    ) -> io::Result<u64> {
+    ) -> io::Result<(u64, bool)> {
         let _fill = self.state.fill.lock();
         let at = self.state.allocated.load(Ordering::Acquire);
         if at >= target {
-            return Ok(at);
+            return Ok((at, false));
         }
         fill_with(at, target)?;
         self.state.allocated.store(target, Ordering::Release);
-        Ok(target)
+        Ok((target, true))
     }
 }
 
@@ -298,14 +300,14 @@ mod tests {
         wait_for(&ahead, CHUNK);
         // Already there: nothing written.
         let got = ahead.fill_now(CHUNK / 2, |_, _| panic!("nothing to fill"));
-        assert_eq!(got.unwrap(), CHUNK);
+        assert_eq!(got.unwrap(), (CHUNK, false));
         // Past it: from the end of what was filled.
         let mut asked = None;
         let got = ahead.fill_now(2 * CHUNK, |from, to| {
             asked = Some((from, to));
             Ok(())
         });
-        assert_eq!(got.unwrap(), 2 * CHUNK);
+        assert_eq!(got.unwrap(), (2 * CHUNK, true));
         assert_eq!(asked, Some((CHUNK, 2 * CHUNK)));
         // A failed fill leaves `allocated` where it was.
         let got = ahead.fill_now(3 * CHUNK, |_, _| Err(io::Error::other("full")));
