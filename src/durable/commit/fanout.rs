@@ -3,6 +3,7 @@
 //! baton, one of the waiting publishers), so every live subscriber sees
 //! events in `seq` order (G3, G4, G5).
 
+pub(crate) use super::live_subs::{LiveIndex, LiveSubs};
 pub(crate) use super::pull_wakers::PullWakers;
 use super::*;
 
@@ -29,8 +30,8 @@ pub(crate) struct FanState {
     pub(crate) next_seq: u64,
     pub(crate) pending: BTreeMap<u64, Arc<Group>>,
     pub(crate) busy: bool,
-    /// Durable subscriptions in live mode.
-    pub(crate) live_durable: Vec<Arc<DurableSub>>,
+    /// Durable subscriptions in live mode, by tenant.
+    pub(crate) live_durable: LiveSubs,
     /// What wakes each pull subscription (`durable_stream`) when a group
     /// it wants has been fanned out: they read it from the log (from memory
     /// until it is applied), never live.
@@ -43,7 +44,7 @@ impl FanState {
             next_seq,
             pending: BTreeMap::new(),
             busy: false,
-            live_durable: Vec::new(),
+            live_durable: LiveSubs::default(),
             pull_wakers: PullWakers::new(next_seq - 1),
         }
     }
@@ -73,7 +74,7 @@ pub(super) fn fan_out(shared: &Shared) {
             break;
         };
         st.next_seq = group.last + 1;
-        let durable = st.live_durable.clone();
+        let durable = st.live_durable.snapshot();
         drop(st);
         dispatch(shared, &group, &durable);
         *group.done.lock() = true;
@@ -86,7 +87,7 @@ pub(super) fn fan_out(shared: &Shared) {
 }
 
 /// Runs the handlers of every live subscriber for one group.
-fn dispatch(shared: &Shared, group: &Group, durable: &[Arc<DurableSub>]) {
+fn dispatch(shared: &Shared, group: &Group, durable: &LiveIndex) {
     // One snapshot of the plain subscribers per group, not per event.
     let live = shared.live.snapshot();
     if live.is_empty() && durable.is_empty() {
@@ -96,12 +97,12 @@ fn dispatch(shared: &Shared, group: &Group, durable: &[Arc<DurableSub>]) {
     let mut tagged = Vec::new();
     for (seq, event) in &group.events {
         dispatch_to(&live, event, &mut failures);
-        for sub in durable {
+        for sub in durable.for_event(event) {
             sub.deliver_live(shared, *seq, event, &mut failures);
         }
         tagged.extend(failures.drain(..).map(|f| (*seq, f)));
     }
-    for sub in durable {
+    for sub in durable.all() {
         sub.finish_live_group(shared, group.last);
     }
     if !tagged.is_empty() {

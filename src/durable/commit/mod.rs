@@ -72,6 +72,7 @@ mod applier;
 pub(crate) mod completion;
 mod fanout;
 mod gather;
+mod live_subs;
 mod publish;
 mod pull_wakers;
 mod replay;

@@ -136,8 +136,8 @@ type Fetched = Result<Option<Event>, String>;
 /// One active durable subscription.
 pub(crate) struct DurableSub {
     pub(crate) name: String,
-    id: SubscriptionId,
-    filter: Filter,
+    pub(crate) id: SubscriptionId,
+    pub(crate) filter: Filter,
     consumer: Consumer,
     delivered: AtomicU64,
     /// The last `seq` handed to the consumer and handled (`<= delivered`).
@@ -248,7 +248,7 @@ impl DurableSub {
 
     fn detach(&self, shared: &Shared) {
         self.live.store(false, Ordering::Release);
-        shared.fan.lock().live_durable.retain(|s| s.id != self.id);
+        shared.fan.lock().live_durable.remove(self.id);
         let _ = self.wake_tx.try_send(());
     }
 
@@ -712,7 +712,7 @@ impl Drop for DurableSubscription {
         if let Some(shared) = self.shared.upgrade() {
             {
                 let mut fan = shared.fan.lock();
-                fan.live_durable.retain(|s| s.id != self.sub.id);
+                fan.live_durable.remove(self.sub.id);
                 fan.pull_wakers.remove(self.sub.id);
             }
             self.sub.join();
