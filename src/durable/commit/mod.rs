@@ -40,9 +40,10 @@
 //! - At most one thread dispatches at a time (`busy`, the baton), so each
 //!   subscriber sees events in `seq` order. Dispatch runs with no lock held.
 //! - `live_durable` (`LiveSubs`) changes only under the `fan` lock, and
-//!   the dispatcher snapshots it under the same lock when it takes a group; a durable
-//!   subscription switches to live only when it has handled everything
-//!   before `next_seq`, so the switch has no gap and no duplicate.
+//!   the dispatcher snapshots it under the same lock when it takes a
+//!   group; a durable subscription switches to live only when it has
+//!   handled everything before `next_seq`, so the switch has no gap and no
+//!   duplicate.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
