@@ -4,7 +4,7 @@
 //! end. Where the server can't be found the tests skip with a printed
 //! reason, except under CI, where that is a failure.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,8 @@ pub struct Node {
     pub name: String,
     pub port: u16,
     config: PathBuf,
+    /// The server's stderr (where it says why it stopped).
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -43,12 +45,61 @@ fn server_binary() -> Option<PathBuf> {
     ok.then(|| PathBuf::from("nats-server"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct free ports: every listener is held until all are bound
+/// (one at a time, the OS may hand out a port just closed again: two
+/// servers of a cluster on one port, and one never started).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Attempts at starting a cluster: another process may take a port
+/// between `free_ports` and the server's bind.
+const START_ATTEMPTS: usize = 3;
+
+/// Writes the configs of `n` servers clustered together, on fresh ports,
+/// in `dir`, and starts them.
+fn spawn_nodes(bin: &PathBuf, dir: &Path, n: usize) -> Vec<Node> {
+    let ports = free_ports(2 * n);
+    let ports: Vec<(u16, u16)> = ports.chunks(2).map(|p| (p[0], p[1])).collect();
+    let mut nodes = Vec::new();
+    for (i, (port, cport)) in ports.iter().enumerate() {
+        let name = format!("n{}", i + 1);
+        let store = dir.join(&name);
+        let routes: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (_, c))| format!("nats-route://127.0.0.1:{c}"))
+            .collect();
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 8MB\n\
+                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
+                 cluster {{\n  name: ctrlbus-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                store.display(),
+                routes.join(", ")
+            ),
+        )
+        .unwrap();
+        let mut node = Node {
+            log: dir.join(format!("{name}.log")),
+            name,
+            port: *port,
+            config,
+            child: None,
+        };
+        node.spawn(bin);
+        nodes.push(node);
+    }
+    nodes
 }
 
 impl Cluster {
@@ -67,48 +118,28 @@ impl Cluster {
         let turn = ONE_AT_A_TIME
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let mut nodes = Vec::new();
-        for (i, (port, cport)) in ports.iter().enumerate() {
-            let name = format!("n{}", i + 1);
-            let store = dir.path().join(&name);
-            let routes: Vec<String> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, (_, c))| format!("nats-route://127.0.0.1:{c}"))
-                .collect();
-            let config = dir.path().join(format!("{name}.conf"));
-            std::fs::write(
-                &config,
-                format!(
-                    "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 8MB\n\
-                     jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
-                     cluster {{\n  name: ctrlbus-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
-                    store.display(),
-                    routes.join(", ")
-                ),
-            )
-            .unwrap();
-            let mut node = Node {
-                name,
-                port: *port,
-                config,
-                child: None,
-            };
-            node.spawn(&bin);
-            nodes.push(node);
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            let dir = tempfile::tempdir().unwrap();
+            let mut nodes = spawn_nodes(&bin, dir.path(), n);
+            match nodes.iter_mut().try_for_each(Node::wait_listening) {
+                Ok(()) => {
+                    return Some(Cluster {
+                        nodes,
+                        _dir: dir,
+                        _turn: turn,
+                    });
+                }
+                Err(e) => {
+                    eprintln!("a nats-server did not start, trying again on other ports: {e}");
+                    failures.push(e);
+                    for node in &mut nodes {
+                        node.kill();
+                    }
+                }
+            }
         }
-        let cluster = Cluster {
-            nodes,
-            _dir: dir,
-            _turn: turn,
-        };
-        for node in &cluster.nodes {
-            node.wait_listening();
-        }
-        Some(cluster)
+        panic!("no cluster started in {START_ATTEMPTS} attempts: {failures:#?}");
     }
 
     /// Every server's URL, comma-separated.
@@ -128,22 +159,46 @@ impl Cluster {
 
 impl Node {
     fn spawn(&mut self, bin: &PathBuf) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(bin)
             .arg("-c")
             .arg(&self.config)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         self.child = Some(child);
     }
 
-    fn wait_listening(&self) {
+    /// Waits until the server takes connections; an error with the end of
+    /// its log if it exited or did not in 20 s.
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "{} did not start", self.name);
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(format!(
+                    "{} (port {}) {}: {:?}",
+                    self.name,
+                    self.port,
+                    exited.map_or("did not listen in 20 s".to_owned(), |s| format!(
+                        "exited: {s}"
+                    )),
+                    tail
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// SIGKILLs the server.
@@ -159,7 +214,9 @@ impl Node {
         self.kill();
         let bin = server_binary().unwrap();
         self.spawn(&bin);
-        self.wait_listening();
+        if let Err(e) = self.wait_listening() {
+            panic!("a restarted nats-server did not start: {e}");
+        }
     }
 }
 
