@@ -835,25 +835,32 @@ fn tenant_handlers_get_exactly_their_events_while_others_come_and_go() {
         )
         .with_payload_value("i", i)
     };
-    let half = Arc::new(std::sync::Barrier::new(5));
+    // Halfway the publishers pause (every publish so far returned, so no
+    // handler is running) while one of tenant a's two goes and tenant c's
+    // comes; c then catches up while they publish on.
+    let (half, resume) = (
+        Arc::new(std::sync::Barrier::new(5)),
+        Arc::new(std::sync::Barrier::new(5)),
+    );
     let publishers: Vec<_> = (0..4)
         .map(|p| {
-            let (bus, half) = (bus.clone(), half.clone());
+            let (bus, half, resume) = (bus.clone(), half.clone(), resume.clone());
             std::thread::spawn(move || {
                 for k in 0..PER_PUBLISHER {
                     if k == PER_PUBLISHER / 2 {
                         half.wait();
+                        resume.wait();
                     }
                     bus.publish(event(p * PER_PUBLISHER + k)).unwrap();
                 }
             })
         })
         .collect();
-    // Halfway: one of tenant a's two goes, and tenant c's comes.
     half.wait();
     drop(subs.remove("a2").unwrap());
     let a2_got = logs["a2"].lock().unwrap().len();
     subs.insert("c", subscribe("c"));
+    resume.wait();
     for p in publishers {
         p.join().unwrap();
     }
