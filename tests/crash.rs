@@ -51,11 +51,14 @@ const WINDOW: u64 = ACK_FLUSH_EVENTS + MAX_GROUP;
 /// What the child prints once it publishes and consumes.
 const READY: &str = "ctrlbus-crash-child-ready";
 
-/// The handler subscriptions, then (with `tokio`) the durable stream.
+/// The handler subscriptions.
+const HANDLER_SUBS: [&str; 2] = ["all", "deploys"];
+/// Every consumer the parent checks: the handler subscriptions, then
+/// (with `tokio`) the durable stream.
 #[cfg(not(feature = "tokio"))]
-const SUBS: [&str; 2] = ["all", "deploys"];
+const SUBS: [&str; 2] = HANDLER_SUBS;
 #[cfg(feature = "tokio")]
-const SUBS: [&str; 3] = ["all", "deploys", STREAM];
+const SUBS: [&str; 3] = [HANDLER_SUBS[0], HANDLER_SUBS[1], STREAM];
 /// The durable stream's name (and its line prefix in the handled file).
 #[cfg(feature = "tokio")]
 const STREAM: &str = "t2-stream";
@@ -171,7 +174,7 @@ fn crash_child() {
         &dir.join(format!("handled.{round}")),
     )));
     let mut subs = Vec::new();
-    for name in SUBS.into_iter().take(2) {
+    for name in HANDLER_SUBS {
         let handled = handled.clone();
         let sub = bus
             .subscribe_durable(

@@ -14,15 +14,15 @@
 //! - Changes (`push`, `remove`, `clear`) happen under the `fan` lock and
 //!   replace the index (copy on write); a snapshot taken for a group never
 //!   changes under the dispatcher, as the copied list never did.
-//! - Every live subscription is in `all` once, and in exactly one of
-//!   `by_tenant[its filter's tenant]` or `any_tenant`.
+//! - Every live subscription is in `all` once, and once in `by_tenant`
+//!   (under its filter's tenant, or none).
 //! - For one event the subscriptions are offered it in a fixed order (its
 //!   tenant's, then the others); each subscription still sees its events
 //!   in `seq` order, which is all G5 asks.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::by_tenant::ByTenant;
 use crate::bus::SubscriptionId;
 use crate::durable::subscription::DurableSub;
 use crate::event::Event;
@@ -31,8 +31,7 @@ use crate::event::Event;
 #[derive(Clone, Default)]
 pub(crate) struct LiveIndex {
     all: Vec<Arc<DurableSub>>,
-    by_tenant: HashMap<String, Vec<Arc<DurableSub>>>,
-    any_tenant: Vec<Arc<DurableSub>>,
+    by_tenant: ByTenant<Arc<DurableSub>>,
 }
 
 impl LiveIndex {
@@ -53,14 +52,10 @@ impl LiveIndex {
         &'a self,
         event: &Event,
     ) -> impl Iterator<Item = &'a Arc<DurableSub>> + 'a {
-        let tenant: &'a [Arc<DurableSub>] = if self.by_tenant.is_empty() {
-            &[]
-        } else {
-            self.by_tenant
-                .get(&event.tenant_id)
-                .map_or(&[], Vec::as_slice)
-        };
-        tenant.iter().chain(&self.any_tenant)
+        self.by_tenant
+            .list(Some(&event.tenant_id))
+            .iter()
+            .chain(self.by_tenant.list(None))
     }
 }
 
@@ -77,14 +72,9 @@ impl LiveSubs {
     /// Adds `sub`, which has just switched to live.
     pub(crate) fn push(&mut self, sub: Arc<DurableSub>) {
         let index = Arc::make_mut(&mut self.0);
-        match &sub.filter.tenant_id {
-            Some(t) => index
-                .by_tenant
-                .entry(t.clone())
-                .or_default()
-                .push(sub.clone()),
-            None => index.any_tenant.push(sub.clone()),
-        }
+        index
+            .by_tenant
+            .push(sub.filter.tenant_id.as_deref(), sub.clone());
         index.all.push(sub);
     }
 
@@ -95,11 +85,7 @@ impl LiveSubs {
         }
         let index = Arc::make_mut(&mut self.0);
         index.all.retain(|s| s.id != id);
-        index.any_tenant.retain(|s| s.id != id);
-        index.by_tenant.retain(|_, subs| {
-            subs.retain(|s| s.id != id);
-            !subs.is_empty()
-        });
+        index.by_tenant.retain(|s| s.id != id);
     }
 
     /// Removes every subscription (the bus is closing).

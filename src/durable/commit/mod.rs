@@ -69,6 +69,7 @@ use crate::sync::{Condvar, Mutex, Nudger, OneshotSender, PoisonDart, Waited, Wak
 use crate::time::now_ns;
 
 mod applier;
+mod by_tenant;
 #[cfg(feature = "tokio")]
 pub(crate) mod completion;
 mod fanout;

@@ -6,8 +6,9 @@
 //! streams, each filtered to a tenant of its own, another tenant's
 //! publishes ran at 0.37× the rate beside one stream ("one tenant slowing
 //! another", `examples/tenant_streams`). Subscriptions whose filter names
-//! a tenant are kept by tenant, so a group costs a lookup per event however
-//! many tenants have streams; the others are matched against each event.
+//! a tenant are kept by tenant (`ByTenant`), so a group costs a lookup per
+//! event however many tenants have streams; the others are matched against
+//! each event.
 //!
 //! Each waker also remembers since where every group it was judged
 //! against held nothing for it (`clean_from`): a subscription at or past
@@ -28,10 +29,9 @@
 //! - A wake is a `try_send` on the subscription's bounded(1) channel: a
 //!   wake already waiting there stands for this one too.
 
-use std::collections::HashMap;
-
 use crossbeam_channel::Sender;
 
+use super::by_tenant::ByTenant;
 use crate::bus::SubscriptionId;
 use crate::event::Event;
 use crate::filter::Filter;
@@ -59,8 +59,7 @@ impl PullWaker {
 
 /// The pull subscriptions' wakers, by the tenant their filter names.
 pub(crate) struct PullWakers {
-    by_tenant: HashMap<String, Vec<PullWaker>>,
-    any_tenant: Vec<PullWaker>,
+    wakers: ByTenant<PullWaker>,
     /// The last `seq` of the last group judged.
     judged: u64,
 }
@@ -69,8 +68,7 @@ impl PullWakers {
     /// No wakers; the groups up to `judged` were fanned out before any.
     pub(crate) fn new(judged: u64) -> PullWakers {
         PullWakers {
-            by_tenant: HashMap::new(),
-            any_tenant: Vec::new(),
+            wakers: ByTenant::default(),
             judged,
         }
     }
@@ -79,50 +77,35 @@ impl PullWakers {
     /// matches.
     pub(crate) fn add(&mut self, id: SubscriptionId, filter: Filter, wake: Sender<()>) {
         let clean_from = self.judged + 1;
+        let tenant = filter.tenant_id.clone();
         let waker = PullWaker {
             id,
             filter,
             wake,
             clean_from,
         };
-        match &waker.filter.tenant_id {
-            Some(tenant) => self
-                .by_tenant
-                .entry(tenant.clone())
-                .or_default()
-                .push(waker),
-            None => self.any_tenant.push(waker),
-        }
+        self.wakers.push(tenant.as_deref(), waker);
     }
 
     /// Removes subscription `id` (nothing if it isn't here).
     pub(crate) fn remove(&mut self, id: SubscriptionId) {
-        self.any_tenant.retain(|w| w.id != id);
-        self.by_tenant.retain(|_, ws| {
-            ws.retain(|w| w.id != id);
-            !ws.is_empty()
-        });
+        self.wakers.retain(|w| w.id != id);
     }
 
     /// Removes every subscription (the bus is closing).
     pub(crate) fn clear(&mut self) {
-        self.by_tenant.clear();
-        self.any_tenant.clear();
+        self.wakers = ByTenant::default();
     }
 
     /// Judges the group `events`, which ends at `last`: wakes every pull
     /// subscription that wants one of them.
     pub(crate) fn wake(&mut self, events: &[(u64, Event)], last: u64) {
-        if !self.by_tenant.is_empty() {
-            for (_, event) in events {
-                if let Some(ws) = self.by_tenant.get_mut(&event.tenant_id) {
-                    for w in ws {
-                        w.wake_if_wanted(event, last);
-                    }
-                }
+        for (_, event) in events {
+            for w in self.wakers.list_mut(Some(&event.tenant_id)) {
+                w.wake_if_wanted(event, last);
             }
         }
-        for w in &mut self.any_tenant {
+        for w in self.wakers.list_mut(None) {
             for (_, event) in events {
                 if w.wake_if_wanted(event, last) {
                     break;
@@ -141,11 +124,7 @@ impl PullWakers {
         tenant: Option<&str>,
         from: u64,
     ) -> Option<u64> {
-        let ws = match tenant {
-            Some(t) => self.by_tenant.get(t)?,
-            None => &self.any_tenant,
-        };
-        let w = ws.iter().find(|w| w.id == id)?;
+        let w = self.wakers.list(tenant).iter().find(|w| w.id == id)?;
         (w.clean_from <= from && from <= self.judged).then_some(self.judged)
     }
 }
@@ -222,7 +201,7 @@ mod tests {
         assert!(woken(&a2));
         assert!(!woken(&any));
         w.remove(SubscriptionId(2));
-        assert!(w.by_tenant.is_empty(), "an emptied tenant is dropped");
+        assert!(!w.wakers.has_tenants(), "an emptied tenant is dropped");
         w.clear();
         judge(&mut w, &[("instance.created", "a")]);
         assert!(!woken(&a2));
