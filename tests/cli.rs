@@ -639,6 +639,14 @@ fn bench_publish_prints_one_json_line() {
     assert_eq!(r["payload_bytes"], 100);
     assert!(r["events_per_sec"].as_f64().unwrap() > 0.0);
     assert!(r["p50_us"].as_u64().unwrap() <= r["p99_us"].as_u64().unwrap());
+    if cfg!(target_os = "linux") {
+        // Ticks of 10 ms: 200 events may cost less than one, so only the
+        // range is sure here (the unit tests check that time is counted).
+        let cpu = r["cpu_us_per_event"].as_f64().expect("cpu_us_per_event");
+        assert!(cpu.is_finite() && cpu >= 0.0, "{cpu}");
+        let steal = r["steal_pct"].as_f64().expect("steal_pct");
+        assert!((0.0..=100.0).contains(&steal), "{steal}");
+    }
     let ids: Vec<String> = std::fs::read_to_string(&acks)
         .unwrap()
         .lines()

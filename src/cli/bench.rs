@@ -13,6 +13,7 @@ use ctrlbus::{Bus, Event, Type};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::cpu_time;
 use super::error::{CliError, Result};
 use super::open;
 use super::output::Out;
@@ -36,7 +37,11 @@ publish is durable. --threads P gives every publisher its own thread, as a
 program with a thread per request would.
 
 The line has the fields of the peer scripts (system, publishers, events,
-payload_bytes, events_per_sec) plus latency percentiles in microseconds.
+payload_bytes, events_per_sec) plus latency percentiles in microseconds, and,
+where Linux's /proc tells them, cpu_us_per_event (the process's user + system
+CPU from the first submit to the last acknowledgement, divided by N; ±10 ms
+of CPU in all) and steal_pct (the share of the machine's CPU time a
+hypervisor gave to others meanwhile).
 --acks appends each acknowledged event id to FILE, one per line, as soon as
 its publish returned (written to the OS, not fsync'd): after a kill -9, every
 id in FILE must be in the log.")]
@@ -77,6 +82,16 @@ struct Report {
     p999_us: u64,
     max_us: u64,
     elapsed_ms: u64,
+    /// CPU (user + system, every thread) this process spent from the
+    /// first submit to the last acknowledgement, per event; left out
+    /// where `/proc` can't tell it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_us_per_event: Option<f64>,
+    /// The share of the machine's CPU time the hypervisor took meanwhile,
+    /// in percent: a run with much of it stolen is slow for reasons that
+    /// are not the log's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steal_pct: Option<f64>,
 }
 
 /// Options that create a missing file owner-only (0600), as every file
@@ -180,6 +195,7 @@ pub(crate) fn run_on<B: Submit>(bus: &B, cmd: Command, out: &mut Out) -> Result 
     );
     let threads = args.threads.min(args.publishers);
     let share = |total: u64, i: u64| total / threads + u64::from(i < total % threads);
+    let cpu_start = cpu_time::Sample::now();
     let start = Instant::now();
     let results: Vec<Result<Latencies>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -198,6 +214,9 @@ pub(crate) fn run_on<B: Submit>(bus: &B, cmd: Command, out: &mut Out) -> Result 
             .collect()
     });
     let elapsed = start.elapsed();
+    let spent = cpu_start
+        .zip(cpu_time::Sample::now())
+        .map(|(then, now)| now.since(&then));
     let mut latencies = latencies();
     for r in results {
         latencies
@@ -227,6 +246,10 @@ pub(crate) fn run_on<B: Submit>(bus: &B, cmd: Command, out: &mut Out) -> Result 
             latencies.max()
         },
         elapsed_ms: elapsed.as_millis() as u64,
+        cpu_us_per_event: spent
+            .filter(|_| args.events > 0)
+            .map(|s| (s.process_secs * 1e6 / args.events as f64 * 100.0).round() / 100.0),
+        steal_pct: spent.map(|s| (s.steal_pct * 10.0).round() / 10.0),
     })?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! (`ctrlbus replay | head -1`) ends the run quietly with 0.
 
 mod bench;
+mod cpu_time;
 mod cursors;
 mod deliveries;
 mod demo;
