@@ -44,6 +44,8 @@ mod background_panics;
 mod codec;
 mod commit;
 mod event_blocks;
+#[cfg(target_os = "linux")]
+mod file_ahead;
 mod hooks;
 mod id_index;
 mod open;
@@ -380,8 +382,7 @@ impl DurableBusBuilder {
         // rule) and never fsync its directory: create it first.
         crate::files::ensure_exists(path).map_err(|e| OpenError::Io(path.to_path_buf(), e))?;
         let db = self
-            .redb_builder()
-            .create(path)
+            .create_file(path)
             .map_err(|e| open::map_open_error(path, e))?;
         DurableBus::start(db, Some(path.to_path_buf()), self.opts, self.hooks.make())
     }
@@ -417,6 +418,25 @@ impl DurableBusBuilder {
             .create_with_backend(backend)
             .map_err(|e| open::map_open_error(path, e))?;
         DurableBus::start(db, Some(path.to_path_buf()), self.opts, self.hooks.make())
+    }
+
+    /// Opens the redb file at `path` as redb's `Builder::create` does. On
+    /// Linux with fsyncs on, through `file_ahead::AheadFile`, which
+    /// allocates the file's blocks ahead of the applier's writes.
+    fn create_file(&self, path: &Path) -> Result<redb::Database, redb::DatabaseError> {
+        #[cfg(target_os = "linux")]
+        if self.opts.sync {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)?;
+            return self
+                .redb_builder()
+                .create_with_backend(file_ahead::AheadFile::new(file)?);
+        }
+        self.redb_builder().create(path)
     }
 
     fn redb_builder(&self) -> redb::Builder {
