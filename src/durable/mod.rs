@@ -37,6 +37,58 @@
 //! - `crate::sync::PoisonDart`: a background thread that panics poisons the
 //!   bus instead of leaving callers waiting.
 
+/// The byte-range lock methods of a `redb::StorageBackend` that wraps
+/// another in its field `$inner`, each passed through unchanged: redb's
+/// multi-process modes lock the file through them, and a wrapper that
+/// kept the trait's defaults (`Unsupported`) would fail every open.
+#[cfg(any(test, target_os = "linux"))]
+macro_rules! forward_lock_methods {
+    ($inner:ident) => {
+        fn try_lock_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.$inner.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.$inner.try_lock_shared_range(start, end)
+        }
+        fn lock_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.$inner.lock_range(start, end)
+        }
+        fn lock_shared_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.$inner.lock_shared_range(start, end)
+        }
+        fn unlock_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.$inner.unlock_range(start, end)
+        }
+        fn query_lock_range(
+            &self,
+            start: std::ops::Bound<u64>,
+            end: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.$inner.query_lock_range(start, end)
+        }
+    };
+}
+
 #[cfg(feature = "tokio")]
 mod async_api;
 #[cfg(test)]
