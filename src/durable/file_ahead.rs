@@ -57,6 +57,23 @@ const AHEAD: u64 = 8 << 20;
 /// growth at 64 publishers.
 const PAUSE: Duration = Duration::from_millis(2);
 
+/// Where the thread writes and syncs its zeros: a clone of redb's handle,
+/// or, in the tests, one whose writes or syncs fail.
+trait Zeros: Send + 'static {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+impl Zeros for File {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
 /// What the thread and redb's writes share, under `State::mark`.
 #[derive(Debug)]
 struct Mark {
@@ -104,10 +121,15 @@ impl AheadFile {
     /// The file's length cannot be read, or the file cannot be cloned for
     /// the thread.
     pub(crate) fn new(file: File) -> io::Result<AheadFile> {
-        let len = file.metadata()?.len();
         // A clone shares the open file description, and so redb's locks
         // (open file description locks): closing it releases none.
-        let zeros_file = file.try_clone()?;
+        let zeros = file.try_clone()?;
+        AheadFile::with_zeros(file, zeros)
+    }
+
+    /// As `new`, with the thread writing through `zeros`.
+    fn with_zeros(file: File, zeros: impl Zeros) -> io::Result<AheadFile> {
+        let len = file.metadata()?.len();
         let inner = FileBackend::new(file).map_err(io::Error::other)?;
         let state = Arc::new(State {
             mark: Mutex::new(Mark {
@@ -121,7 +143,7 @@ impl AheadFile {
         let s = state.clone();
         let thread = std::thread::Builder::new()
             .name("ctrlbus-file-fill".into())
-            .spawn(move || run(&s, &zeros_file))
+            .spawn(move || run(&s, &zeros))
             .ok();
         Ok(AheadFile {
             inner,
@@ -157,7 +179,7 @@ impl Drop for AheadFile {
 /// syncs it, pauses. Buffered, not past the page cache as the WAL's zeros:
 /// redb's writes then land on cached pages (direct zeros gave 0.73–0.98x
 /// the events/s at 64 publishers and no better tail, BENCHMARKS.md).
-fn run(state: &State, file: &File) {
+fn run(state: &State, file: &impl Zeros) {
     let zeros = vec![0u8; CHUNK as usize];
     loop {
         let mut mark = state.mark.lock();
@@ -171,13 +193,14 @@ fn run(state: &State, file: &File) {
             }
         };
         if let Err(e) = file.write_all_at(&zeros, start) {
-            tracing::debug!(error = %e, "stopped allocating the log file ahead of its writes");
+            // redb's commits allocate their blocks themselves from here on.
+            tracing::warn!(error = %e, "cannot allocate the log file ahead of its writes");
             return;
         }
         mark.filled = start + CHUNK;
         drop(mark);
         if let Err(e) = file.sync_data() {
-            tracing::debug!(error = %e, "stopped allocating the log file ahead of its writes");
+            tracing::warn!(error = %e, "cannot allocate the log file ahead of its writes");
             return;
         }
         // Woken early by redb's writes, it still keeps its pause.
@@ -375,6 +398,109 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert!(bytes[..3 * CHUNK as usize + 5].iter().all(|b| *b == 7));
         assert!(bytes[3 * CHUNK as usize + 5..].iter().all(|b| *b == 0));
+    }
+
+    /// Zeros through a clone of the file, until the first `ok` writes (or
+    /// syncs) have gone through: then every one fails as a full disk.
+    struct Failing {
+        file: File,
+        sync: bool,
+        ok: std::sync::atomic::AtomicU32,
+    }
+
+    impl Zeros for Failing {
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if !self.sync {
+                self.spend()?;
+            }
+            Zeros::write_all_at(&self.file, buf, offset)
+        }
+
+        fn sync_data(&self) -> io::Result<()> {
+            if self.sync {
+                self.spend()?;
+            }
+            Zeros::sync_data(&self.file)
+        }
+    }
+
+    impl Failing {
+        fn spend(&self) -> io::Result<()> {
+            use std::sync::atomic::Ordering;
+            let left = self.ok.load(Ordering::SeqCst);
+            if left == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.ok.store(left - 1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// The thread's write (or sync) fails on its third chunk: it stops
+    /// there for good, and redb's own writes, syncs and lengths go on.
+    fn a_failed_fill_stops_the_thread_and_nothing_else(sync: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        let zeros = Failing {
+            file: file.try_clone().unwrap(),
+            sync,
+            ok: 2.into(),
+        };
+        let f = AheadFile::with_zeros(file, zeros).unwrap();
+        let len = 16 << 20;
+        f.set_len(len).unwrap();
+        f.write(0, &[1; 4096]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !f.thread.lock().as_ref().unwrap().is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the thread goes on after a failure"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // From CHUNK: two chunks, and with syncs failing the third's write.
+        let filled = CHUNK + if sync { 3 } else { 2 } * CHUNK;
+        assert_eq!(f.state.mark.lock().filled, filled);
+        // redb's writes above and below the zeros, a sync, a new length.
+        f.write(CHUNK + 10, &[2; 10]).unwrap();
+        f.write(8 << 20, &[3; 4096]).unwrap();
+        f.sync_data().unwrap();
+        f.set_len(2 * len).unwrap();
+        f.write(2 * len - 4096, &[4; 4096]).unwrap();
+        let mut back = [0u8; 10];
+        f.read(CHUNK + 10, &mut back).unwrap();
+        assert_eq!(back, [2; 10]);
+        std::thread::sleep(PAUSE * 5);
+        assert_eq!(f.state.mark.lock().filled, filled, "no zeros after it");
+        f.close().unwrap();
+        drop(f);
+        let bytes = std::fs::read(&path).unwrap();
+        let mut expected = vec![0u8; 2 * len as usize];
+        expected[..4096].fill(1);
+        expected[CHUNK as usize + 10..CHUNK as usize + 20].fill(2);
+        expected[8 << 20..(8 << 20) + 4096].fill(3);
+        expected[2 * len as usize - 4096..].fill(4);
+        assert!(
+            bytes == expected,
+            "a byte redb wrote, or its length, was lost"
+        );
+    }
+
+    #[test]
+    fn a_failed_zero_write_stops_the_thread_and_nothing_else() {
+        a_failed_fill_stops_the_thread_and_nothing_else(false);
+    }
+
+    #[test]
+    fn a_failed_zero_sync_stops_the_thread_and_nothing_else() {
+        a_failed_fill_stops_the_thread_and_nothing_else(true);
     }
 
     #[test]
